@@ -1,0 +1,20 @@
+"""Limits on untrusted data read from the shared volume. Anything beyond them is corrupt or hostile.
+
+Each value is far above what a real compile cache produces (the largest measured: 2,604 files, 168 MB, largest file
+62 MB) and low enough that a hostile file cannot exhaust a pod's memory.
+"""
+from __future__ import annotations
+
+# A manifest of 1,000,000 entries is about 120 MB of paths; real ones hold a few thousand entries (~300 KB).
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_ENTRIES = 1_000_000
+# POSIX PATH_MAX and NAME_MAX on Linux.
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+# One compiled artifact larger than this is not a compile cache.
+MAX_ENTRY_SIZE = 64 << 30
+# Informational environment map stored in each manifest.
+MAX_ENV_ITEMS = 64
+MAX_ENV_VALUE_BYTES = 1024
+# Root records and lock files are a few hundred bytes; anything larger is not ours.
+MAX_SMALL_FILE_BYTES = 64 << 10

@@ -1,0 +1,191 @@
+"""load_tree: restore into a local directory the manifest's files that are missing or differ there.
+
+Every file is written to a temp name in its target directory and renamed into place, so a killed load never leaves
+a partial file where torch would read it. Per-file problems (missing or corrupt blob, unsafe path) are misses: the
+file is simply compiled again. Only whole-load problems (no space, unreadable manifest, store gone) raise.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import _faults
+from .atomic import temp_name
+from .blobstore import BlobStore, hash_file
+from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
+from .manifest import Entry
+from .paths import TEMP_PREFIX, TargetDir
+from .roots import refresh_root
+from .save import DEFAULT_THREADS
+from .scope import Scope, check_env_key
+from .space import require_free
+
+log = logging.getLogger("cas.load")
+
+# A temp file in the target older than this belongs to a load that died (FORMAT §7); a live load finishes a file
+# in well under a minute.
+TEMP_EXPIRY = 3600
+
+
+@dataclass
+class LoadResult:
+    manifest_found: bool = False
+    files: int = 0  # entries in the manifest
+    restored: int = 0
+    present: int = 0  # already in the target with the right size (and hash, with verify)
+    bytes_restored: int = 0
+    corrupt: int = 0  # blobs that failed verification (quarantined)
+    misses: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+
+
+def safe_mode(mode: int) -> int:
+    """Never setuid/setgid/sticky or group/world-writable; always owner read-write (FORMAT §3)."""
+    return (mode & 0o755) | 0o600
+
+
+def load_tree(
+    dst_dir: str | os.PathLike,
+    store: BlobStore,
+    scope: Scope,
+    env_key: str,
+    *,
+    threads: int = DEFAULT_THREADS,
+    verify: bool = False,
+) -> LoadResult:
+    check_env_key(env_key)
+    started = time.monotonic()
+    result = LoadResult()
+    manifest = scope.read_manifest(env_key)
+    if manifest is None:
+        result.seconds = time.monotonic() - started
+        return result
+    result.manifest_found = True
+    result.files = len(manifest.entries)
+
+    dst = os.fspath(dst_dir)
+    try:
+        os.makedirs(dst, exist_ok=True)
+    except OSError as exc:
+        raise _local_error(exc, dst) from exc
+    _remove_old_temp_files(dst)
+    target = TargetDir(dst)
+
+    todo = [(p, e) for p, e in manifest.entries.items() if not _already_there(target.root, p, e, verify)]
+    result.present = result.files - len(todo)
+    require_free(target.root, sum(e.size for _, e in todo), "restoring the cache")
+
+    abort = threading.Event()
+    lock = threading.Lock()
+
+    def restore(item: tuple[str, Entry]) -> None:
+        path, entry = item
+        if abort.is_set():
+            return
+        try:
+            _restore_one(store, target, path, entry)
+        except (BlobMissing, BlobCorrupt, UnsafePath, _LocalMiss) as exc:
+            with lock:
+                result.misses.append((path, str(exc)))
+                result.corrupt += isinstance(exc, BlobCorrupt)
+            return
+        except NoSpace:
+            abort.set()
+            raise
+        with lock:
+            result.restored += 1
+            result.bytes_restored += entry.size
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-load") as pool:
+        futures = [pool.submit(restore, item) for item in todo]
+        errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+    try:
+        refresh_root(store, scope.scope_id, env_key)
+    except Exception as exc:  # a refresh is best effort; never fail a load over it
+        log.debug("root refresh failed: %s", exc)
+    result.seconds = time.monotonic() - started
+    log.debug("load %s: restored %d, present %d, misses %d", env_key, result.restored, result.present,
+              len(result.misses))
+    return result
+
+
+class _LocalMiss(Exception):
+    """The target holds something at that path we will not replace (a directory), or a local write failed."""
+
+
+def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
+    try:
+        st = os.lstat(os.path.join(root, rel))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+        return False
+    if not verify:
+        return True
+    try:
+        return hash_file(os.path.join(root, rel))[0] == entry.blob_id
+    except OSError:
+        return False
+
+
+def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry) -> None:
+    parent = target.parent_for(rel)
+    final = os.path.join(parent, rel.rsplit("/", 1)[-1])
+    tmp = os.path.join(parent, temp_name())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise _local_error(exc, parent) from exc
+    try:
+        with open(fd, "wb") as out:
+            store.get_into(entry.blob_id, entry.size, out)
+            _faults.checkpoint("restored-temp")
+            os.fchmod(out.fileno(), safe_mode(entry.mode))
+        # No fsync: a pod whose machine crashes loses its local /tmp; a torn file after a power cut would fail
+        # Inductor's own checks and be recompiled. The rename keeps other processes from ever seeing it partial.
+        os.rename(tmp, final)
+    except BaseException as exc:
+        _unlink(tmp)
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise _LocalMiss(f"{final} is a directory") from None
+            raise _local_error(exc, parent) from exc
+        raise
+
+
+def _local_error(exc: OSError, where: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"local disk full at {where}: {exc.strerror}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return _LocalMiss(f"cannot write {where}: {exc.strerror}")
+    return StoreUnavailable(f"{where}: {exc.strerror or exc}")
+
+
+def _remove_old_temp_files(root: str) -> None:
+    cutoff = time.time() - TEMP_EXPIRY
+    for directory, dirs, names in os.walk(root):
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                path = os.path.join(directory, name)
+                try:
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                except OSError:
+                    pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
