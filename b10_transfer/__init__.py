@@ -1,0 +1,28 @@
+"""b10_transfer: drop-in replacement for the `b10-transfer` package, on a content-addressed store.
+
+    from b10_transfer import load_compile_cache, save_compile_cache, OperationStatus
+
+Same public names as `b10-transfer`; `b10_transfer.core` holds the directory-parametrised engine for other callers.
+"""
+
+from .cache import clear_local_cache, load_compile_cache, save_compile_cache
+from .errors import CacheError, CacheOperationInterrupted, CacheValidationError
+from .file_transfer import transfer
+from .info import get_cache_info, list_available_caches
+from .status import OperationStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError",
+    "CacheOperationInterrupted",
+    "CacheValidationError",
+    "OperationStatus",
+    "__version__",
+    "clear_local_cache",
+    "get_cache_info",
+    "list_available_caches",
+    "load_compile_cache",
+    "save_compile_cache",
+    "transfer",
+]

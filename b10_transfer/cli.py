@@ -1,0 +1,5 @@
+"""The `b10-compile-cache` command (placeholder; the vLLM companion replaces it)."""
+
+
+def main() -> None:
+    ...

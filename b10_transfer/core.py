@@ -1,0 +1,219 @@
+"""Load and save a local compile-cache directory through the content-addressed store, returning a status.
+
+This is the engine behind `load_compile_cache()` / `save_compile_cache()`; it takes the directory as an argument so
+other callers (e.g. the vLLM companion, whose cache lives elsewhere) reuse it with their own directory and label:
+
+    status, stats = core.load(Path(vllm_root), label="vllm")
+    status, stats = core.save(Path(vllm_root), label="vllm")
+
+Neither function raises: every failure becomes `OperationStatus.ERROR` with a reason, logged in the one summary
+line each call emits (logger `b10_transfer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+from cas import BlobStore, Scope, load_tree, save_tree
+from cas.errors import CasError, LockTimeout
+from cas.lock import acquire_slot
+
+from .config import Settings, read_settings
+from .environment import environment, environment_key
+from .errors import CacheError, VolumeUnavailable
+from .report import OperationStats, emit
+from .space import require_free
+from .status import OperationStatus
+
+logger = logging.getLogger(__name__)
+
+# A waiter must see a dead holder's slot unchanged for CLEANUP_LOCK_TIMEOUT_SECONDS before it may take it; waiting
+# that long plus two of cas's longest poll intervals guarantees a dead slot is taken over rather than skipped.
+SLOT_WAIT_MARGIN_S = 2.0
+# Longest label accepted from a companion: leaves room for the environment key within the store's 128 characters.
+_LABEL_MAX = 24
+
+
+def load(
+    cache_dir: Path | None = None,
+    *,
+    label: str | None = None,
+    settings: Settings | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[OperationStatus, OperationStats]:
+    """Restore the manifest of this environment into `cache_dir` (default: TORCHINDUCTOR_CACHE_DIR).
+
+    SUCCESS: files were restored (entries whose blob was missing or corrupt are skipped; they simply recompile).
+    SKIPPED: every file the manifest lists was already present locally.
+    DOES_NOT_EXIST: no manifest for this environment.
+    ERROR: b10fs disabled or not mounted, invalid settings, unreadable manifest, no local space, nothing restorable.
+    """
+    return _run("load", _load, cache_dir, label, settings, environ)
+
+
+def save(
+    cache_dir: Path | None = None,
+    *,
+    label: str | None = None,
+    settings: Settings | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[OperationStatus, OperationStats]:
+    """Record the files of `cache_dir` (default: TORCHINDUCTOR_CACHE_DIR) in this environment's manifest.
+
+    SUCCESS: new or changed entries were recorded. SKIPPED: nothing new, no local cache, or every save slot stayed
+    busy. ERROR: b10fs disabled or not mounted, invalid settings, over MAX_CACHE_SIZE_MB, no space, write failure.
+    """
+    return _run("save", _save, cache_dir, label, settings, environ)
+
+
+def key_for(label: str | None = None, env: dict[str, str] | None = None) -> str:
+    """The manifest name used for `label` (None: the Inductor cache) in environment `env` (default: this one)."""
+    key = environment_key(env)
+    if label is None:
+        return key
+    if not label or len(label) > _LABEL_MAX or not all(c.isalnum() or c in "._-" for c in label):
+        raise ValueError(f"label must be 1-{_LABEL_MAX} characters of [A-Za-z0-9._-], got {label!r}")
+    return f"{label}.{key}"[:128]
+
+
+def _run(operation, body, cache_dir, label, settings, environ) -> tuple[OperationStatus, OperationStats]:
+    stats = OperationStats(operation)
+    start = time.monotonic()
+    try:
+        s = settings if settings is not None else read_settings(environ)
+        target = Path(cache_dir).absolute() if cache_dir is not None else s.torch_cache_dir
+        stats.status = body(target, s, label, stats)
+    except (CacheError, CasError) as exc:
+        stats.status = OperationStatus.ERROR
+        stats.reason = f"{type(exc).__name__}: {exc}"
+    except OSError as exc:
+        stats.status = OperationStatus.ERROR
+        stats.reason = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # the boundary: a model's load() must go on whatever the volume or store does
+        stats.status = OperationStatus.ERROR
+        stats.reason = f"unexpected {type(exc).__name__}: {exc}"
+        logger.warning("%s failed unexpectedly", operation, exc_info=True)
+    stats.seconds = time.monotonic() - start
+    if stats.status is OperationStatus.ERROR:
+        logger.warning("%s failed: %s", operation, stats.reason)
+    emit(stats)
+    return stats.status, stats
+
+
+def _require_volume(s: Settings) -> None:
+    if not s.b10fs_enabled:
+        raise VolumeUnavailable("b10fs is not enabled (BASETEN_FS_ENABLED is not 1/true)")
+    if not s.model_mount.is_dir():
+        raise VolumeUnavailable(f"volume not mounted: {s.model_mount} is not a directory")
+    if s.b10fs_cache_dir.exists() and not s.b10fs_cache_dir.is_dir():
+        raise VolumeUnavailable(f"B10FS_CACHE_DIR {s.b10fs_cache_dir} is not a directory")
+
+
+def _load(target: Path, s: Settings, label: str | None, stats: OperationStats) -> OperationStatus:
+    _require_volume(s)
+    stats.env_key = key = key_for(label)
+    if not s.b10fs_cache_dir.is_dir():
+        stats.reason = f"no cache directory {s.b10fs_cache_dir}"
+        return OperationStatus.DOES_NOT_EXIST
+    scope = Scope(s.b10fs_cache_dir, create=False)
+    manifest = scope.read_manifest(key)
+    if manifest is None:
+        stats.reason = "no manifest for this environment"
+        return OperationStatus.DOES_NOT_EXIST
+    stats.files = len(manifest.entries)
+
+    require_free(target, s.required_local_space_bytes(_incoming_bytes(target, manifest)), "restoring the cache")
+    store = BlobStore(s.store_root(), create=False)
+    target.mkdir(parents=True, exist_ok=True)
+    res = load_tree(target, store, scope, key, threads=s.io_threads)
+    if not res.manifest_found:  # removed between our read and load_tree's
+        stats.reason = "no manifest for this environment"
+        return OperationStatus.DOES_NOT_EXIST
+
+    missed = {path for path, _ in res.misses}
+    stats.files = res.files
+    stats.files_transferred = res.restored
+    stats.bytes_transferred = res.bytes_restored
+    stats.files_skipped = res.present
+    stats.bytes_skipped = sum(
+        e.size for p, e in manifest.entries.items() if p not in missed
+    ) - res.bytes_restored
+    stats.misses = len(res.misses)
+    stats.corrupt = res.corrupt
+    if res.misses:
+        path, why = res.misses[0]
+        stats.reason = f"{len(res.misses)} entries not restored (they will recompile), e.g. {path}: {why}"
+    if res.restored:
+        return OperationStatus.SUCCESS
+    if res.misses:
+        return OperationStatus.ERROR
+    return OperationStatus.SKIPPED
+
+
+def _incoming_bytes(target: Path, manifest) -> int:
+    """Bytes a load would write: entries not already present locally with the right size (a cheap local stat)."""
+    total = 0
+    for rel, entry in manifest.entries.items():
+        try:
+            if os.stat(target / rel).st_size == entry.size:
+                continue
+        except OSError:
+            pass
+        total += entry.size
+    return total
+
+
+def _save(target: Path, s: Settings, label: str | None, stats: OperationStats) -> OperationStatus:
+    _require_volume(s)
+    env = environment()
+    stats.env_key = key = key_for(label, env)
+    if not target.is_dir() or not any(target.iterdir()):
+        stats.reason = f"no local cache at {target}"
+        return OperationStatus.SKIPPED
+
+    store_root = s.store_root()
+    for where in (s.b10fs_cache_dir, store_root):
+        require_free(where, s.required_b10fs_space_bytes, "saving to the volume")
+    store = BlobStore(store_root, create=True)
+    scope = Scope(s.b10fs_cache_dir, create=True)
+    wait = s.cleanup_lock_timeout_s + SLOT_WAIT_MARGIN_S
+    try:
+        slot = acquire_slot(
+            scope.slots,  # a subdirectory: the peer's cleanup (top-level *.lock by age) cannot touch live slots
+            s.max_concurrent_saves,
+            timeout=wait,
+            stale_after=s.cleanup_lock_timeout_s,
+        )
+    except LockTimeout:
+        stats.reason = f"all {s.max_concurrent_saves} save slots busy for {wait:.0f}s (MAX_CONCURRENT_SAVES)"
+        return OperationStatus.SKIPPED
+    try:
+        res = save_tree(
+            target,
+            store,
+            scope,
+            key,
+            env=env,
+            threads=s.io_threads,
+            max_stored_bytes=s.max_cache_bytes,
+            lock_timeout=wait,
+            stale_after=s.cleanup_lock_timeout_s,
+        )
+    finally:
+        slot.release()
+
+    stats.files = res.files
+    stats.files_transferred = res.blobs_uploaded
+    stats.bytes_transferred = res.bytes_uploaded
+    stats.files_skipped = res.files - res.blobs_uploaded  # already recorded, or content the store already had
+    if res.skipped_changed:
+        stats.reason = f"{res.skipped_changed} files changed while saving; the next save records them"
+    stats.new_entries = res.new_entries
+    if res.new_entries or res.manifest_written:
+        return OperationStatus.SUCCESS
+    stats.reason = stats.reason or "nothing new to record"
+    return OperationStatus.SKIPPED
