@@ -1,0 +1,292 @@
+"""The filesystem itself: a passthrough of a source directory that makes every request pay a round trip.
+
+Run it through ``python -m tools.slowfs`` or ``tools.slowfs.mounted``; importing this module needs libfuse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import json
+import os
+import stat
+import threading
+import time
+from collections import Counter
+
+import mfusepy
+
+# libfuse's multi-threaded loop starts at most this many workers at once (its own default is 10). A request that
+# finds every worker busy waits in the kernel queue, so fewer workers than concurrent clients would serialize
+# exactly the parallel I/O a benchmark wants to measure. 32 benchmark threads plus async releases fit in 64.
+MAX_THREADS = 64
+
+# The kernel keeps at most this many background requests (readahead, asynchronous release) in flight per mount;
+# its default of 12 would make delayed releases hold up readahead.
+MAX_BACKGROUND = 64
+
+UTIME_NOW = (1 << 30) - 1  # <sys/stat.h>: tv_nsec values that libfuse passes on for utimensat(2)
+UTIME_OMIT = (1 << 30) - 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_AT_FDCWD = -100
+
+
+def _renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+
+
+class Link:
+    """A shared network link: transfers queue behind each other so that all of them together get `bytes_per_s`."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self._seconds_per_byte = 1.0 / bytes_per_s
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def transfer(self, nbytes: int) -> None:
+        with self._lock:
+            self._free_at = max(time.monotonic(), self._free_at) + nbytes * self._seconds_per_byte
+            done = self._free_at
+        time.sleep(max(0.0, done - time.monotonic()))
+
+
+def _round_trip(method):
+    """Count the request and make it wait `delay_s` first, as if it went to a server and back."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        self._count(method.__name__)
+        if self.delay_s:
+            time.sleep(self.delay_s)  # releases the GIL: concurrent requests wait in parallel
+        return method(self, *args)
+
+    return wrapper
+
+
+class SlowFS(mfusepy.Operations):
+    """Passthrough of `root`. Paths arrive as '/a/b' relative to the mount point."""
+
+    use_ns = True  # exact nanosecond times in getattr/utimens
+
+    def __init__(self, root: str, delay_s: float, bytes_per_s: float | None = None, stats_path: str | None = None):
+        self.root = os.path.realpath(root)
+        self.delay_s = delay_s
+        self.network = Link(bytes_per_s) if bytes_per_s else None  # not `link`: that is an operation
+        self.stats_path = stats_path
+        self.counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+
+    def _count(self, op: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[op] += n
+
+    def _full(self, path: str | None) -> str:
+        if path is None:  # an open file whose name is gone (unlinked while open): only fh-based calls can work
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return self.root + path
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+
+    def init_with_config(self, conn, config) -> None:
+        if conn is not None:
+            conn.max_background = MAX_BACKGROUND
+            conn.congestion_threshold = MAX_BACKGROUND * 3 // 4  # the kernel's own ratio (12 -> 9)
+
+    def destroy(self, path) -> None:
+        if self.stats_path:
+            tmp = self.stats_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(dict(self.counts), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.stats_path)
+
+    # -- metadata ---------------------------------------------------------------------------------------------------
+
+    @_round_trip
+    def getattr(self, path, fh=None):
+        st = os.fstat(fh) if fh is not None else os.lstat(self._full(path))
+        attrs = {key: getattr(st, key) for key in
+                 ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize")}
+        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+        return attrs
+
+    @_round_trip
+    def access(self, path, amode):
+        if not os.access(self._full(path), amode, follow_symlinks=False):
+            raise mfusepy.FuseOSError(errno.EACCES)
+        return 0
+
+    @_round_trip
+    def readdir(self, path, fh):
+        """Names with their inode numbers: with use_ino, an entry without one reads as d_ino 0, which libc skips."""
+        full = self._full(path)
+        entries = [(".", {"st_ino": os.lstat(full).st_ino, "st_mode": stat.S_IFDIR}, 0),
+                   ("..", {"st_ino": os.lstat(full + "/..").st_ino, "st_mode": stat.S_IFDIR}, 0)]
+        with os.scandir(full) as it:
+            for entry in it:
+                mode = (stat.S_IFLNK if entry.is_symlink() else stat.S_IFDIR if entry.is_dir(follow_symlinks=False)
+                        else stat.S_IFREG)  # readdir passes on only the type bits
+                entries.append((entry.name, {"st_ino": entry.inode(), "st_mode": mode}, 0))
+        return entries
+
+    @_round_trip
+    def statfs(self, path):
+        st = os.statvfs(self._full(path))
+        return {key: getattr(st, key) for key in
+                ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+                 "f_flag", "f_namemax")}
+
+    @_round_trip
+    def mkdir(self, path, mode):
+        os.mkdir(self._full(path), mode)
+        return 0
+
+    @_round_trip
+    def rmdir(self, path):
+        os.rmdir(self._full(path))
+        return 0
+
+    @_round_trip
+    def unlink(self, path):
+        os.unlink(self._full(path))
+        return 0
+
+    @_round_trip
+    def rename(self, old, new, flags=0):
+        if flags:  # RENAME_NOREPLACE / RENAME_EXCHANGE: keep their semantics rather than silently replacing
+            _renameat2(self._full(old), self._full(new), flags)
+        else:
+            os.rename(self._full(old), self._full(new))
+        return 0
+
+    @_round_trip
+    def link(self, target, source):
+        os.link(self._full(source), self._full(target))
+        return 0
+
+    @_round_trip
+    def symlink(self, target, source):
+        os.symlink(source, self._full(target))
+        return 0
+
+    @_round_trip
+    def readlink(self, path):
+        return os.readlink(self._full(path))
+
+    @_round_trip
+    def chmod(self, path, mode):
+        os.chmod(self._full(path), mode)
+        return 0
+
+    @_round_trip
+    def chown(self, path, uid, gid):
+        os.lchown(self._full(path), uid, gid)
+        return 0
+
+    @_round_trip
+    def utimens(self, path, times):
+        """`times` is None (both now) or two (sec, nsec) pairs, where nsec may be UTIME_NOW or UTIME_OMIT."""
+        full = self._full(path)
+        if times is None:
+            os.utime(full, follow_symlinks=False)
+            return 0
+        now = time.time_ns()
+        old = os.lstat(full)
+        (asec, ansec), (msec, mnsec) = times
+        atime = now if ansec == UTIME_NOW else old.st_atime_ns if ansec == UTIME_OMIT else asec * 10**9 + ansec
+        mtime = now if mnsec == UTIME_NOW else old.st_mtime_ns if mnsec == UTIME_OMIT else msec * 10**9 + mnsec
+        os.utime(full, ns=(atime, mtime), follow_symlinks=False)
+        return 0
+
+    # -- files ------------------------------------------------------------------------------------------------------
+
+    @_round_trip
+    def create(self, path, mode, flags):
+        return os.open(self._full(path), flags | os.O_CREAT, mode)  # O_EXCL, when asked, is checked right here
+
+    @_round_trip
+    def open(self, path, flags):
+        return os.open(self._full(path), flags)
+
+    def read(self, path, size, offset, fh):
+        data = os.pread(fh, size, offset)
+        self._count("read")
+        self._count("read_bytes", len(data))
+        if self.network:
+            self.network.transfer(len(data))
+        return data
+
+    def write(self, path, data, offset, fh):
+        self._count("write")
+        self._count("write_bytes", len(data))
+        if self.network:
+            self.network.transfer(len(data))
+        return os.pwrite(fh, data, offset)
+
+    @_round_trip
+    def truncate(self, path, length, fh=None):
+        if fh is not None:
+            os.ftruncate(fh, length)
+        else:
+            os.truncate(self._full(path), length)
+        return 0
+
+    @_round_trip
+    def flush(self, path, fh):
+        """close(2) waits for this one (NFS: close flushes to the server); data already went through pwrite."""
+        return 0
+
+    @_round_trip
+    def release(self, path, fh):
+        """The kernel sends this after close(2) has returned, so it costs the caller nothing but a server slot."""
+        os.close(fh)
+        return 0
+
+    @_round_trip
+    def fsync(self, path, datasync, fh):
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
+        return 0
+
+
+class _FUSE(mfusepy.FUSE):
+    """mfusepy with the two libfuse 3 arguments that it drops and that a store depends on."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(os.fsdecode(old), os.fsdecode(new), flags)
+
+    def utimens_fuse_3(self, path, buf, fip) -> int:
+        times = None
+        if buf:  # raw timespecs: mfusepy would fold UTIME_NOW / UTIME_OMIT into bogus times
+            atime, mtime = buf.contents.actime, buf.contents.modtime
+            times = ((atime.tv_sec, atime.tv_nsec), (mtime.tv_sec, mtime.tv_nsec))
+        return self.operations.utimens(None if path is None else os.fsdecode(path), times)
+
+
+def serve(src: str, mnt: str, *, delay_s: float, bytes_per_s: float | None, foreground: bool,
+          entry_timeout: float, attr_timeout: float, negative_timeout: float, kernel_cache: bool, direct_io: bool,
+          stats_path: str | None = None) -> None:
+    """Mount and serve until unmounted (or SIGINT/SIGTERM, on which libfuse unmounts)."""
+    _FUSE(
+        SlowFS(src, delay_s, bytes_per_s, stats_path),
+        mnt,
+        foreground=foreground,
+        fsname=f"slowfs:{os.path.realpath(src)}",
+        subtype="slowfs",
+        max_threads=MAX_THREADS,
+        max_idle_threads=MAX_THREADS,  # keep workers between bursts (unset, libfuse 3.14 also logs a bogus error)
+        entry_timeout=entry_timeout,
+        attr_timeout=attr_timeout,
+        negative_timeout=negative_timeout,
+        kernel_cache=kernel_cache,
+        direct_io=direct_io,
+        use_ino=True,  # st_ino from the source, so hard links (link(2), tar) show as the same inode
+        # hard_remove stays off: a file unlinked while open is renamed to .fuse_hiddenNNN until closed, like NFS's
+        # silly rename to .nfsNNN, and fstat(2) keeps working on it (with hard_remove it fails with ESTALE).
+    )
