@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import _faults
 from .atomic import temp_name
 from .blobstore import BlobStore, hash_file
+from .index import Index
 from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
 from .manifest import Entry
 from .paths import TEMP_PREFIX, TargetDir
@@ -83,13 +84,14 @@ def load_tree(
 
     abort = threading.Event()
     lock = threading.Lock()
+    restored: list[tuple[str, os.stat_result, str]] = []
 
     def restore(item: tuple[str, Entry]) -> None:
         path, entry = item
         if abort.is_set():
             return
         try:
-            _restore_one(store, target, path, entry)
+            st = _restore_one(store, target, path, entry)
         except (BlobMissing, BlobCorrupt, UnsafePath, _LocalMiss) as exc:
             with lock:
                 result.misses.append((path, str(exc)))
@@ -101,6 +103,7 @@ def load_tree(
         with lock:
             result.restored += 1
             result.bytes_restored += entry.size
+            restored.append((path, st, entry.blob_id))
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-load") as pool:
         futures = [pool.submit(restore, item) for item in todo]
@@ -108,6 +111,11 @@ def load_tree(
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
+    if restored:
+        index = Index(target.root)
+        for path, st, blob_id in restored:
+            index.record(path, st, blob_id, trusted=True)  # we wrote exactly this content
+        index.write()
 
     try:
         refresh_root(store, scope.scope_id, env_key)
@@ -138,7 +146,7 @@ def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
         return False
 
 
-def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry) -> None:
+def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry) -> os.stat_result:
     parent = target.parent_for(rel)
     final = os.path.join(parent, rel.rsplit("/", 1)[-1])
     tmp = os.path.join(parent, temp_name())
@@ -154,6 +162,7 @@ def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry) ->
         # No fsync: a pod whose machine crashes loses its local /tmp; a torn file after a power cut would fail
         # Inductor's own checks and be recompiled. The rename keeps other processes from ever seeing it partial.
         os.rename(tmp, final)
+        return os.stat(final)
     except BaseException as exc:
         _unlink(tmp)
         if isinstance(exc, OSError):

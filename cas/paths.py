@@ -12,9 +12,10 @@ TEMP_PREFIX = ".tmp-"
 
 def is_transient(name: str) -> bool:
     """True for a path component that must never be saved: lock files, lock directories and temp files
-    (ours `.tmp-*`, Inductor's `*.tmp`). They belong to one live process and mean nothing on another pod."""
+    (ours `.tmp-*`, Inductor's `*.tmp`), and our local index. They belong to one live process or pod."""
     return (
         name == "locks"
+        or name == ".cas-index"
         or name.endswith(".lock")
         or name.startswith(TEMP_PREFIX)
         or name.endswith(".tmp")

@@ -17,6 +17,7 @@ class LocalFile:
     path: str  # absolute
     size: int
     mode: int  # permission bits
+    stat: os.stat_result
 
 
 def scan(root: str | os.PathLike) -> list[LocalFile]:
@@ -45,7 +46,7 @@ def scan(root: str | os.PathLike) -> list[LocalFile]:
             if stat.S_ISDIR(st.st_mode):
                 stack.append((rel + "/", entry.path))
             elif stat.S_ISREG(st.st_mode):
-                found.append(LocalFile(rel, entry.path, st.st_size, stat.S_IMODE(st.st_mode) & 0o777))
+                found.append(LocalFile(rel, entry.path, st.st_size, stat.S_IMODE(st.st_mode) & 0o777, st))
             elif stat.S_ISLNK(st.st_mode):
                 log.debug("not saving symlink %s", entry.path)
     found.sort(key=lambda f: f.rel)

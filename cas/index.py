@@ -1,0 +1,79 @@
+"""A local stat cache (like git's index): remembers which blob each file of a cache directory holds, keyed by its
+(size, mtime, inode, ctime), so a save re-hashes only files that changed. It lives inside the directory as
+`.cas-index`, is never saved, and is only an optimisation: a missing or corrupt index means "hash everything".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import msgpack
+
+from . import limits
+from .atomic import replace_atomically
+
+log = logging.getLogger("cas.index")
+
+INDEX_NAME = ".cas-index"
+# A file modified less than this long before we looked at it may still be being written within one timestamp
+# tick (Linux file times advance in jiffies): hash it again next time rather than trust its stat.
+RACY_NS = 2_000_000_000
+
+StatKey = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+class Index:
+    def __init__(self, directory: str | os.PathLike):
+        self.path = os.path.join(os.fspath(directory), INDEX_NAME)
+        self._entries: dict[str, tuple[StatKey, str]] = {}
+        self._dirty = False
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read(limits.MAX_MANIFEST_BYTES + 1)
+            doc = msgpack.unpackb(data, raw=False, max_array_len=5, max_bin_len=32, max_str_len=limits.MAX_PATH_BYTES,
+                                  max_map_len=limits.MAX_ENTRIES)
+            for rel, (size, mtime, ino, ctime, blob) in doc["entries"].items():
+                self._entries[rel] = ((size, mtime, ino, ctime), blob.hex())
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # an optimisation only: start over
+            log.debug("ignoring unreadable index %s: %s", self.path, exc)
+            self._entries.clear()
+
+    def lookup(self, rel: str, st: os.stat_result) -> str | None:
+        hit = self._entries.get(rel)
+        return hit[1] if hit and hit[0] == stat_key(st) else None
+
+    def record(self, rel: str, st: os.stat_result, blob_id: str, *, trusted: bool = False) -> None:
+        """Remember `rel` holds `blob_id`. Untrusted (hashed by us) entries modified too recently are not kept."""
+        if not trusted and time.time_ns() - st.st_mtime_ns < RACY_NS:
+            self._entries.pop(rel, None)
+            return
+        key = stat_key(st)
+        if self._entries.get(rel) != (key, blob_id):
+            self._entries[rel] = (key, blob_id)
+            self._dirty = True
+
+    def retain(self, paths: set[str]) -> None:
+        stale = self._entries.keys() - paths
+        for rel in stale:
+            del self._entries[rel]
+        self._dirty |= bool(stale)
+
+    def write(self) -> None:
+        if not self._dirty:
+            return
+        doc = {"format": 1, "entries": {r: [*k, bytes.fromhex(b)] for r, (k, b) in self._entries.items()}}
+        try:
+            replace_atomically(self.path, msgpack.packb(doc, use_bin_type=True), fsync=False)
+            self._dirty = False
+        except OSError as exc:
+            log.debug("cannot write index %s: %s", self.path, exc)
