@@ -6,7 +6,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .paths import is_transient
+from .errors import UnsafePath
+from .paths import check_entry_path, is_transient
 
 log = logging.getLogger("cas.tree")
 
@@ -46,6 +47,11 @@ def scan(root: str | os.PathLike) -> list[LocalFile]:
             if stat.S_ISDIR(st.st_mode):
                 stack.append((rel + "/", entry.path))
             elif stat.S_ISREG(st.st_mode):
+                try:
+                    check_entry_path(rel)  # a name no reader accepts (backslash, not UTF-8) would poison the manifest
+                except UnsafePath as exc:
+                    log.warning("not saving %s: %s", entry.path, exc)
+                    continue
                 found.append(LocalFile(rel, entry.path, st.st_size, stat.S_IMODE(st.st_mode) & 0o777, st))
             elif stat.S_ISLNK(st.st_mode):
                 log.debug("not saving symlink %s", entry.path)
