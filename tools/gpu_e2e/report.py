@@ -1,0 +1,199 @@
+"""Markdown rendering of the GPU end-to-end results (no torch, no third-party imports)."""
+
+from __future__ import annotations
+
+ROW_ORDER = ["cold", "hot", "peer-load", "ours-load", "peer-A", "peer-B", "peer-C",
+             "ours-A", "ours-B", "ours-C"]
+WHAT = {
+    "prime": "page-cache primer (not a measurement)",
+    "cold": "empty Inductor cache",
+    "hot": "hot local: same process again on its own cache",
+    "peer-load": "peer: empty local cache, load from volume",
+    "ours-load": "ours: empty local cache, load from volume",
+    "peer-A": "peer replica A: set 1, save",
+    "peer-B": "peer replica B: load, sets 1+2, save",
+    "peer-C": "peer replica C: load, sets 1+2",
+    "ours-A": "ours replica A: set 1, save",
+    "ours-B": "ours replica B: load, sets 1+2, save",
+    "ours-C": "ours replica C: load, sets 1+2",
+}
+
+
+def _f(x, nd=2):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _mb(b):
+    return "–" if b is None else f"{b / 1e6:.1f}"
+
+
+def _ctr(res, group, key):
+    return (res.get("counters") or {}).get(group, {}).get(key, 0)
+
+
+def fx(res) -> str:
+    if not res.get("counters"):
+        return "–"
+    return f"{_ctr(res, 'inductor', 'fxgraph_cache_hit')}/{_ctr(res, 'inductor', 'fxgraph_cache_miss')}"
+
+
+def aot(res) -> str:
+    if not res.get("counters"):
+        return "–"
+    return (f"{_ctr(res, 'aot_autograd', 'autograd_cache_hit')}/"
+            f"{_ctr(res, 'aot_autograd', 'autograd_cache_miss')}")
+
+
+def tune(res) -> str:
+    a = res.get("autotune")
+    if not a:
+        return "–"
+    return (f"{a.get('gemm_benchmarks', 0)} ({a.get('gemm_choices', 0)}) / "
+            f"{a.get('triton_config_benchmarks', 0)} ({a.get('triton_configs', 0)})")
+
+
+def one_line(model: str, case: str, res: dict) -> str:
+    if not res.get("ok"):
+        return f"{model}/{case}: FAILED {res.get('error')} (rc={res.get('rc')})"
+    bits = [f"{model}/{case}:"]
+    if "ready_s" in res:
+        bits.append(f"ready {_f(res['ready_s'])}s = setup {_f(res.get('setup_s'))}"
+                    f" + compile {_f(res.get('compile_first_run_s'))}")
+    if "load_s" in res:
+        bits.append(f"load {_f(res['load_s'])}s {res.get('load_status')}")
+    if "save_s" in res:
+        bits.append(f"save {_f(res['save_s'])}s {res.get('save_status')}")
+    if res.get("counters"):
+        bits.append(f"fx {fx(res)} aot {aot(res)} tune {tune(res)}")
+    if "volume" in res:
+        v = res["volume"]["total"]
+        bits.append(f"volume {v['files']} files {_mb(v['bytes'])} MB")
+    bits.append(f"(wall {_f(res.get('process_wall_s'), 1)}s)")
+    return " ".join(bits)
+
+
+def render(results: dict) -> str:
+    env = results.get("env") or {}
+    out = []
+    out.append("### Environment\n")
+    out.append(f"- GPU: {env.get('gpu', 'none (CPU)')}; torch {env.get('torch')} (CUDA "
+               f"{env.get('cuda')}), triton {env.get('triton')}, transformers "
+               f"{env.get('transformers')}, timm {env.get('timm')}, Python {env.get('python')}, "
+               f"{env.get('nproc')} CPUs; {env.get('host_date_utc', '')}")
+    a = results.get("args") or {}
+    if a:
+        out.append(f"- run: size `{a.get('size')}`, device `{a.get('device')}`, impls "
+                   f"`{a.get('impl')}`, cases `{a.get('cases')}`, cache root "
+                   f"`{results.get('cache_root')}`; total wall {_f(results.get('total_wall_s'), 0)} s")
+    out.append("")
+    for model, m in (results.get("models") or {}).items():
+        C = m.get("cases", {})
+        out.append(f"### {model} ({m.get('size')})\n")
+        out.append(f"{m.get('describe')}\n")
+        cold = C.get("cold", {})
+        hot = C.get("hot", {})
+        lc = cold.get("local_cache") or cold.get("local_after")
+        if lc:
+            out.append(f"Local Inductor cache after the cold run: {lc['files']} files, "
+                       f"{_mb(lc['bytes'])} MB, {lc.get('triton_files')} under triton/, "
+                       f"{lc.get('best_config')} `.best_config`.\n")
+        if C.get("prime", {}).get("ok"):
+            pr = C["prime"]
+            out.append(f"Setup floor (primer: imports {_f(pr.get('t_imports'))} s, model build "
+                       f"{_f(pr.get('t_model'))} s, python start {_f(pr.get('t_interp'))} s).\n")
+        out.append("Time to ready = process start to the first outputs of every warm-up input; "
+                   "setup = imports + model build + cache load. FX and AOT are Inductor's "
+                   "FX-graph and AOTAutograd cache hit/miss counters in that process; autotune = "
+                   "GEMM benchmark rounds (choices) / Triton config benchmark rounds (configs) "
+                   "run in that process.\n")
+        out.append("| case | setup s | load s (status) | compile+first run s | ready s | × hot "
+                   "| × cold | FX hit/miss | AOT hit/miss | autotune | save s (status) | rel err |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        hr = hot.get("ready_s") if hot.get("ok") else None
+        cr = cold.get("ready_s") if cold.get("ok") else None
+        for name in ROW_ORDER + [n for n in C if n not in ROW_ORDER]:
+            r = C.get(name)
+            if r is None or name == "prime" or name.endswith("-seed"):
+                continue
+            label = f"{name}: {WHAT.get(name, '')}"
+            if not r.get("ok"):
+                out.append(f"| {label} | FAILED: {str(r.get('error'))[:120]} |" + " |" * 10)
+                continue
+            ready = r.get("ready_s")
+            load = f"{_f(r['load_s'])} ({r.get('load_status')})" if "load_s" in r else "–"
+            save = f"{_f(r['save_s'])} ({r.get('save_status')})" if "save_s" in r else "–"
+            xh = _f(ready / hr) if (hr and ready) else "–"
+            xc = _f(ready / cr) if (cr and ready) else "–"
+            err = r.get("rel_err_vs_eager")
+            out.append(f"| {label} | {_f(r.get('setup_s'))} | {load} | "
+                       f"{_f(r.get('compile_first_run_s'))} | {_f(ready)} | {xh} | {xc} | "
+                       f"{fx(r)} | {aot(r)} | {tune(r)} | {save} | "
+                       f"{'–' if err is None else f'{err:.1e}'} |")
+        out.append("")
+        # save / load / volume per implementation
+        rows = []
+        for impl in ("ours", "peer"):
+            seed, ld = C.get(f"{impl}-seed"), C.get(f"{impl}-load")
+            A, B, Cc = C.get(f"{impl}-A"), C.get(f"{impl}-B"), C.get(f"{impl}-C")
+            if not any((seed, ld, A, B, Cc)):
+                continue
+
+            def g(r, k, nd=2):
+                return _f(r.get(k), nd) if r else "–"
+
+            def st(r, k):
+                return f"{g(r, k + '_s')} ({r.get(k + '_status')})" if r and (k + "_s") in r else "–"
+
+            def vol(r):
+                if not r or "volume" not in r:
+                    return "–"
+                v = r["volume"]
+                return (f"{v['total']['files']} / {_mb(v['total']['bytes'])} "
+                        f"({v['manifests']['files']}+{v['blobs']['files']})")
+
+            restored = (ld or {}).get("local_after_load") or {}
+            rows.append(f"| {impl} | {st(seed, 'save')} | {vol(seed)} | {st(ld, 'load')} | "
+                        f"{restored.get('files', '–')} / {_mb(restored.get('bytes'))} | "
+                        f"{st(ld, 'save')} | {st(A, 'save')} | {vol(A)} | {st(B, 'load')} | "
+                        f"{st(B, 'save')} | {vol(B)} | {st(Cc, 'load')} |")
+        if rows:
+            out.append("Save and load seconds (status) as timed around the call inside the "
+                       "measured process; volume = files / MB on the volume (deployment-scope "
+                       "files + org-store files), restored = local files / MB right after the "
+                       "load.\n")
+            out.append("| impl | seed save | volume after seed | load into empty | restored | "
+                       "re-save after load | A save | volume after A | B load | B save | "
+                       "volume after B | C load |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            out.extend(rows)
+            out.append("")
+        # goal checks
+        checks = []
+        oc, pc, ol = C.get("ours-C"), C.get("peer-C"), C.get("ours-load")
+        if oc and oc.get("ok") and hr:
+            x = oc["ready_s"] / hr
+            checks.append(f"ours C time-to-ready {x:.2f}× hot local (goal ≤ 1.1×): "
+                          f"{'met' if x <= 1.1 else 'NOT met'}")
+        if pc and pc.get("ok"):
+            miss = _ctr(pc, "inductor", "fxgraph_cache_miss")
+            checks.append(f"peer C FX-graph misses {miss} (set 2 recompiled: "
+                          f"{'yes' if miss else 'no'}); peer B save "
+                          f"{(C.get('peer-B') or {}).get('save_status')}")
+        if oc and oc.get("ok"):
+            checks.append(f"ours C FX-graph hit/miss {fx(oc)}, AOT {aot(oc)}")
+        if ol and ol.get("ok") and "load_s" in ol:
+            checks.append(f"ours load of the full cache {ol['load_s']:.2f} s (goal ≤ 0.3 s): "
+                          f"{'met' if ol['load_s'] <= 0.3 else 'NOT met'}")
+        if m.get("preset", {}).get("mode", "default") != "default":
+            for name in ("hot", "ours-load", "peer-load", "ours-C", "peer-C"):
+                r = C.get(name)
+                if r and r.get("ok") and r.get("autotune"):
+                    t = r["autotune"]
+                    n = t.get("gemm_benchmarks", 0) + t.get("triton_config_benchmarks", 0)
+                    checks.append(f"{name}: {n} autotune benchmark rounds "
+                                  f"({'autotuning results survived' if n == 0 else 'autotuned again'})")
+        if checks:
+            out.append("Checks:\n")
+            out.extend(f"- {c}" for c in checks)
+            out.append("")
+    return "\n".join(out) + "\n"
