@@ -1,0 +1,259 @@
+"""cas gc against a real store on the local filesystem: roots across deployments, TTL, trash, max-size, leftovers.
+
+Age is simulated by setting mtimes back with os.utime (on a local fs the server clock is this clock)."""
+from __future__ import annotations
+
+import os
+import time
+
+import msgpack
+import pytest
+
+from cas import BlobStore, LockTimeout, Scope, load_tree, save_tree
+from cas.gc import GcRefused, collect
+from cas.lock import LockFile
+from cas.roots import iter_roots, root_path
+
+FRESHEN = 1
+GRACE = 2
+DAY = 86400
+
+
+def write_tree(root, files: dict[str, bytes]) -> str:
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)
+    return str(root)
+
+
+def content(tag: str, n: int = 2000) -> bytes:
+    return (tag.encode() + b"-") * (n // (len(tag) + 1))
+
+
+def age_all(store: BlobStore, seconds: float, area: str = "blobs") -> None:
+    """Make every blob (or trash item) `seconds` old."""
+    t = time.time() - seconds
+    for b in store.iter_blobs(area):
+        os.utime(b.path, (t, t))
+
+
+def age(path: str, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def ids_of(scope: Scope, env_key: str) -> set[str]:
+    return scope.read_manifest(env_key).blob_ids()
+
+
+def present(store: BlobStore) -> set[str]:
+    return {b.id for b in store.iter_blobs()}
+
+
+def in_trash(store: BlobStore) -> set[str]:
+    return {b.id for b in store.iter_blobs("trash")}
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = BlobStore(tmp_path / "org", freshen_after=FRESHEN)
+    (tmp_path / "model").mkdir()
+    a = Scope(tmp_path / "model" / "a", create=True)
+    b = Scope(tmp_path / "model" / "b", create=True)
+    return store, a, b, tmp_path
+
+
+def test_refuses_a_grace_shorter_than_twice_freshen_after(env):
+    store, a, _, _ = env
+    with pytest.raises(GcRefused, match="2 x freshen_after"):
+        collect(store, scope=a, grace=1.5)
+
+
+def test_gc_from_one_deployment_keeps_the_others_blobs(env):
+    store, a, b, tmp = env
+    shared = {"common/k.py": content("shared")}
+    save_tree(write_tree(tmp / "ta", {**shared, "a/only.py": content("A")}), store, a, "gpu1")
+    save_tree(write_tree(tmp / "tb", {**shared, "b/only.py": content("B")}), store, b, "gpu1")
+    orphan = store.put_bytes(content("orphan"))  # an upload whose save never committed
+    age_all(store, 10 * GRACE)
+
+    res = collect(store, scope=a, grace=GRACE)
+
+    assert res.collected and not res.problems
+    assert res.roots_live == 2
+    assert ids_of(b, "gpu1") <= present(store)  # b's blobs survive a gc run from a
+    assert ids_of(a, "gpu1") <= present(store)
+    assert orphan not in present(store) and orphan in in_trash(store)
+    assert res.blobs_trashed == 1 and res.blobs_deleted == 0
+
+    # Phase two: the trash item is deleted only once it is itself older than the grace period.
+    res = collect(store, scope=a, grace=GRACE)
+    assert res.blobs_deleted == 0 and orphan in in_trash(store)
+    age_all(store, 10 * GRACE, "trash")
+    res = collect(store, scope=a, grace=GRACE)
+    assert res.blobs_deleted == 1 and orphan not in in_trash(store)
+    assert ids_of(b, "gpu1") | ids_of(a, "gpu1") <= present(store)
+
+
+def test_young_unreferenced_blobs_are_kept(env):
+    store, a, _, _ = env
+    fresh = store.put_bytes(content("in-flight upload"))
+    res = collect(store, scope=a, grace=GRACE)
+    assert fresh in present(store)
+    assert res.blobs_young == 1 and res.blobs_trashed == 0
+
+
+def test_root_past_ttl_releases_its_blobs_and_shared_blobs_stay(env):
+    store, a, b, tmp = env
+    shared = {"common/k.py": content("shared")}
+    save_tree(write_tree(tmp / "ta", {**shared, "a/only.py": content("A")}), store, a, "gpu1")
+    save_tree(write_tree(tmp / "tb", {**shared, "b/only.py": content("B")}), store, b, "gpu1")
+    age_all(store, 10 * GRACE)
+    b_root = root_path(store, b.scope_id, "gpu1")
+    age(b_root, 31 * DAY)
+    b_only = ids_of(b, "gpu1") - ids_of(a, "gpu1")
+
+    res = collect(store, scope=a, grace=GRACE, root_ttl=30 * DAY)
+
+    assert res.roots_dead == 1 and res.roots_live == 1
+    assert not os.path.exists(b_root)
+    assert ids_of(a, "gpu1") <= present(store)
+    assert b_only and b_only.isdisjoint(present(store))
+    # b's manifest blob is garbage too; its entries' blobs minus the shared one are in trash.
+    assert b_only <= in_trash(store)
+
+
+def test_trashed_blob_comes_back_for_a_load_and_for_a_save(env):
+    store, a, b, tmp = env
+    save_tree(write_tree(tmp / "tb", {"b/x.py": content("X"), "b/y.py": content("Y")}), store, b, "gpu1")
+    age_all(store, 10 * GRACE)
+    age(root_path(store, b.scope_id, "gpu1"), 31 * DAY)
+    collect(store, scope=a, grace=GRACE, root_ttl=30 * DAY)
+    wanted = ids_of(b, "gpu1")
+    assert wanted <= in_trash(store)
+
+    # A replica of b loads its (still present) manifest: every blob is restored from trash, no miss.
+    res = load_tree(tmp / "restore-b", store, b, "gpu1")
+    assert not res.misses and res.restored == 2
+    assert wanted <= present(store)
+
+    # A save elsewhere that needs a trashed blob takes it back instead of uploading it.
+    z = store.put_bytes(b"z" * 5000)
+    assert z  # id of the raw content b"z"*5000
+    age_all(store, 10 * GRACE)
+    collect(store, scope=a, grace=GRACE)
+    assert z in in_trash(store)
+    res = save_tree(write_tree(tmp / "ta", {"a/z.bin": b"z" * 5000}), store, a, "gpu1")
+    assert res.blobs_present == 1 and res.blobs_uploaded == 0
+    assert z in present(store) and z not in in_trash(store)
+
+
+def test_live_blob_found_in_trash_is_put_back_not_deleted(env):
+    store, a, _, tmp = env
+    save_tree(write_tree(tmp / "ta", {"a/x.py": content("X")}), store, a, "gpu1")
+    (blob,) = ids_of(a, "gpu1")
+    os.rename(store.blob_path(blob), store.trash_path(blob))  # as if a save raced phase one
+    age_all(store, 10 * GRACE, "trash")
+    res = collect(store, scope=a, grace=GRACE)
+    assert res.blobs_restored == 1 and res.blobs_deleted == 0
+    assert blob in present(store)
+
+
+def test_unreadable_root_or_manifest_blob_stops_all_deletion(env):
+    store, a, b, tmp = env
+    save_tree(write_tree(tmp / "ta", {"a/x.py": content("X")}), store, a, "gpu1")
+    save_tree(write_tree(tmp / "tb", {"b/x.py": content("BX")}), store, b, "gpu1")
+    orphan = store.put_bytes(content("orphan"))
+    age_all(store, 10 * GRACE)
+    bad = os.path.join(store.root, "roots", b.scope_id, "gpu2.root")
+    with open(bad, "wb") as fh:
+        fh.write(b"\xc1 not msgpack")
+
+    res = collect(store, scope=a, grace=GRACE)
+    assert not res.collected and any("unreadable root" in p for p in res.problems)
+    assert orphan in present(store) and res.blobs_trashed == 0
+
+    # The same for a root whose manifest blob is gone.
+    os.unlink(bad)
+    root = next(r for r in iter_roots(store) if r.scope_id == b.scope_id)
+    os.unlink(store.blob_path(root.manifest))
+    res = collect(store, scope=a, grace=GRACE)
+    assert not res.collected and any("not in store" in p for p in res.problems)
+    assert orphan in present(store)
+
+    # An unreadable root past the TTL protects nothing: it is simply removed.
+    with open(bad, "wb") as fh:
+        fh.write(b"junk")
+    age(bad, 31 * DAY)
+    os.unlink(root.path)
+    res = collect(store, scope=a, grace=GRACE, root_ttl=30 * DAY)
+    assert res.collected and res.roots_dead == 1 and not os.path.exists(bad)
+    assert orphan in in_trash(store)
+
+
+def test_dry_run_changes_nothing(env):
+    store, a, _, tmp = env
+    save_tree(write_tree(tmp / "ta", {"a/x.py": content("X")}), store, a, "gpu1")
+    store.put_bytes(content("orphan"))
+    age_all(store, 10 * GRACE)
+    before = present(store)
+    res = collect(store, scope=a, grace=GRACE, dry_run=True)
+    assert res.blobs_trashed == 1 and res.dry_run
+    assert present(store) == before and not in_trash(store)
+
+
+def test_max_size_retires_least_recently_used_roots_but_never_a_recent_one(env):
+    store, a, b, tmp = env
+    big = {f"f{i}": os.urandom(20000) for i in range(5)}  # incompressible
+    save_tree(write_tree(tmp / "ta", {f"a/{k}": v for k, v in big.items()}), store, a, "gpu1")
+    save_tree(write_tree(tmp / "tb", {f"b/{k}": os.urandom(20000) for k in big}), store, b, "gpu1")
+    save_tree(write_tree(tmp / "tc", {"c/small": content("small")}), store, b, "cpu")
+    age_all(store, 10 * GRACE)
+    age(root_path(store, a.scope_id, "gpu1"), 3 * DAY)  # least recently used
+    age(root_path(store, b.scope_id, "gpu1"), 2 * DAY)
+    # b/cpu stays fresh: used within the grace period, so it is never retired.
+
+    res = collect(store, scope=a, grace=GRACE, max_size=150_000)
+    assert [r.scope_id + "/" + r.env_key for r in res.roots_retired] == [a.scope_id + "/gpu1"]
+    assert res.over_max_size == 0
+    assert ids_of(a, "gpu1").isdisjoint(present(store))
+    assert ids_of(b, "gpu1") <= present(store)
+
+    res = collect(store, scope=a, grace=GRACE, max_size=10)
+    assert [r.env_key for r in res.roots_retired] == ["gpu1"]  # b/gpu1; b/cpu is too recent
+    assert res.over_max_size > 0
+    assert ids_of(b, "cpu") <= present(store)
+
+
+def test_old_temp_and_lock_files_go_young_ones_stay(env):
+    store, a, _, tmp = env
+    save_tree(write_tree(tmp / "ta", {"a/x.py": content("X")}), store, a, "gpu1")
+    old_tmp = os.path.join(store.root, "blobs", "ab", ".tmp-host-1-0123456789abcdef")
+    young_tmp = os.path.join(store.root, "blobs", "cd", ".tmp-host-2-0123456789abcdef")
+    old_scope_tmp = os.path.join(a.manifests, ".tmp-host-3-0123456789abcdef")
+    for p in (old_tmp, young_tmp, old_scope_tmp):
+        open(p, "wb").close()
+    age(old_tmp, 2 * 3600)
+    age(old_scope_tmp, 2 * 3600)
+    old_lock = os.path.join(a.manifests, "gpu9.lock")
+    young_lock = os.path.join(a.slots, "slot-3.lock")
+    for p in (old_lock, young_lock):
+        with open(p, "wb") as fh:
+            fh.write(msgpack.packb({"host": "elsewhere", "pid": 1, "time": 0.0, "token": "00"}))
+    age(old_lock, 3600)
+
+    res = collect(store, scope=a, grace=GRACE)
+    assert res.temp_deleted == 2 and res.locks_deleted == 1
+    assert not os.path.exists(old_tmp) and not os.path.exists(old_scope_tmp) and not os.path.exists(old_lock)
+    assert os.path.exists(young_tmp) and os.path.exists(young_lock)
+
+
+def test_one_gc_at_a_time(env):
+    store, a, _, _ = env
+    holder = LockFile(os.path.join(store.root, "locks", "gc.lock"), heartbeat=True)
+    with holder:
+        with pytest.raises(LockTimeout):
+            collect(store, scope=a, grace=GRACE, lock_wait=0.3)
+    assert collect(store, scope=a, grace=GRACE).collected
