@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def b10_environ(volume: Path, local: Path) -> dict[str, str]:
         "MIN_LOCAL_SPACE_MB": "1",
         "MIN_B10FS_SPACE_MB": "1",
     }
+
+
+def child_environ(volume: Path, local: Path) -> dict[str, str]:
+    """A full environment for a child process: ours minus any b10 settings, plus `b10_environ(volume, local)`."""
+    env = {k: v for k, v in os.environ.items() if k not in _B10_VARS}
+    env.update(b10_environ(volume, local))
+    return env
 
 
 @pytest.fixture
