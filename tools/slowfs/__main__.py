@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
+import time
 
 from .mount import (DEFAULT_ATTR_TIMEOUT_S, DEFAULT_DELAY_MS, DEFAULT_ENTRY_TIMEOUT_S, DEFAULT_NEGATIVE_TIMEOUT_S,
-                    unmount)
+                    MOUNT_TIMEOUT_S, is_mounted, unmount)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,25 +48,47 @@ def main(argv: list[str] | None = None) -> int:
 
     from .fs import serve  # needs libfuse; imported late so that --help works without it
 
+    if not args.foreground and _daemonize(args.mnt):
+        return 0
     if args.exit_on_stdin_eof:
         threading.Thread(target=_unmount_on_eof, args=(args.mnt,), daemon=True).start()
-    serve(
-        args.src, args.mnt,
-        delay_s=args.delay_ms / 1000,
-        bytes_per_s=args.bandwidth_mbps * 1e6 if args.bandwidth_mbps else None,
-        foreground=args.foreground,
-        entry_timeout=args.entry_timeout,
-        attr_timeout=args.attr_timeout,
-        negative_timeout=args.negative_timeout,
-        kernel_cache=args.kernel_cache,
-        direct_io=args.direct_io,
-        stats_path=args.stats,
-    )
+    try:
+        serve(
+            args.src, args.mnt,
+            delay_s=args.delay_ms / 1000,
+            bytes_per_s=args.bandwidth_mbps * 1e6 if args.bandwidth_mbps else None,
+            entry_timeout=args.entry_timeout,
+            attr_timeout=args.attr_timeout,
+            negative_timeout=args.negative_timeout,
+            kernel_cache=args.kernel_cache,
+            direct_io=args.direct_io,
+            stats_path=args.stats,
+        )
+    except RuntimeError as e:  # mfusepy raises libfuse's exit status; SIGTERM/SIGINT also end in status 8
+        sys.exit(f"slowfs: libfuse exited with status {e}")
     return 0
 
 
+def _daemonize(mnt: str) -> bool:
+    """Fork; the parent returns True once the child has mounted (or exits 1 if it died), the child False."""
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        return False
+    deadline = time.monotonic() + MOUNT_TIMEOUT_S
+    while not is_mounted(mnt):
+        if os.waitpid(pid, os.WNOHANG) != (0, 0) or time.monotonic() > deadline:
+            sys.exit(f"slowfs did not mount {mnt} (run with --foreground to see why)")
+        time.sleep(0.01)
+    return True
+
+
 def _unmount_on_eof(mnt: str) -> None:
-    sys.stdin.buffer.read()
+    while os.read(sys.stdin.fileno(), 4096):  # raw reads: a buffered stdin would trip up interpreter shutdown
+        pass
     unmount(mnt)
 
 

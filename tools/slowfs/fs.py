@@ -18,6 +18,9 @@ from collections import Counter
 
 import mfusepy
 
+from . import channel
+from .mount import unmount
+
 # libfuse's multi-threaded loop starts at most this many workers at once (its own default is 10). A request that
 # finds every worker busy waits in the kernel queue, so fewer workers than concurrent clients would serialize
 # exactly the parallel I/O a benchmark wants to measure. 32 benchmark threads plus async releases fit in 64.
@@ -60,10 +63,17 @@ def _round_trip(method):
 
     @functools.wraps(method)
     def wrapper(self, *args):
-        self._count(method.__name__)
-        if self.delay_s:
-            time.sleep(self.delay_s)  # releases the GIL: concurrent requests wait in parallel
-        return method(self, *args)
+        with self._counts_lock:
+            self.counts[method.__name__] += 1
+            self._in_flight += 1
+            self.counts["in_flight_max"] = max(self.counts["in_flight_max"], self._in_flight)
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)  # releases the GIL: concurrent requests wait in parallel
+            return method(self, *args)
+        finally:
+            with self._counts_lock:
+                self._in_flight -= 1
 
     return wrapper
 
@@ -78,8 +88,9 @@ class SlowFS(mfusepy.Operations):
         self.delay_s = delay_s
         self.network = Link(bytes_per_s) if bytes_per_s else None  # not `link`: that is an operation
         self.stats_path = stats_path
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # requests per operation, bytes read/written, in_flight_max
         self._counts_lock = threading.Lock()
+        self._in_flight = 0
 
     def _count(self, op: str, n: int = 1) -> None:
         with self._counts_lock:
@@ -269,24 +280,26 @@ class _FUSE(mfusepy.FUSE):
         return self.operations.utimens(None if path is None else os.fsdecode(path), times)
 
 
-def serve(src: str, mnt: str, *, delay_s: float, bytes_per_s: float | None, foreground: bool,
-          entry_timeout: float, attr_timeout: float, negative_timeout: float, kernel_cache: bool, direct_io: bool,
+def serve(src: str, mnt: str, *, delay_s: float, bytes_per_s: float | None, entry_timeout: float,
+          attr_timeout: float, negative_timeout: float, kernel_cache: bool, direct_io: bool,
           stats_path: str | None = None) -> None:
-    """Mount and serve until unmounted (or SIGINT/SIGTERM, on which libfuse unmounts)."""
-    _FUSE(
-        SlowFS(src, delay_s, bytes_per_s, stats_path),
-        mnt,
-        foreground=foreground,
-        fsname=f"slowfs:{os.path.realpath(src)}",
-        subtype="slowfs",
-        max_threads=MAX_THREADS,
-        max_idle_threads=MAX_THREADS,  # keep workers between bursts (unset, libfuse 3.14 also logs a bogus error)
-        entry_timeout=entry_timeout,
-        attr_timeout=attr_timeout,
-        negative_timeout=negative_timeout,
-        kernel_cache=kernel_cache,
-        direct_io=direct_io,
-        use_ino=True,  # st_ino from the source, so hard links (link(2), tar) show as the same inode
-        # hard_remove stays off: a file unlinked while open is renamed to .fuse_hiddenNNN until closed, like NFS's
-        # silly rename to .nfsNNN, and fstat(2) keeps working on it (with hard_remove it fails with ESTALE).
-    )
+    """Mount and serve in the foreground until unmounted, or SIGINT/SIGTERM/SIGHUP; always leaves unmounted."""
+    kernel_fd = channel.mount(os.path.abspath(mnt), "rw,nosuid,nodev,fsname=slowfs,subtype=slowfs")
+    try:
+        _FUSE(
+            SlowFS(src, delay_s, bytes_per_s, stats_path),
+            f"/dev/fd/{channel.libfuse_device(kernel_fd)}",  # see channel.py: parallel lookups
+            foreground=True,
+            max_threads=MAX_THREADS,
+            max_idle_threads=MAX_THREADS,  # keep workers between bursts (unset, libfuse 3.14 logs a bogus error)
+            entry_timeout=entry_timeout,
+            attr_timeout=attr_timeout,
+            negative_timeout=negative_timeout,
+            kernel_cache=kernel_cache,
+            direct_io=direct_io,
+            use_ino=True,  # st_ino from the source, so hard links (link(2), tar) show as the same inode
+            # hard_remove stays off: a file unlinked while open is renamed to .fuse_hiddenNNN until closed, like
+            # NFS's silly rename to .nfsNNN, and fstat(2) keeps working on it (with hard_remove: ESTALE).
+        )
+    finally:
+        unmount(mnt)  # libfuse unmounts only what it mounted itself
