@@ -441,7 +441,11 @@ def _open_blob(path: str) -> BinaryIO:
         if exc.errno == errno.ELOOP:
             raise _Invalid("is a symlink") from None
         raise
-    return open(fd, "rb", buffering=0)
+    try:
+        return open(fd, "rb", buffering=0)
+    except IsADirectoryError:  # FileIO refuses directories: a planted directory is a bad blob, not a crash
+        os.close(fd)
+        raise _Invalid("is a directory") from None
 
 
 def _frame_size(header: bytes) -> int:
