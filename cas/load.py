@@ -134,7 +134,7 @@ class _LocalMiss(Exception):
 def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
     try:
         st = os.lstat(os.path.join(root, rel))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # absent, a parent is a file, or the path is too long for this target (ENAMETOOLONG)
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
         return False
@@ -147,7 +147,10 @@ def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
 
 
 def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry) -> os.stat_result:
-    parent = target.parent_for(rel)
+    try:
+        parent = target.parent_for(rel)
+    except OSError as exc:
+        raise _local_error(exc, os.path.join(target.root, rel)) from exc
     final = os.path.join(parent, rel.rsplit("/", 1)[-1])
     tmp = os.path.join(parent, temp_name())
     try:
@@ -175,7 +178,7 @@ def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry) ->
 def _local_error(exc: OSError, where: str) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"local disk full at {where}: {exc.strerror}")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG):
         return _LocalMiss(f"cannot write {where}: {exc.strerror}")
     return StoreUnavailable(f"{where}: {exc.strerror or exc}")
 
