@@ -25,6 +25,7 @@ from cas.lock import acquire_slot
 from .config import Settings, read_settings
 from .environment import environment, environment_key
 from .errors import CacheError, VolumeUnavailable
+from .file_transfer import transfer  # noqa: F401  (the peer exports transfer from its core module)
 from .report import OperationStats, emit
 from .space import require_free
 from .status import OperationStatus

@@ -76,3 +76,8 @@ def _triton_version() -> str:
         except metadata.PackageNotFoundError:
             continue
     return "none"
+
+
+def get_environment_key() -> str:
+    """The peer's name for `environment_key()` of this process."""
+    return environment_key()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .status import OperationStatus
 
@@ -35,7 +35,6 @@ class OperationStats:
     corrupt: int = 0
     seconds: float = 0.0
     reason: str = ""
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)

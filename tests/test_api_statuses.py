@@ -465,3 +465,25 @@ def test_clear_local_cache_with_invalid_dir_returns_false(b10_env, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/etc")
     assert b10_transfer.clear_local_cache() is False
     assert Path("/etc").is_dir()
+
+
+def test_summary_line_is_visible_without_any_logging_setup(b10_env, tmp_path):
+    """Like the peer's prints, the line reaches stderr when the application configured no logging."""
+    env = {k: v for k, v in os.environ.items()}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import b10_transfer; b10_transfer.load_compile_cache()"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if "b10_transfer" in l and "status=" in l]
+    assert len(lines) == 1 and "load status=DOES_NOT_EXIST" in lines[0]
+    assert "\x1b" not in proc.stderr
+
+
+def test_peer_module_paths_still_import():
+    from b10_transfer.cache import clear_local_cache, load_compile_cache, save_compile_cache  # noqa: F401
+    from b10_transfer.core import transfer  # noqa: F401
+    from b10_transfer.environment import get_environment_key
+    from b10_transfer.info import get_cache_info, list_available_caches  # noqa: F401
+
+    assert get_environment_key() == core.key_for()
