@@ -487,3 +487,25 @@ def test_peer_module_paths_still_import():
     from b10_transfer.info import get_cache_info, list_available_caches  # noqa: F401
 
     assert get_environment_key() == core.key_for()
+
+
+def test_concurrent_replicas_with_one_slot_all_get_recorded(b10_env, tmp_path, monkeypatch):
+    """Three replicas save at once through a single slot: they queue, and every one's new files reach the manifest."""
+    monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
+    procs, expected = [], set(CACHE)
+    for n in range(3):
+        local = tmp_path / f"replica{n}" / "inductor"
+        own = {f"fxgraph/r{n}/fr{n}key/entry0": os.urandom(5000)}
+        write_tree(local, {**CACHE, **own})
+        expected |= set(own)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(local)}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", "import b10_transfer; print(b10_transfer.save_compile_cache().name)"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        )
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [out.strip() for out, _ in results] == ["SUCCESS"] * 3, [err for _, err in results]
+    assert set(manifest(b10_env).entries) == expected
+    assert os.listdir(Scope(b10_env.scope).slots) == []  # every slot released
