@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Mapping
@@ -35,8 +36,9 @@ logger = logging.getLogger(__name__)
 # A waiter must see a dead holder's slot unchanged for CLEANUP_LOCK_TIMEOUT_SECONDS before it may take it; waiting
 # that long plus two of cas's longest poll intervals guarantees a dead slot is taken over rather than skipped.
 SLOT_WAIT_MARGIN_S = 2.0
-# Longest label accepted from a companion: leaves room for the environment key within the store's 128 characters.
-_LABEL_MAX = 24
+# A companion's label: a short name that leaves most of the store's 128 key characters to the environment key.
+_LABEL = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,23}")
+_KEY_MAX = 128
 
 
 def load(
@@ -73,12 +75,12 @@ def save(
 
 def key_for(label: str | None = None, env: dict[str, str] | None = None) -> str:
     """The manifest name used for `label` (None: the Inductor cache) in environment `env` (default: this one)."""
-    key = environment_key(env)
     if label is None:
-        return key
-    if not label or len(label) > _LABEL_MAX or not all(c.isalnum() or c in "._-" for c in label):
-        raise ValueError(f"label must be 1-{_LABEL_MAX} characters of [A-Za-z0-9._-], got {label!r}")
-    return f"{label}.{key}"[:128]
+        return environment_key(env)
+    if not _LABEL.fullmatch(label):
+        raise ValueError(f"label must match {_LABEL.pattern}, got {label!r}")
+    # The label shortens the readable slug, never the hash that makes the key unique.
+    return f"{label}.{environment_key(env, max_len=_KEY_MAX - len(label) - 1)}"
 
 
 def _run(operation, body, cache_dir, label, settings, environ) -> tuple[OperationStatus, OperationStats]:

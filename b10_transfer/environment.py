@@ -55,8 +55,9 @@ def environment() -> dict[str, str]:
     return env
 
 
-def environment_key(env: dict[str, str] | None = None) -> str:
-    """A filesystem-safe key ([A-Za-z0-9._-], at most 128 chars) unique to `env` (default: this process)."""
+def environment_key(env: dict[str, str] | None = None, *, max_len: int = _KEY_MAX) -> str:
+    """A filesystem-safe key ([A-Za-z0-9._-], at most `max_len` <= 128 chars) unique to `env` (default: this
+    process)."""
     env = environment() if env is None else env
     digest = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:_HASH_HEX]
     if env.get("device_type") == "cuda":
@@ -65,7 +66,7 @@ def environment_key(env: dict[str, str] | None = None) -> str:
         parts = [env.get("device_type", ""), env.get("cpu_architecture", "")]
     parts += ["torch" + env.get("torch_version", ""), "triton" + env.get("triton_version", "")]
     slug = _UNSAFE.sub("-", "_".join(p for p in parts if p)).strip("-._")
-    slug = slug[: _KEY_MAX - _HASH_HEX - 1].rstrip("-._")
+    slug = slug[: min(max_len, _KEY_MAX) - _HASH_HEX - 1].rstrip("-._")
     return f"{slug}-{digest}" if slug else digest
 
 

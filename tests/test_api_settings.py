@@ -123,7 +123,12 @@ def test_key_stays_valid_for_hostile_or_long_values():
     assert not key.startswith(".")
 
 
-def test_label_prefixes_the_key():
+def test_label_prefixes_the_key_and_keeps_its_hash():
     assert core.key_for("vllm", GPU_ENV) == "vllm." + environment_key(GPU_ENV)
-    with pytest.raises(ValueError):
-        core.key_for("../x", GPU_ENV)
+    long_env = {**GPU_ENV, "device_name": "G" * 300}
+    labelled = core.key_for("x" * 24, long_env)
+    assert KEY_RE.fullmatch(labelled) and len(labelled) == 128
+    assert labelled.endswith(environment_key(long_env)[-16:])  # the unique part survives
+    for bad in ("../x", ".hidden", "é", "x" * 25, ""):
+        with pytest.raises(ValueError):
+            core.key_for(bad, GPU_ENV)
