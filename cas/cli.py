@@ -108,16 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     # Accepted before or after the command. SUPPRESS keeps a subcommand's unset option from overwriting a value
     # given before it (argparse copies sub-parser defaults over the namespace).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--org", default=argparse.SUPPRESS,
+    common.add_argument("--org", default=argparse.SUPPRESS, metavar="PATH",
                         help=f"org store (default ${ORG_ENV}, else {ORG_DEFAULT})")
-    common.add_argument("--scope", default=argparse.SUPPRESS,
+    common.add_argument("--scope", default=argparse.SUPPRESS, metavar="PATH",
                         help=f"deployment scope (default ${SCOPE_ENV}, else {SCOPE_DEFAULT})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output on stdout")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="log to stderr (-vv: debug)")
     ttl = argparse.ArgumentParser(add_help=False)
-    ttl.add_argument("--root-ttl", type=parse_duration, default=float(DEFAULT_ROOT_TTL),
+    ttl.add_argument("--root-ttl", type=parse_duration, metavar="DURATION", default=float(DEFAULT_ROOT_TTL),
                      help="a root unused for longer is dead (default 30d)")
 
     parser = argparse.ArgumentParser(prog="cas", description=__doc__.split("\n\n")[0], parents=[common])
@@ -125,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", parents=[common, ttl], help="collect blobs no live root references")
     p.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
-    p.add_argument("--grace", type=parse_duration, default=float(DEFAULT_GRACE),
+    p.add_argument("--grace", type=parse_duration, metavar="DURATION", default=float(DEFAULT_GRACE),
                    help="never collect a blob (or trash) younger than this (default 6h; at least 2 x freshen_after)")
-    p.add_argument("--max-size", type=parse_size, default=None,
+    p.add_argument("--max-size", type=parse_size, metavar="SIZE", default=None,
                    help="retire least recently used roots until the blobs fit in SIZE (e.g. 500G)")
-    p.add_argument("--wait", type=parse_duration, default=DEFAULT_LOCK_WAIT,
+    p.add_argument("--wait", type=parse_duration, metavar="DURATION", default=DEFAULT_LOCK_WAIT,
                    help="wait this long for a running gc to finish (default 120s)")
 
     p = sub.add_parser("check", parents=[common, ttl], help="verify roots, manifests and blobs")
