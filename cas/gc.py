@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-from . import limits
+from . import _faults, limits
 from .atomic import temp_path_beside
 from .blobstore import FANOUT, BlobInfo, BlobStore, is_blob_id
 from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
@@ -237,6 +237,7 @@ def _run(store, scope, grace, root_ttl, max_size, dry_run, lock, progress, start
             res.bytes_trashed += b.stored_size
             continue
         trashed = _trash(store, b, cutoff)
+        _faults.checkpoint("gc-trashed")
         if trashed:
             res.blobs_trashed += 1
             res.bytes_trashed += b.stored_size
@@ -270,6 +271,7 @@ def _run(store, scope, grace, root_ttl, max_size, dry_run, lock, progress, start
             continue  # a reader restored it meanwhile
         res.blobs_deleted += 1
         res.bytes_deleted += t.stored_size
+        _faults.checkpoint("gc-deleted")
 
     # -- leftovers by age -------------------------------------------------------------------------------------
     _check_lock(lock)

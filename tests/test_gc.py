@@ -257,3 +257,40 @@ def test_one_gc_at_a_time(env):
         with pytest.raises(LockTimeout):
             collect(store, scope=a, grace=GRACE, lock_wait=0.3)
     assert collect(store, scope=a, grace=GRACE).collected
+
+
+def _gc_process(store: BlobStore, scope: Scope, kill_at: str):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CAS_KILL_AT"}
+    env["CAS_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "cas.cli", "gc", "--grace", "2s", "--org", store.root,
+                           "--scope", scope.root], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_gc_killed_mid_phase_leaves_a_consistent_store_and_the_next_run_finishes(env):
+    store, a, b, tmp = env
+    save_tree(write_tree(tmp / "ta", {"a/x.py": content("X"), "a/y.py": content("Y")}), store, a, "gpu1")
+    save_tree(write_tree(tmp / "tb", {"b/x.py": content("BX")}), store, b, "gpu1")
+    orphans = {store.put_bytes(content(f"orphan {i}")) for i in range(12)}
+    age_all(store, 10 * GRACE)
+    live = ids_of(a, "gpu1") | ids_of(b, "gpu1")
+    gc_lock = os.path.join(store.root, "locks", "gc.lock")
+
+    r = _gc_process(store, a, "gc-trashed:5")
+    assert r.returncode == -9  # SIGKILL after the 5th blob went to trash
+    assert os.path.exists(gc_lock)  # the dead collector's lock stays behind
+    assert live <= present(store)
+    assert len(orphans & in_trash(store)) >= 4
+
+    # A dead local holder's lock is broken at once; the next run finishes phase one.
+    res = collect(store, scope=a, grace=GRACE, lock_wait=5)
+    assert res.collected and orphans <= in_trash(store) and live <= present(store)
+
+    age_all(store, 10 * GRACE, "trash")
+    r = _gc_process(store, a, "gc-deleted:3")
+    assert r.returncode == -9
+    res = collect(store, scope=a, grace=GRACE, lock_wait=5)
+    assert res.collected and not in_trash(store) and live <= present(store)
+    assert not os.path.exists(gc_lock)
