@@ -12,6 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import blake3
+
 from . import limits
 from .blobstore import FANOUT, BlobStore, is_blob_id
 from .errors import BlobCorrupt, BlobMissing, ManifestError, StoreUnavailable
@@ -19,7 +21,7 @@ from .gc import LOCK_EXPIRY, Progress, find_old_temp, find_stale_locks, lock_fil
 from .load import TEMP_EXPIRY
 from .manifest import Manifest, loads
 from .paths import TEMP_PREFIX
-from .roots import DEFAULT_ROOT_TTL, iter_roots
+from .roots import DEFAULT_ROOT_TTL, iter_roots, parse_root, root_path
 from .scope import Scope
 
 log = logging.getLogger("cas.check")
@@ -27,6 +29,9 @@ log = logging.getLogger("cas.check")
 # Re-hashing is CPU (zstd, blake3; both release the GIL) plus one read per blob on a high-latency volume: a few
 # threads keep both busy without starving a model server sharing the pod.
 READ_THREADS = 8
+# A save renames its manifest, then writes the root, seconds apart; a local manifest older than this whose root does
+# not name it was left by a save that died in between, or lost its root to gc.
+UNROOTED_AGE = 300
 
 
 @dataclass
@@ -136,14 +141,21 @@ def check(
     report("roots", len(roots), len(roots))
 
     if scope is not None and scope.exists():
+        scope_id = _read_scope_id(scope)
         for env_key in scope.env_keys():
+            path = scope.manifest_path(env_key)
             try:
+                data = scope.read_manifest_bytes(env_key)
                 manifest = scope.read_manifest(env_key)
             except (ManifestError, StoreUnavailable) as exc:
-                res.problems.append(Problem("unreadable-manifest", scope.manifest_path(env_key), str(exc)))
+                res.problems.append(Problem("unreadable-manifest", path, str(exc)))
                 continue
-            if manifest is not None:
-                check_manifest(manifest, f"manifest {scope.manifest_path(env_key)}")
+            if manifest is None or data is None:
+                continue
+            check_manifest(manifest, f"manifest {path}")
+            unrooted = _unrooted(store, scope_id, env_key, data, path, now)
+            if unrooted:
+                res.problems.append(Problem("unrooted-manifest", path, unrooted))
     res.referenced_blobs = len(referenced)
 
     for path in find_old_temp(temp_dirs(store, scope), now - TEMP_EXPIRY):
@@ -156,6 +168,38 @@ def check(
     res.problems.sort(key=lambda p: (p.kind, p.path))
     res.seconds = time.monotonic() - started
     return res
+
+
+def _read_scope_id(scope: Scope) -> str | None:
+    try:
+        with open(os.path.join(scope.root, "scope.id"), "rb") as fh:
+            value = fh.read(256).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return value if len(value) == 32 and set(value) <= set("0123456789abcdef") else None
+
+
+def _unrooted(store: BlobStore, scope_id: str | None, env_key: str, data: bytes, path: str, now: float) -> str:
+    """Why gc cannot see this local manifest, or '' if its root names exactly these bytes."""
+    try:
+        if os.stat(path).st_mtime > now - UNROOTED_AGE:
+            return ""  # a save may be between renaming the manifest and writing the root
+    except OSError:
+        return ""
+    if scope_id is None:
+        return "scope.id is missing or unreadable, so no root can name this manifest"
+    rpath = root_path(store, scope_id, env_key)
+    try:
+        with open(rpath, "rb") as fh:
+            root = parse_root(rpath, fh.read(limits.MAX_SMALL_FILE_BYTES), os.fstat(fh.fileno()).st_mtime)
+    except FileNotFoundError:
+        return (f"no root {rpath} (gc removed it as dead or retired, or a save died before writing it): gc does not "
+                f"protect this manifest's blobs")
+    except Exception as exc:
+        return f"root {rpath} is unreadable: {exc}"
+    if root.manifest != blake3.blake3(data).hexdigest():
+        return f"root {rpath} names another manifest ({root.manifest[:16]}): gc protects that one's blobs, not these"
+    return ""
 
 
 def _scan_area(store: BlobStore, area: str, res: CheckResult) -> dict[str, int]:

@@ -195,3 +195,15 @@ def test_gc_command_exits_1_when_a_root_is_unreadable(world):
     r = cas("gc", "--grace", "2s", *flags)
     assert r.returncode == 1
     assert "unreadable root" in r.stdout and "nothing was deleted" in r.stdout
+
+
+def test_check_reports_a_local_manifest_gc_cannot_see(world):
+    store, a, b, flags = world
+    os.unlink(root_path(store, a.scope_id, "gpu1"))  # as if gc removed it, or a save died before writing it
+    assert cas("check", *flags).returncode == 0  # a young manifest may be a save between manifest and root
+    old = time.time() - 3600
+    os.utime(a.manifest_path("gpu1"), (old, old))
+    r = cas("check", "--json", *flags)
+    assert r.returncode == 1
+    (problem,) = json.loads(r.stdout)["problems"]
+    assert problem["kind"] == "unrooted-manifest" and problem["path"] == a.manifest_path("gpu1")
