@@ -33,7 +33,7 @@ SCRUB = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "TRITON_CACHE_DIR", "TRITO
          "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "B10FS_CACHE_DIR", "B10FS_ORG_CACHE_DIR",
          "LOCAL_WORK_DIR", "BASETEN_FS_ENABLED", "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE",
          "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE",
-         "TORCHINDUCTOR_FORCE_DISABLE_CACHES")
+         "TORCHINDUCTOR_FORCE_DISABLE_CACHES", "B10FS_VOLUME_ROOT")
 
 # Same for both implementations, so neither trips over the peer's space checks (its
 # default asks for max(50 x 1024 MB, 100 GB) free on the volume, more than the device's disk).
@@ -92,6 +92,7 @@ class Runner:
         self.results: dict = {"args": vars(args), "run_id": self.run_id,
                               "cache_root": self.cache_root, "models": {}}
         self.extra_env = dict(kv.split("=", 1) for kv in args.env)
+        self.t0 = time.time()
 
     # ---- import paths of the two implementations -------------------------------------
     def prepare_sites(self, impls: list[str]) -> None:
@@ -143,6 +144,11 @@ class Runner:
 
     def spawn(self, verb: str, model: str, case: str, spec: dict, *, local: str | None,
               impl: str | None, vol: dict | None) -> dict:
+        if self.over_budget():
+            res = {"case": case, "ok": False, "skipped": True,
+                   "error": f"not run: --budget-s {self.a.budget_s:.0f} s spent"}
+            log(report.one_line(model, case, res))
+            return res
         d = self.dirs(model, case)
         local = local or d["local"]
         env = {k: v for k, v in os.environ.items() if k not in SCRUB}
@@ -160,6 +166,9 @@ class Runner:
         if impl:
             env["PYTHONPATH"] = self.sites[impl]
             env.update(IMPL_ENV)
+            # ours: the volume root its path checks are relative to (default /cache); the
+            # peer has no such variable and gets the path shim in worker.py instead
+            env["B10FS_VOLUME_ROOT"] = self.cache_root
             os.makedirs(d["work"], exist_ok=True)
             env["LOCAL_WORK_DIR"] = d["work"]
             env.update(vol or {})
@@ -201,7 +210,7 @@ class Runner:
         res["process_wall_s"] = wall
         res["env"] = {k: env[k] for k in sorted(env) if k in (
             "TORCHINDUCTOR_CACHE_DIR", "B10FS_CACHE_DIR", "B10FS_ORG_CACHE_DIR", "LOCAL_WORK_DIR",
-            "PYTHONPATH", "TRITON_HOME", "MAX_CONCURRENT_SAVES")}
+            "PYTHONPATH", "TRITON_HOME", "MAX_CONCURRENT_SAVES", "B10FS_VOLUME_ROOT")}
         if vol:
             res["volume"] = {
                 "manifests": walk(vol.get("B10FS_CACHE_DIR", "")),
@@ -279,10 +288,17 @@ class Runner:
         log(f"env: {self.results['env']}")
 
     def flush(self) -> None:
+        self.results["total_wall_s"] = time.time() - self.t0
         with open(os.path.join(self.out, "results.json"), "w") as f:
             json.dump(self.results, f, indent=1, default=str)
         with open(os.path.join(self.out, "report.md"), "w") as f:
             f.write(report.render(self.results))
+        if self.a.export:
+            # after every step, so a command killed at its time limit still leaves results
+            self.export(self.a.export)
+
+    def over_budget(self) -> bool:
+        return bool(self.a.budget_s) and time.time() - self.t0 > self.a.budget_s
 
     def export(self, dest: str) -> None:
         os.makedirs(dest, exist_ok=True)
@@ -318,7 +334,11 @@ def main(argv=None) -> int:
                     help="dir with b10_transfer-*.whl (the peer) and blake3/zstandard wheels")
     ap.add_argument("--peer-site", default=None, help="an existing --target install of the peer")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the measured processes")
-    ap.add_argument("--case-timeout", type=float, default=1200.0)
+    ap.add_argument("--case-timeout", type=float, default=1200.0,
+                    help="kill a measured process after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new case after this many seconds (0: no limit); results so "
+                         "far are written (and exported) after every step")
     ap.add_argument("--env", action="append", default=[], help="K=V for every measured process")
     ap.add_argument("--env-ours", action="append", default=[], help="K=V for ours only")
     ap.add_argument("--env-peer", action="append", default=[], help="K=V for the peer only")
@@ -337,17 +357,13 @@ def main(argv=None) -> int:
     cases = {c for c in a.cases.split(",") if c}
     os.makedirs(a.out, exist_ok=True)
     r = Runner(a)
-    t0 = time.time()
     r.prepare_sites(impls)
     r.env_info()
     try:
         for m in models:
             r.run_model(m, impls, cases)
     finally:
-        r.results["total_wall_s"] = time.time() - t0
         r.flush()
-        if a.export:
-            r.export(a.export)
     print()
     print(report.render(r.results))
     return 0
