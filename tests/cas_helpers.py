@@ -365,6 +365,37 @@ def _watch(dst: str, scope, stop: threading.Event, bad: list[str]) -> None:
         time.sleep(0.002)
 
 
+def _cmd_slot(argv: list[str]) -> None:
+    """slot DIR N MARKERS HOLD_S: hold one of N save slots for HOLD_S seconds; while holding, count the holders
+    (marker files) to check the limit from the inside."""
+    from cas import acquire_slot
+
+    directory, n, markers, hold = argv[0], int(argv[1]), argv[2], float(argv[3])
+    lock = acquire_slot(directory, n, timeout=120)
+    mine = os.path.join(markers, f"holder-{os.getpid()}")
+    open(mine, "w").close()
+    holders = len(os.listdir(markers))
+    time.sleep(hold)
+    holders = max(holders, len(os.listdir(markers)))
+    os.unlink(mine)
+    lock.release()
+    print(json.dumps({"max_holders": holders, "slot": os.path.basename(lock.path)}), flush=True)
+
+
+def _cmd_die_holding(argv: list[str]) -> None:
+    """die-holding lock|slot PATH [N]: take a lock (or one of N slots in directory PATH), then SIGKILL ourselves."""
+    import signal
+
+    from cas import LockFile, acquire_slot
+
+    if argv[0] == "lock":
+        LockFile(argv[1], timeout=5).acquire()
+    else:
+        acquire_slot(argv[1], int(argv[2]), timeout=5)
+    print("HELD", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
-    {"save": _cmd_save, "load": _cmd_load}[cmd](rest)
+    {"save": _cmd_save, "load": _cmd_load, "slot": _cmd_slot, "die-holding": _cmd_die_holding}[cmd](rest)
