@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 import blake3
 
 from . import limits
-from .blobstore import FANOUT, BlobStore, is_blob_id
+from .blobstore import BlobStore
 from .errors import BlobCorrupt, BlobMissing, ManifestError, StoreUnavailable
 from .gc import LOCK_EXPIRY, Progress, find_old_temp, find_stale_locks, lock_files, temp_dirs
 from .load import TEMP_EXPIRY
 from .manifest import Manifest, loads
 from .paths import TEMP_PREFIX
 from .roots import DEFAULT_ROOT_TTL, iter_roots, parse_root, root_path
+from .scan import Listing, scan_area
 from .scope import Scope
 
 log = logging.getLogger("cas.check")
@@ -98,8 +99,10 @@ def check(
     report = progress or (lambda *_: None)
     now = store.server_now()
 
-    blobs = _scan_area(store, "blobs", res)
-    trash = _scan_area(store, "trash", res)
+    report("scan blobs", 0, 0)
+    listings = {area: _scan(store, area, res) for area in ("blobs", "trash")}
+    blobs = {b.id: b.stored_size for b in listings["blobs"].blobs}
+    trash = {b.id: b.stored_size for b in listings["trash"].blobs}
     res.blobs, res.stored_bytes, res.trash = len(blobs), sum(blobs.values()), len(trash)
     try:
         res.quarantine = sum(1 for n in os.listdir(os.path.join(store.root, "quarantine"))
@@ -158,7 +161,9 @@ def check(
                 res.problems.append(Problem("unrooted-manifest", path, unrooted))
     res.referenced_blobs = len(referenced)
 
-    for path in find_old_temp(temp_dirs(store, scope), now - TEMP_EXPIRY):
+    temp_cutoff = now - TEMP_EXPIRY
+    old_temp = [p for listing in listings.values() for p, m in listing.temp if m < temp_cutoff]
+    for path in sorted(old_temp + find_old_temp(temp_dirs(store, scope), temp_cutoff)):
         res.problems.append(Problem("stray-temp", path, "temp file older than TEMP_EXPIRY (cas gc removes it)"))
     for path, mtime in find_stale_locks(lock_files(store, scope), now - LOCK_EXPIRY):
         res.problems.append(Problem("stale-lock", path, f"untouched for {now - mtime:.0f}s (cas gc removes it)"))
@@ -202,29 +207,14 @@ def _unrooted(store: BlobStore, scope_id: str | None, env_key: str, data: bytes,
     return ""
 
 
-def _scan_area(store: BlobStore, area: str, res: CheckResult) -> dict[str, int]:
-    """id -> stored size for every blob in `area`; foreign files are problems, young temp files are writers'."""
-    found: dict[str, int] = {}
+def _scan(store: BlobStore, area: str, res: CheckResult) -> Listing:
     base = os.path.join(store.root, area)
     if not os.path.isdir(base):
         raise StoreUnavailable(f"{base} is missing: not a store, or a damaged one")
-    for fan in FANOUT:
-        try:
-            entries = list(os.scandir(os.path.join(base, fan)))
-        except FileNotFoundError:
-            continue  # writers recreate a missing fan-out directory
-        for e in entries:
-            if e.name.startswith(TEMP_PREFIX):
-                continue  # judged by age with the other temp files
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not is_blob_id(e.name) or e.name[:2] != fan or not e.is_file(follow_symlinks=False):
-                res.problems.append(Problem("foreign-file", e.path, "not a blob (name, place or file type)"))
-                continue
-            found[e.name] = st.st_size
-    return found
+    listing = scan_area(store, area)
+    for path in listing.foreign:
+        res.problems.append(Problem("foreign-file", path, "not a blob (name, place or file type)"))
+    return listing
 
 
 def _check_present(store, blob_id, blobs, trash, where, res) -> bool:

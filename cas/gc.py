@@ -24,13 +24,14 @@ from typing import Callable, Iterable
 
 from . import _faults, limits
 from .atomic import temp_path_beside
-from .blobstore import FANOUT, BlobInfo, BlobStore, is_blob_id
+from .blobstore import BlobInfo, BlobStore, is_blob_id
 from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
 from .load import TEMP_EXPIRY
 from .lock import LockFile
 from .manifest import loads
 from .paths import TEMP_PREFIX
 from .roots import DEFAULT_ROOT_TTL, Root, iter_roots
+from .scan import parallel_map, scan_area
 from .scope import Scope
 
 log = logging.getLogger("cas.gc")
@@ -175,11 +176,10 @@ def _run(store, scope, grace, root_ttl, max_size, dry_run, lock, progress, start
             infos[root.path] = info
     report("roots", len(live_roots), len(live_roots))
 
-    blobs: dict[str, BlobInfo] = {}
-    for n, info in enumerate(store.iter_blobs("blobs")):
-        blobs[info.id] = info
-        if n % 1000 == 0:
-            report("scan blobs", n, 0)
+    report("scan blobs", 0, 0)
+    listing = scan_area(store, "blobs")
+    blobs: dict[str, BlobInfo] = {b.id: b for b in listing.blobs}
+    report("scan blobs", len(blobs), len(blobs))
     refcount: Counter[str] = Counter()
     for ids in refs.values():
         refcount.update(ids)
@@ -223,59 +223,54 @@ def _run(store, scope, grace, root_ttl, max_size, dry_run, lock, progress, start
 
     # -- phase one: unreferenced, old blobs to trash ----------------------------------------------------------
     _check_lock(lock)
-    total = len(blobs)
-    for n, b in enumerate(blobs.values()):
-        if n % 500 == 0:
-            report("trash", n, total)
+    garbage: list[BlobInfo] = []
+    for b in blobs.values():
         if b.id in live or b.mtime >= cutoff:
             res.blobs_kept += 1
             res.bytes_kept += b.stored_size
             res.blobs_young += b.id not in live
-            continue
-        if dry_run:
-            res.blobs_trashed += 1
-            res.bytes_trashed += b.stored_size
-            continue
-        trashed = _trash(store, b, cutoff)
-        _faults.checkpoint("gc-trashed")
-        if trashed:
-            res.blobs_trashed += 1
-            res.bytes_trashed += b.stored_size
         else:
+            garbage.append(b)
+    report("trash", 0, len(garbage))
+    trashed = [True] * len(garbage) if dry_run else parallel_map(lambda b: _trash(store, b, cutoff), garbage)
+    for b, ok in zip(garbage, trashed):
+        if ok:
+            res.blobs_trashed += 1
+            res.bytes_trashed += b.stored_size
+        else:  # freshened or restored since the scan
             res.blobs_kept += 1
             res.bytes_kept += b.stored_size
-    report("trash", total, total)
+    report("trash", len(garbage), len(garbage))
 
     # -- phase two: delete old trash, put back live trash -----------------------------------------------------
     _check_lock(lock)
-    for n, t in enumerate(store.iter_blobs("trash")):
-        if n % 500 == 0:
-            report("empty trash", n, 0)
+    trash = scan_area(store, "trash")
+    back: list[BlobInfo] = []
+    old: list[BlobInfo] = []
+    for t in trash.blobs:
         if t.id in live:
             # A save past the grace assumption, or a scan racing a save, left a live blob in trash: put it back now
             # rather than wait for a reader to.
-            if dry_run or _restore(store, t.id):
-                res.blobs_restored += 1
-            continue
-        if t.mtime >= cutoff:
+            back.append(t)
+        elif t.mtime >= cutoff:
             res.trash_left += 1
             res.bytes_trash_left += t.stored_size
-            continue
-        if dry_run:
+        else:
+            old.append(t)
+    report("empty trash", 0, len(old))
+    res.blobs_restored = len(back) if dry_run else sum(parallel_map(lambda t: _restore(store, t.id), back))
+    deleted = [True] * len(old) if dry_run else parallel_map(_delete, old)
+    for t, ok in zip(old, deleted):
+        if ok:  # else a reader restored it meanwhile
             res.blobs_deleted += 1
             res.bytes_deleted += t.stored_size
-            continue
-        try:
-            os.unlink(t.path)
-        except FileNotFoundError:
-            continue  # a reader restored it meanwhile
-        res.blobs_deleted += 1
-        res.bytes_deleted += t.stored_size
-        _faults.checkpoint("gc-deleted")
+    report("empty trash", len(old), len(old))
 
     # -- leftovers by age -------------------------------------------------------------------------------------
     _check_lock(lock)
-    res.temp_deleted = _sweep_temp(temp_dirs(store, scope), now - TEMP_EXPIRY, dry_run)
+    temp_cutoff = now - TEMP_EXPIRY
+    old_temp = [p for p, m in listing.temp + trash.temp if m < temp_cutoff]
+    res.temp_deleted = _sweep_temp(old_temp + find_old_temp(temp_dirs(store, scope), temp_cutoff), dry_run)
     res.locks_deleted = _sweep_locks(lock_files(store, scope), now - LOCK_EXPIRY, dry_run)
     res.quarantine_deleted = _sweep_quarantine(store, now - QUARANTINE_EXPIRY, dry_run)
     res.collected = True
@@ -339,9 +334,19 @@ def _trash(store: BlobStore, b: BlobInfo, cutoff: float) -> bool:
             else:
                 return False
         os.utime(dest, None)  # trash time, by the server's clock, starts the second grace period
+        _faults.checkpoint("gc-trashed")
         return True
     except FileNotFoundError:
         return False
+
+
+def _delete(t: BlobInfo) -> bool:
+    try:
+        os.unlink(t.path)
+    except FileNotFoundError:
+        return False
+    _faults.checkpoint("gc-deleted")
+    return True
 
 
 def _restore(store: BlobStore, blob_id: str) -> bool:
@@ -403,10 +408,9 @@ def _remove_unchanged(path: str, mtime: float, content: bytes | None) -> bool:
 
 
 def temp_dirs(store: BlobStore, scope: Scope | None) -> list[str]:
+    """Directories that may hold temp files, other than the fan-out directories (scan_area lists those)."""
     dirs = [store.root, os.path.join(store.root, "locks"), os.path.join(store.root, "quarantine"),
             os.path.join(store.root, "roots")]
-    for area in ("blobs", "trash"):
-        dirs += [os.path.join(store.root, area, fan) for fan in FANOUT]
     try:
         dirs += [e.path for e in os.scandir(os.path.join(store.root, "roots")) if e.is_dir(follow_symlinks=False)]
     except OSError:
@@ -434,9 +438,9 @@ def find_old_temp(dirs: Iterable[str], cutoff: float) -> list[str]:
     return found
 
 
-def _sweep_temp(dirs: list[str], cutoff: float, dry_run: bool) -> int:
+def _sweep_temp(paths: list[str], dry_run: bool) -> int:
     n = 0
-    for path in find_old_temp(dirs, cutoff):
+    for path in paths:
         if dry_run:
             n += 1
             continue

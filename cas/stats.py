@@ -16,6 +16,7 @@ from .errors import BlobCorrupt, BlobMissing, ManifestError
 from .gc import Progress
 from .manifest import loads
 from .roots import DEFAULT_ROOT_TTL, iter_roots
+from .scan import scan_area
 
 
 @dataclass
@@ -62,15 +63,11 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
     report = progress or (lambda *_: None)
     st = Stats()
     now = store.server_now()
-    stored: dict[str, int] = {}
-    for n, b in enumerate(store.iter_blobs("blobs")):
-        stored[b.id] = b.stored_size
-        if n % 1000 == 0:
-            report("scan blobs", n, 0)
+    report("scan blobs", 0, 0)
+    stored = {b.id: b.stored_size for b in scan_area(store, "blobs").blobs}
     st.blobs, st.stored_bytes = len(stored), sum(stored.values())
-    for b in store.iter_blobs("trash"):
-        st.trash_blobs += 1
-        st.trash_bytes += b.stored_size
+    trash = scan_area(store, "trash").blobs
+    st.trash_blobs, st.trash_bytes = len(trash), sum(b.stored_size for b in trash)
     try:
         st.quarantined = len(os.listdir(os.path.join(store.root, "quarantine")))
     except FileNotFoundError:
