@@ -22,7 +22,7 @@ from cas.roots import iter_roots
 SECONDS = float(os.environ.get("CAS_STRESS_SECONDS", "20"))
 SAVERS = 10
 SCOPES = 3
-ENV_KEYS = ("gpu-a", "gpu-b")
+ENV_KEYS = ("gpu-a", "gpu-b", "gpu-c")
 FRESHEN = 1
 GRACE = 3
 SHARED = 40  # contents every saver draws from: dedup across scopes and keys
