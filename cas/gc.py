@@ -145,7 +145,7 @@ def collect(
 
 def _run(store, scope, grace, root_ttl, max_size, dry_run, lock, progress, started) -> GcResult:
     res = GcResult(dry_run=dry_run, grace=grace, max_size=max_size)
-    res.now = now = store.server_now()
+    res.now = now = _server_now(store)
     res.cutoff = cutoff = now - grace
     report = progress or (lambda *_: None)
 
@@ -311,6 +311,24 @@ def _root_blobs(store: BlobStore, root: Root, problems: list[str]) -> tuple[set[
     info = RootInfo(root.scope_id, root.env_key, root.scope_path, root.manifest, root.mtime,
                     len(manifest.entries), manifest.total_size)
     return ids, info
+
+
+def _server_now(store: BlobStore) -> float:
+    """The volume's clock now, read from a file created for the purpose (FORMAT §1). Measured afresh each run, not
+    cached as an offset, so a client clock stepped since (NTP) cannot move the cutoff."""
+    probe = temp_path_beside(os.path.join(store.root, "locks", "now"))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        return store.server_now()  # read-only store (a dry run): the best estimate there is
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
 
 
 def _check_lock(lock: LockFile | None) -> None:
