@@ -118,12 +118,8 @@ class SlowFS(mfusepy.Operations):
     # -- metadata ---------------------------------------------------------------------------------------------------
 
     @_round_trip
-    def getattr(self, path, fh=None):
-        st = os.fstat(fh) if fh is not None else os.lstat(self._full(path))
-        attrs = {key: getattr(st, key) for key in
-                 ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize")}
-        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-        return attrs
+    def getattr(self, path, fh=None) -> os.stat_result:  # _FUSE.fgetattr copies it out (mfusepy expects a dict)
+        return os.fstat(fh) if fh is not None else os.lstat(self._full(path))
 
     @_round_trip
     def access(self, path, amode):
@@ -266,8 +262,32 @@ class SlowFS(mfusepy.Operations):
         return 0
 
 
+_worker = threading.local()
+
+
 class _FUSE(mfusepy.FUSE):
-    """mfusepy with the two libfuse 3 arguments that it drops and that a store depends on."""
+    """mfusepy with the two libfuse 3 arguments that it drops and that a store depends on, made faster."""
+
+    def _wrapper(self, func, *args, **kwargs):
+        # ctypes gives each callback on a libfuse worker thread a fresh Python thread state and deletes it on
+        # return; that churn, under the GIL, cut throughput with 32 concurrent requests from ~20k to ~9k
+        # requests/s (and stretched a 2 ms delay to 4 ms). One extra reference keeps the worker's state alive.
+        if not getattr(_worker, "has_thread_state", False):
+            ctypes.pythonapi.PyGILState_Ensure()
+            _worker.has_thread_state = True
+        return super()._wrapper(func, *args, **kwargs)
+
+    def fgetattr(self, path, buf, fip) -> int:
+        """getattr is most requests: copy the stat result straight into libfuse's buffer, skipping a dict."""
+        st = self.operations.getattr(None if path is None else os.fsdecode(path), fip.contents.fh if fip else None)
+        ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
+        c = buf.contents
+        c.st_mode, c.st_ino, c.st_nlink, c.st_uid, c.st_gid = st.st_mode, st.st_ino, st.st_nlink, st.st_uid, st.st_gid
+        c.st_size, c.st_blocks, c.st_blksize = st.st_size, st.st_blocks, st.st_blksize
+        c.st_atimespec.tv_sec, c.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 10**9)
+        c.st_mtimespec.tv_sec, c.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 10**9)
+        c.st_ctimespec.tv_sec, c.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 10**9)
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(os.fsdecode(old), os.fsdecode(new), flags)
