@@ -49,8 +49,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         ),
         "quick": dict(
             kind="llama", mode="max-autotune-no-cudagraphs", dtype="bfloat16",
-            cfg=dict(num_hidden_layers=1, hidden_size=1024, intermediate_size=2816,
-                     num_attention_heads=8, num_key_value_heads=8, vocab_size=32000,
+            cfg=dict(num_hidden_layers=1, hidden_size=512, intermediate_size=1408,
+                     num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
                      max_position_embeddings=2048),
             set1=[[1, 128]], set2=[[1, 512]],
         ),

@@ -44,15 +44,28 @@ def aot(res) -> str:
             f"{_ctr(res, 'aot_autograd', 'autograd_cache_miss')}")
 
 
-def tune(res) -> str:
+def tune_counts(res) -> tuple[int, int, int] | None:
+    """(GEMM autotune rounds, Triton multi-config benchmark rounds, coordinate-descent benches).
+
+    GEMM rounds: the larger of our probe's count of AlgorithmSelectorCache.benchmark calls and
+    Inductor's own counter select_algorithm_autotune (its increment moved between versions)."""
     a = res.get("autotune")
-    if not a:
-        return "–"
-    return (f"{a.get('gemm_benchmarks', 0)} ({a.get('gemm_choices', 0)}) / "
-            f"{a.get('triton_config_benchmarks', 0)} ({a.get('triton_configs', 0)})")
+    if not a and not res.get("counters"):
+        return None
+    a = a or {}
+    gemm = max(a.get("gemm_benchmarks", 0), _ctr(res, "inductor", "select_algorithm_autotune"))
+    return (gemm, a.get("triton_config_benchmarks", 0),
+            _ctr(res, "inductor", "coordesc_tuning_bench"))
+
+
+def tune(res) -> str:
+    t = tune_counts(res)
+    return "–" if t is None else f"{t[0]} / {t[1]} / {t[2]}"
 
 
 def one_line(model: str, case: str, res: dict) -> str:
+    if res.get("skipped"):
+        return f"{model}/{case}: SKIPPED ({res.get('error')})"
     if not res.get("ok"):
         return f"{model}/{case}: FAILED {res.get('error')} (rc={res.get('rc')})"
     bits = [f"{model}/{case}:"]
@@ -85,6 +98,15 @@ def render(results: dict) -> str:
         out.append(f"- run: size `{a.get('size')}`, device `{a.get('device')}`, impls "
                    f"`{a.get('impl')}`, cases `{a.get('cases')}`, cache root "
                    f"`{results.get('cache_root')}`; total wall {_f(results.get('total_wall_s'), 0)} s")
+    srcs = results.get("merged_from") or []
+    if srcs:
+        out.append(f"- merged from {len(srcs)} runs: " + "; ".join(
+            f"{s.get('run_id')} ({(s.get('env') or {}).get('gpu')}, "
+            f"{_f(s.get('total_wall_s'), 0)} s)" for s in srcs))
+        gpus = {(s.get("env") or {}).get("gpu") for s in srcs}
+        if len(gpus) > 1:
+            out.append(f"- WARNING: the merged runs used different GPUs {sorted(map(str, gpus))}: "
+                       "ratios across them are not comparable")
     out.append("")
     for model, m in (results.get("models") or {}).items():
         C = m.get("cases", {})
@@ -104,8 +126,9 @@ def render(results: dict) -> str:
         out.append("Time to ready = process start to the first outputs of every warm-up input; "
                    "setup = imports + model build + cache load. FX and AOT are Inductor's "
                    "FX-graph and AOTAutograd cache hit/miss counters in that process; autotune = "
-                   "GEMM benchmark rounds (choices) / Triton config benchmark rounds (configs) "
-                   "run in that process.\n")
+                   "benchmarking done in that process: GEMM autotune rounds / Triton "
+                   "multi-config benchmark rounds / coordinate-descent benches (all 0 when "
+                   "autotuning results came from the cache).\n")
         out.append("| case | setup s | load s (status) | compile+first run s | ready s | × hot "
                    "| × cold | FX hit/miss | AOT hit/miss | autotune | save s (status) | rel err |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -116,6 +139,9 @@ def render(results: dict) -> str:
             if r is None or name == "prime" or name.endswith("-seed"):
                 continue
             label = f"{name}: {WHAT.get(name, '')}"
+            if r.get("skipped"):
+                out.append(f"| {label} | not run ({r.get('error')}) |" + " |" * 10)
+                continue
             if not r.get("ok"):
                 out.append(f"| {label} | FAILED: {str(r.get('error'))[:120]} |" + " |" * 10)
                 continue
@@ -185,13 +211,21 @@ def render(results: dict) -> str:
             checks.append(f"ours load of the full cache {ol['load_s']:.2f} s (goal ≤ 0.3 s): "
                           f"{'met' if ol['load_s'] <= 0.3 else 'NOT met'}")
         if m.get("preset", {}).get("mode", "default") != "default":
+            ct = tune_counts(cold) if cold.get("ok") else None
+            if ct is not None:
+                checks.append(f"cold: {sum(ct)} autotune benchmark rounds (GEMM / configs / "
+                              f"coordesc = {ct[0]} / {ct[1]} / {ct[2]})")
             for name in ("hot", "ours-load", "peer-load", "ours-C", "peer-C"):
                 r = C.get(name)
-                if r and r.get("ok") and r.get("autotune"):
-                    t = r["autotune"]
-                    n = t.get("gemm_benchmarks", 0) + t.get("triton_config_benchmarks", 0)
-                    checks.append(f"{name}: {n} autotune benchmark rounds "
-                                  f"({'autotuning results survived' if n == 0 else 'autotuned again'})")
+                if r and r.get("ok") and tune_counts(r) is not None:
+                    n = sum(tune_counts(r))
+                    if ct is not None and sum(ct) == 0:
+                        verdict = "no autotuning ran even cold: this check proves nothing here"
+                    elif n == 0:
+                        verdict = "autotuning results survived"
+                    else:
+                        verdict = "autotuned again"
+                    checks.append(f"{name}: {n} autotune benchmark rounds ({verdict})")
         if checks:
             out.append("Checks:\n")
             out.extend(f"- {c}" for c in checks)
