@@ -75,8 +75,9 @@ def save_tree(
         current = _read_or_none(scope, env_key)
         delta = current.changes_from(entries) if current else dict(entries)
         if not delta:
+            _repair_root(store, scope, env_key, lock_timeout, stale_after)
             result.seconds = time.monotonic() - started
-            return result  # nothing new: the volume saw reads only
+            return result  # nothing new: the volume saw reads only (unless the root needed repair)
         _faults.checkpoint("hashed")
 
         if max_stored_bytes is not None:
@@ -174,6 +175,43 @@ def _store_error(exc: OSError, store: BlobStore) -> Exception:
     return StoreUnavailable(f"store {store.root}: {exc.strerror or exc}")
 
 
+def _repair_root(store, scope, env_key, lock_timeout, stale_after, *, locked: bool = False) -> None:
+    """A save that died (or failed) after renaming its manifest and before writing its root (FORMAT §8) leaves a
+    root naming an older manifest: gc does not see the newer entries and collects their blobs, and since every later
+    save of the same files finds nothing new, none would ever write the root again. So a save with nothing new
+    checks that the root names the current manifest (two small reads) and rewrites it if not. Best effort."""
+    import contextlib
+
+    import blake3
+
+    from .roots import parse_root, root_path
+
+    def root_ok(data: bytes) -> bool:
+        path = root_path(store, scope.scope_id, env_key)
+        try:
+            with open(path, "rb") as fh:
+                root = parse_root(path, fh.read(limits.MAX_SMALL_FILE_BYTES + 1), 0.0)
+        except FileNotFoundError:
+            return False
+        except ValueError:
+            return False  # unreadable root: replace it
+        return root.manifest == blake3.blake3(data).hexdigest()
+
+    try:
+        data = scope.read_manifest_bytes(env_key)
+        if data is None or root_ok(data):
+            return
+        with contextlib.nullcontext() if locked else scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
+            data = scope.read_manifest_bytes(env_key)
+            if data is None or root_ok(data):
+                return
+            write_root(store, scope.scope_id, env_key, store.put_bytes(data), scope.root)
+            log.warning("rewrote the gc root of %s: it did not name the current manifest (a save died in between)",
+                        env_key)
+    except Exception as exc:  # noqa: BLE001 - a repair must never fail a save that had nothing to write
+        log.warning("could not repair the gc root of %s: %s", env_key, exc)
+
+
 def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after) -> tuple[int, bool]:
     """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written)."""
     with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
@@ -181,6 +219,7 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after) -> tup
         current = _read_or_none(scope, env_key) or Manifest(env_key, dict(env), {}, 0.0, 0.0)
         changes = current.changes_from(delta)
         if not changes:
+            _repair_root(store, scope, env_key, lock_timeout, stale_after, locked=True)
             return 0, False  # a concurrent replica already recorded the same content
         merged = current.merged(changes, env)
         data = merged.dumps()
