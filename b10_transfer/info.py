@@ -9,6 +9,7 @@ from typing import Any
 
 from cas import Scope
 from cas.errors import CasError
+from cas.paths import is_transient
 
 from .config import read_settings
 from .core import key_for
@@ -107,9 +108,13 @@ def _last(operation: str) -> dict | None:
 
 
 def _tree_size(root: Path) -> tuple[int, int]:
+    """Files and bytes a save would consider: lock files, temp files and the store's local index left out."""
     files = size = 0
-    for dirpath, _dirs, names in os.walk(root):
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not is_transient(d)]
         for name in names:
+            if is_transient(name):
+                continue
             try:
                 size += os.lstat(os.path.join(dirpath, name)).st_size
                 files += 1
