@@ -7,6 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from b10_transfer import CacheValidationError, core
 from b10_transfer.config import read_settings
@@ -132,3 +135,33 @@ def test_label_prefixes_the_key_and_keeps_its_hash():
     for bad in ("../x", ".hidden", "é", "x" * 25, ""):
         with pytest.raises(ValueError):
             core.key_for(bad, GPU_ENV)
+
+
+_VARS = [
+    "BASETEN_FS_ENABLED", "TORCHINDUCTOR_CACHE_DIR", "B10FS_CACHE_DIR", "B10FS_ORG_CACHE_DIR", "B10FS_VOLUME_ROOT",
+    "LOCAL_WORK_DIR", "MAX_CACHE_SIZE_MB", "MAX_CACHE_SIZE_CAP_MB", "MAX_CONCURRENT_SAVES",
+    "CLEANUP_LOCK_TIMEOUT_SECONDS", "CLEANUP_INCOMPLETE_TIMEOUT_SECONDS", "MIN_LOCAL_SPACE_MB", "MIN_B10FS_SPACE_MB",
+    "LOCAL_SPACE_ARCHIVE_MULTIPLIER", "B10_TRANSFER_IO_THREADS",
+]
+
+_value = st.one_of(
+    st.text(max_size=40),
+    st.integers(min_value=-(10**6), max_value=10**12).map(str),
+    st.sampled_from(["/tmp/x", "/cache/model/a", "/cache/org/b", "~/.cache/x", "/app/w", "/", "..", "nan", "1e400"]),
+    st.text(alphabet="/.abc~ \t", max_size=30),
+)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(_VARS), _value, max_size=6))
+def test_any_environment_gives_settings_or_a_validation_error(environ):
+    try:
+        s = read_settings(environ)
+    except CacheValidationError as exc:
+        assert str(exc)
+        return
+    assert 1 <= s.max_cache_size_mb <= s.max_cache_size_cap_mb
+    assert 1 <= s.max_concurrent_saves <= 100 and 1 <= s.io_threads <= 256
+    assert s.b10fs_cache_dir.is_relative_to(s.volume_root / "model")
+    assert s.org_cache_dir.is_relative_to(s.volume_root)
+    assert s.volume_root != Path("/")
