@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 from .mount import (DEFAULT_ATTR_TIMEOUT_S, DEFAULT_DELAY_MS, DEFAULT_ENTRY_TIMEOUT_S, DEFAULT_NEGATIVE_TIMEOUT_S,
-                    MOUNT_TIMEOUT_S, is_mounted, unmount)
+                    MOUNT_TIMEOUT_S, is_mounted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.foreground and _daemonize(args.mnt):
         return 0
-    if args.exit_on_stdin_eof:
-        threading.Thread(target=_unmount_on_eof, args=(args.mnt,), daemon=True).start()
     try:
         serve(
             args.src, args.mnt,
@@ -63,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel_cache=args.kernel_cache,
             direct_io=args.direct_io,
             stats_path=args.stats,
+            exit_on_stdin_eof=args.exit_on_stdin_eof,
         )
     except RuntimeError as e:  # mfusepy raises libfuse's exit status; SIGTERM/SIGINT also end in status 8
         sys.exit(f"slowfs: libfuse exited with status {e}")
@@ -84,12 +82,6 @@ def _daemonize(mnt: str) -> bool:
             sys.exit(f"slowfs did not mount {mnt} (run with --foreground to see why)")
         time.sleep(0.01)
     return True
-
-
-def _unmount_on_eof(mnt: str) -> None:
-    while os.read(sys.stdin.fileno(), 4096):  # raw reads: a buffered stdin would trip up interpreter shutdown
-        pass
-    unmount(mnt)
 
 
 if __name__ == "__main__":

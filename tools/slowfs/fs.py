@@ -19,11 +19,12 @@ from collections import Counter
 import mfusepy
 
 from . import channel
-from .mount import unmount
+from .mount import device_of, unmount
 
 # libfuse's multi-threaded loop starts at most this many workers at once (its own default is 10). A request that
 # finds every worker busy waits in the kernel queue, so fewer workers than concurrent clients would serialize
-# exactly the parallel I/O a benchmark wants to measure. 32 benchmark threads plus async releases fit in 64.
+# exactly the parallel I/O a benchmark wants to measure. 32 benchmark threads plus async releases fit in 64; more
+# would not help: one Python process answers ~20k requests/s, i.e. ~40 in flight at 2 ms each.
 MAX_THREADS = 64
 
 # The kernel keeps at most this many background requests (readahead, asynchronous release) in flight per mount;
@@ -97,7 +98,7 @@ class SlowFS(mfusepy.Operations):
             self.counts[op] += n
 
     def _full(self, path: str | None) -> str:
-        if path is None:  # an open file whose name is gone (unlinked while open): only fh-based calls can work
+        if path is None:  # libfuse could not name the file (an open one): only calls with a handle can work
             raise mfusepy.FuseOSError(errno.ENOENT)
         return self.root + path
 
@@ -266,7 +267,7 @@ _worker = threading.local()
 
 
 class _FUSE(mfusepy.FUSE):
-    """mfusepy with the two libfuse 3 arguments that it drops and that a store depends on, made faster."""
+    """mfusepy, faster under concurrency, with the rename flags and utimensat specials it would drop."""
 
     def _wrapper(self, func, *args, **kwargs):
         # ctypes gives each callback on a libfuse worker thread a fresh Python thread state and deletes it on
@@ -302,9 +303,12 @@ class _FUSE(mfusepy.FUSE):
 
 def serve(src: str, mnt: str, *, delay_s: float, bytes_per_s: float | None, entry_timeout: float,
           attr_timeout: float, negative_timeout: float, kernel_cache: bool, direct_io: bool,
-          stats_path: str | None = None) -> None:
+          stats_path: str | None = None, exit_on_stdin_eof: bool = False) -> None:
     """Mount and serve in the foreground until unmounted, or SIGINT/SIGTERM/SIGHUP; always leaves unmounted."""
     kernel_fd = channel.mount(os.path.abspath(mnt), "rw,nosuid,nodev,fsname=slowfs,subtype=slowfs")
+    device = device_of(mnt)
+    if exit_on_stdin_eof:
+        threading.Thread(target=_unmount_on_eof, args=(mnt, device), daemon=True).start()
     try:
         _FUSE(
             SlowFS(src, delay_s, bytes_per_s, stats_path),
@@ -322,4 +326,11 @@ def serve(src: str, mnt: str, *, delay_s: float, bytes_per_s: float | None, entr
             # NFS's silly rename to .nfsNNN, and fstat(2) keeps working on it (with hard_remove: ESTALE).
         )
     finally:
-        unmount(mnt)  # libfuse unmounts only what it mounted itself
+        unmount(mnt, device)  # libfuse unmounts only what it mounted itself
+
+
+def _unmount_on_eof(mnt: str, device: str | None) -> None:
+    """Outlive no parent: whoever started us holds our stdin; once it is gone, so is the mount."""
+    while os.read(0, 4096):  # raw reads: a buffered sys.stdin would trip up interpreter shutdown
+        pass
+    unmount(mnt, device)

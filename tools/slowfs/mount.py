@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,31 +45,47 @@ class Mount:
     src: str
     mountpoint: str
     pid: int
+    device: str | None = None  # "major:minor" of the mount, which survives a rename of a directory above it
     op_counts: dict[str, int] = field(default_factory=dict)  # filled in when the `with` block is left
 
 
-def is_mounted(mnt: str) -> bool:
-    """Whether `mnt` is a mount point, from /proc/self/mounts: no stat, so a dead FUSE server cannot hang it."""
-    mnt = os.path.abspath(mnt)
-    with open("/proc/self/mounts") as f:
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # mountinfo writes space, tab, newline and backslash as \ooo
+
+
+def _mounts():
+    """(device, mount point) of every mount, from /proc/self/mountinfo: no stat, so a dead server cannot hang us."""
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            point = line.split(" ")[1]
-            if "\\" in point:  # spaces, tabs, newlines and backslashes come as octal escapes
-                point = point.encode("latin-1").decode("unicode_escape")
-            if point == mnt:
-                return True
-    return False
+            fields = line.split(b" ")
+            point = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+            yield fields[2].decode(), os.fsdecode(point)
 
 
-def unmount(mnt: str) -> None:
+def is_mounted(mnt: str) -> bool:
+    return device_of(mnt) is not None
+
+
+def device_of(mnt: str) -> str | None:
+    mnt = os.path.abspath(mnt)
+    return next((device for device, point in _mounts() if point == mnt), None)
+
+
+def unmount(mnt: str, device: str | None = None) -> None:
+    """Unmount `mnt`; given its `device`, unmount that mount wherever it is now (someone may have renamed a
+    directory above it, as pytest does to old temporary directories while another run still uses them)."""
+    def where():
+        if device is None:
+            return mnt if is_mounted(mnt) else None
+        return next((point for dev, point in _mounts() if dev == device), None)
+
     for command in _UNMOUNT_COMMANDS:
-        if not is_mounted(mnt):
+        if (point := where()) is None:
             return
         try:
-            subprocess.run([*command, mnt], capture_output=True, timeout=EXIT_TIMEOUT_S)
+            subprocess.run([*command, point], capture_output=True, timeout=EXIT_TIMEOUT_S)
         except (FileNotFoundError, subprocess.TimeoutExpired):
             continue
-    if is_mounted(mnt):
+    if where() is not None:
         raise RuntimeError(f"could not unmount {mnt}")
 
 
@@ -106,10 +123,11 @@ def mounted(src, mnt, delay_ms: float = DEFAULT_DELAY_MS, bandwidth_mbps: float 
         mount = Mount(src, mnt, server.pid)
         try:
             _wait_until_mounted(server, mnt, log_path)
+            mount.device = device_of(mnt)
             yield mount
         finally:
             try:
-                unmount(mnt)  # ends the server's loop; it writes its op counts and exits
+                unmount(mnt, mount.device)  # ends the server's loop; it writes its op counts and exits
             finally:
                 _stop(server)
                 if os.path.exists(stats_path):
