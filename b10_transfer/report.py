@@ -28,8 +28,8 @@ class OperationStats:
     files: int = 0
     files_transferred: int = 0  # restored (load) or uploaded as new blobs (save)
     bytes_transferred: int = 0  # raw bytes restored (load) / compressed bytes uploaded (save)
-    files_skipped: int = 0  # already present locally (load) / already in the store (save)
-    bytes_skipped: int = 0
+    files_skipped: int = 0  # already present locally (load) / already recorded or already in the store (save)
+    bytes_skipped: int | None = None  # raw bytes of the above; None where the store does not report it (save)
     new_entries: int = 0  # save: manifest entries added or changed
     misses: int = 0  # load: entries that could not be restored (corrupt/missing blob); they just recompile
     corrupt: int = 0
@@ -49,9 +49,11 @@ def emit(stats: OperationStats) -> None:
     verb = "restored" if stats.operation == "load" else "uploaded"
     line = (
         f"{stats.operation} status={stats.status.name} files={stats.files} "
-        f"{verb}={stats.files_transferred} ({stats.bytes_transferred / _MB:.2f} MB) "
-        f"skipped={stats.files_skipped} ({stats.bytes_skipped / _MB:.2f} MB)"
+        f"{verb}={stats.files_transferred} ({stats.bytes_transferred / _MB:.2f} MB"
+        f"{' compressed' if stats.operation == 'save' else ''}) skipped={stats.files_skipped}"
     )
+    if stats.bytes_skipped is not None:
+        line += f" ({stats.bytes_skipped / _MB:.2f} MB)"
     if stats.operation == "save":
         line += f" new_entries={stats.new_entries}"
     else:
