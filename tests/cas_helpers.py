@@ -279,7 +279,10 @@ def _cmd_load(argv: list[str]) -> None:
     ap.add_argument("--ready", action="store_true")
     ap.add_argument("--until", help="keep loading (fresh subdirectories) until this file exists")
     ap.add_argument("--max-loads", type=int, default=1)
+    ap.add_argument("--same-dir", action="store_true", help="with --until: reload into one directory (verify=True)")
     a = ap.parse_args(argv)
+    if a.same_dir:
+        a.verify = True
 
     class RecordingScope(Scope):
         last = None
@@ -299,17 +302,19 @@ def _cmd_load(argv: list[str]) -> None:
     while True:
         if store is None and os.path.exists(os.path.join(a.store, "CAS-FORMAT")):
             store = BlobStore(a.store, create=False)
-        dst = a.dst if not a.until else os.path.join(a.dst, f"load-{loads}")
+        dst = a.dst if not a.until or a.same_dir else os.path.join(a.dst, f"load-{loads}")
         if store is not None:
             scope.last = None
             stop = threading.Event()
             watcher = threading.Thread(target=_watch, args=(dst, scope, stop, bad), daemon=True)
-            watcher.start()
+            if not a.same_dir:  # files of an earlier manifest may be in a reused directory until replaced
+                watcher.start()
             try:
                 res = load_tree(dst, store, scope, a.env_key, threads=a.threads, verify=a.verify)
             finally:
                 stop.set()
-                watcher.join()
+                if watcher.is_alive() or watcher.ident is not None:
+                    watcher.join()
             last = res
             if res.manifest_found:
                 found += 1
@@ -344,7 +349,7 @@ def _watch(dst: str, scope, stop: threading.Event, bad: list[str]) -> None:
         if m is not None and os.path.isdir(dst):
             for directory, dirs, names in os.walk(dst):
                 for name in names:
-                    if name.startswith(".tmp-"):
+                    if name.startswith(".tmp-") or (name == ".cas-index" and directory == dst):
                         continue
                     path = os.path.join(directory, name)
                     rel = os.path.relpath(path, dst).replace(os.sep, "/")

@@ -81,6 +81,28 @@ def test_killed_holder_process_lock_taken_at_once(tmp_path):
     assert time.monotonic() - start < 30  # not a timing threshold on speed: a wait would have raised LockTimeout
 
 
+def test_killed_but_unreaped_holder_lock_taken_at_once(tmp_path):
+    """A SIGKILLed process is a zombie until its parent waits for it: it holds nothing, its lock is dead."""
+    path = tmp_path / "m.lock"
+    proc = spawn(["die-holding", "lock", path])
+    try:
+        assert proc.stdout.readline().strip() == "HELD"
+        deadline = time.monotonic() + 30
+        while _proc_state(proc.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _proc_state(proc.pid) == "Z"
+        lock = LockFile(path, stale_after=3600, timeout=0, clock=FakeTime().clock, sleep=no_sleep)
+        assert lock.try_acquire()
+        lock.release()
+    finally:
+        proc.communicate()
+
+
+def _proc_state(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_live_local_pid_not_taken_before_stale_after(tmp_path):
     path = tmp_path / "x.lock"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
