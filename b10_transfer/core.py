@@ -6,7 +6,8 @@ other callers (e.g. the vLLM companion, whose cache lives elsewhere) reuse it wi
     status, stats = core.load(Path(vllm_root), label="vllm")
     status, stats = core.save(Path(vllm_root), label="vllm")
 
-Neither function raises: every failure becomes `OperationStatus.ERROR` with a reason, logged in the one summary
+`env` replaces the environment dict of this process (see `environment.environment()`), e.g. for a process that
+should not initialise CUDA just to name its manifest. Neither function raises: every failure becomes `OperationStatus.ERROR` with a reason, logged in the one summary
 line each call emits (logger `b10_transfer`).
 """
 
@@ -47,6 +48,7 @@ def load(
     label: str | None = None,
     settings: Settings | None = None,
     environ: Mapping[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[OperationStatus, OperationStats]:
     """Restore the manifest of this environment into `cache_dir` (default: TORCHINDUCTOR_CACHE_DIR).
 
@@ -55,7 +57,7 @@ def load(
     DOES_NOT_EXIST: no manifest for this environment.
     ERROR: b10fs disabled or not mounted, invalid settings, unreadable manifest, no local space, nothing restorable.
     """
-    return _run("load", _load, cache_dir, label, settings, environ)
+    return _run("load", _load, cache_dir, label, settings, environ, env)
 
 
 def save(
@@ -64,13 +66,14 @@ def save(
     label: str | None = None,
     settings: Settings | None = None,
     environ: Mapping[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[OperationStatus, OperationStats]:
     """Record the files of `cache_dir` (default: TORCHINDUCTOR_CACHE_DIR) in this environment's manifest.
 
     SUCCESS: new or changed entries were recorded. SKIPPED: nothing new, no local cache, or every save slot stayed
     busy. ERROR: b10fs disabled or not mounted, invalid settings, over MAX_CACHE_SIZE_MB, no space, write failure.
     """
-    return _run("save", _save, cache_dir, label, settings, environ)
+    return _run("save", _save, cache_dir, label, settings, environ, env)
 
 
 def key_for(label: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -83,13 +86,13 @@ def key_for(label: str | None = None, env: dict[str, str] | None = None) -> str:
     return f"{label}.{environment_key(env, max_len=_KEY_MAX - len(label) - 1)}"
 
 
-def _run(operation, body, cache_dir, label, settings, environ) -> tuple[OperationStatus, OperationStats]:
+def _run(operation, body, cache_dir, label, settings, environ, env) -> tuple[OperationStatus, OperationStats]:
     stats = OperationStats(operation)
     start = time.monotonic()
     try:
         s = settings if settings is not None else read_settings(environ)
         target = Path(cache_dir).absolute() if cache_dir is not None else s.torch_cache_dir
-        stats.status = body(target, s, label, stats)
+        stats.status = body(target, s, label, env if env is not None else environment(), stats)
     except (CacheError, CasError) as exc:
         stats.status = OperationStatus.ERROR
         stats.reason = f"{type(exc).__name__}: {exc}"
@@ -116,9 +119,9 @@ def _require_volume(s: Settings) -> None:
         raise VolumeUnavailable(f"B10FS_CACHE_DIR {s.b10fs_cache_dir} is not a directory")
 
 
-def _load(target: Path, s: Settings, label: str | None, stats: OperationStats) -> OperationStatus:
+def _load(target: Path, s: Settings, label: str | None, env: dict, stats: OperationStats) -> OperationStatus:
     _require_volume(s)
-    stats.env_key = key = key_for(label)
+    stats.env_key = key = key_for(label, env)
     if not s.b10fs_cache_dir.is_dir():
         stats.reason = f"no cache directory {s.b10fs_cache_dir}"
         return OperationStatus.DOES_NOT_EXIST
@@ -170,9 +173,8 @@ def _incoming_bytes(target: Path, manifest) -> int:
     return total
 
 
-def _save(target: Path, s: Settings, label: str | None, stats: OperationStats) -> OperationStatus:
+def _save(target: Path, s: Settings, label: str | None, env: dict, stats: OperationStats) -> OperationStatus:
     _require_volume(s)
-    env = environment()
     stats.env_key = key = key_for(label, env)
     if not target.is_dir() or not any(target.iterdir()):
         stats.reason = f"no local cache at {target}"

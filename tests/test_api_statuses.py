@@ -509,3 +509,21 @@ def test_concurrent_replicas_with_one_slot_all_get_recorded(b10_env, tmp_path, m
     assert [out.strip() for out, _ in results] == ["SUCCESS"] * 3, [err for _, err in results]
     assert set(manifest(b10_env).entries) == expected
     assert os.listdir(Scope(b10_env.scope).slots) == []  # every slot released
+
+
+def test_companion_label_and_explicit_environment(b10_env, tmp_path):
+    """core.load/save with another directory, a label and a given environment keep a separate manifest."""
+    env = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "cuda_version": "12.8",
+           "torch_version": "2.11.0", "triton_version": "3.6.0"}
+    other_dir = tmp_path / "vllm-cache"
+    write_tree(other_dir, {"torch_compile_cache/abc/rank_0_0/model.py": b"graph"})
+    status, stats = core.save(other_dir, label="vllm", env=env)
+    assert status is SUCCESS
+    assert stats.env_key == core.key_for("vllm", env)
+    scope = Scope(b10_env.scope)
+    assert scope.env_keys() == [stats.env_key]
+    assert scope.read_manifest(stats.env_key).env == env
+    assert b10_transfer.load_compile_cache() is DOES_NOT_EXIST  # the Inductor manifest is a different one
+    status, _ = core.load(tmp_path / "restored", label="vllm", env=env)
+    assert status is SUCCESS
+    assert read_tree(tmp_path / "restored") == read_tree(other_dir)
