@@ -10,6 +10,8 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -106,8 +108,13 @@ class Settings:
 
 
 def default_torch_cache_dir() -> str:
-    """Inductor's own default, so we read where torch.compile writes when the variable is unset."""
-    return f"/tmp/torchinductor_{getpass.getuser()}"
+    """Inductor's own default (torch._inductor.runtime.cache_dir_utils), so we read where torch.compile writes when
+    the variable is unset: /tmp/torchinductor_<user> unless TMPDIR moves the temp directory."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ModuleNotFoundError):  # no passwd entry for this uid (common in containers)
+        user = f"uid_{os.getuid()}"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
 def read_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 def test_defaults_match_the_peer():
     s = read_settings({})
     assert s.b10fs_enabled is False  # the peer needs BASETEN_FS_ENABLED=1 too
-    assert s.torch_cache_dir == Path(f"/tmp/torchinductor_{getpass.getuser()}").resolve()
+    # /tmp/torchinductor_<user> as the peer, unless TMPDIR moves Inductor's own default (see the next test).
+    assert s.torch_cache_dir == (Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}").resolve()
     assert s.b10fs_cache_dir == Path("/cache/model/compile_cache")
     assert s.org_cache_dir == Path("/cache/org/b10_cas")
     assert s.local_work_dir == Path("/app")
@@ -30,6 +32,15 @@ def test_defaults_match_the_peer():
     assert (s.min_local_space_mb, s.min_b10fs_space_mb, s.local_space_multiplier) == (4096, 100_000, 5.0)
     assert s.io_threads == 32
     assert s.required_b10fs_space_bytes == 100_000 * 2**20  # max(50 x 1024, 100000) MB
+
+
+def test_default_cache_dir_is_inductors_own(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() caches; make it look at TMPDIR again
+    assert read_settings({}).torch_cache_dir == Path(default_cache_dir()).resolve()
+    assert read_settings({}).torch_cache_dir.parent == tmp_path.resolve()
 
 
 @pytest.mark.parametrize(
