@@ -482,10 +482,13 @@ class Companion:
         if age < cfg.quiet_s:
             logger.debug("cache changed %.1fs ago; saving once quiet for %.0fs", age, cfg.quiet_s)
             return max(0.2, cfg.quiet_s - age)
-        before = self._saved_fp
-        self._start_save(
-            "cache changed" + (f" from {before.describe()}" if before else ""), threads=BACKGROUND_SAVE_THREADS
-        )
+        if self._failures:
+            why = f"retry after {self._failures} failed save{'s' if self._failures > 1 else ''}"
+        elif self._saved_fp is None:
+            why = "cache changed"
+        else:
+            why = f"cache changed from {self._saved_fp.describe()}"
+        self._start_save(why, threads=BACKGROUND_SAVE_THREADS)
         return cfg.resave_interval_s * min(2 ** self._failures, MAX_BACKOFF_INTERVALS)
 
     def _final_save(self) -> int:
