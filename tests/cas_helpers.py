@@ -257,7 +257,8 @@ def _cmd_save(argv: list[str]) -> None:
         for f in scan(src):
             bid, size = hash_file(f.path)
             entries[f.rel] = [bid, size, f.mode]
-        saves.append({"entries": entries, "manifest_written": res.manifest_written, "new": res.new_entries})
+        saves.append({"entries": entries, "manifest_written": res.manifest_written, "new": res.new_entries,
+                      "seconds": res.seconds})
     print(json.dumps({"saves": saves}), flush=True)
 
 
@@ -278,7 +279,7 @@ def _cmd_load(argv: list[str]) -> None:
     ap.add_argument("--verify", action="store_true")
     ap.add_argument("--ready", action="store_true")
     ap.add_argument("--until", help="keep loading (fresh subdirectories) until this file exists")
-    ap.add_argument("--max-loads", type=int, default=1)
+    ap.add_argument("--max-loads", type=int, default=1, help="with --until: stop after this many manifests loaded")
     ap.add_argument("--same-dir", action="store_true", help="with --until: reload into one directory (verify=True)")
     a = ap.parse_args(argv)
     if a.same_dir:
@@ -300,6 +301,7 @@ def _cmd_load(argv: list[str]) -> None:
     loads = found = files_checked = 0
     last = None
     while True:
+        stopping = bool(a.until) and os.path.exists(a.until)  # savers are done: this load sees the final manifest
         if store is None and os.path.exists(os.path.join(a.store, "CAS-FORMAT")):
             store = BlobStore(a.store, create=False)
         dst = a.dst if not a.until or a.same_dir else os.path.join(a.dst, f"load-{loads}")
@@ -329,9 +331,9 @@ def _cmd_load(argv: list[str]) -> None:
                     if bid != e.blob_id or size != e.size:
                         bad.append(f"{path}: hash {bid[:12]}/{size} != entry {e.blob_id[:12]}/{e.size}")
         loads += 1
-        if not a.until or os.path.exists(a.until) or loads >= a.max_loads:
+        if not a.until or stopping or found >= a.max_loads:
             break
-        time.sleep(0.01)
+        time.sleep(0.01 if found else 0.05)
     print(json.dumps({"loads": loads, "found": found, "files_checked": files_checked, "bad": bad[:20],
                       "restored": last.restored if last else 0,
                       "manifest": entries_to_json(scope.last.entries) if scope.last else None}), flush=True)

@@ -52,7 +52,7 @@ def test_concurrent_savers_and_loaders(tmp_path):
 
     stop = tmp_path / "stop"
     common = ["--store", store_root, "--scope", scope_root]
-    loaders = [spawn(["load", tmp_path / f"loader{i}", *common, "--until", stop, "--max-loads", 40,
+    loaders = [spawn(["load", tmp_path / f"loader{i}", *common, "--until", stop, "--max-loads", 15,
                       *(["--same-dir"] if i % 2 else [])]) for i in range(LOADERS)]
     savers = [spawn(["save", a, b, *common, "--threads", 4]) for a, b in srcs]
     reports = []
@@ -78,6 +78,7 @@ def test_concurrent_savers_and_loaders(tmp_path):
         found += rep["found"]
         print(f"loader: {rep['loads']} loads, {rep['found']} with a manifest, {rep['files_checked']} files checked")
 
+    print("save seconds:", sorted(round(sv["seconds"], 1) for rep in reports for sv in rep["saves"]))
     scope = Scope(scope_root)
     store = BlobStore(store_root, create=False)
     manifest = scope.read_manifest(ENV_KEY).entries
