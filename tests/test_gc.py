@@ -313,3 +313,24 @@ def test_deployment_revived_after_its_root_died_gets_its_blobs_back(env):
     save_tree(tree, store, a, "gpu1")  # it recompiled the same files and saves them
     assert os.path.exists(root_path(store, a.scope_id, "gpu1"))  # the root is repaired (this part passes)
     assert not load_tree(tmp / "warm", store, a, "gpu1").misses  # but the blobs were never uploaded again
+
+
+def test_gc_stops_when_another_collector_took_its_lock(env):
+    store, a, _, _ = env
+    old_trash = store.put_bytes(content("trashed long ago"))
+    os.rename(store.blob_path(old_trash), store.trash_path(old_trash))
+    age_all(store, 10 * GRACE, "trash")
+    lock_path = os.path.join(store.root, "locks", "gc.lock")
+
+    def steal(phase, done, total):
+        if phase == "trash" and done == 0:  # between phases: another host judged our lock stale and broke it
+            os.unlink(lock_path)
+            with open(lock_path, "wb") as fh:
+                fh.write(msgpack.packb({"host": "other", "pid": 1, "time": 0.0, "token": "ffff"}))
+
+    from cas.gc import GcLockLost
+
+    with pytest.raises(GcLockLost):
+        collect(store, scope=a, grace=GRACE, progress=steal)
+    assert old_trash in in_trash(store)  # phase two never ran
+    assert os.path.exists(lock_path)  # and the new holder's lock is left alone
