@@ -383,7 +383,11 @@ def merge(argv) -> int:
                                       "env": r.get("env"), "total_wall_s": r.get("total_wall_s")})
         for m, mres in r.get("models", {}).items():
             if m in merged["models"]:
-                merged["models"][m]["cases"].update(mres["cases"])
+                cases = merged["models"][m]["cases"]
+                for name, res in mres["cases"].items():
+                    # a case skipped or failed in a later run does not hide a good earlier one
+                    if res.get("ok") or name not in cases or not cases[name].get("ok"):
+                        cases[name] = res
             else:
                 merged["models"][m] = mres
     os.makedirs(a.out, exist_ok=True)

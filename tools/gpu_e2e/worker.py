@@ -158,7 +158,9 @@ def main(spec_path: str) -> int:
 
         p = spec["preset"]
         if p["kind"] == "llama":
-            import transformers  # noqa: F401
+            # the model classes too: transformers imports them lazily, and that import is
+            # seconds of "imports", not of "model build"
+            from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
         else:
             import timm  # noqa: F401
         impl = spec.get("impl")
@@ -214,9 +216,9 @@ def main(spec_path: str) -> int:
             probe = AutotuneProbe()
             probe.install()
         res["t_instrument"] = time.time() - t_instr0
-        res["setup_s"] = (t_load_end - T0) + res["t_instrument"]
-
-        t_c0 = time.time()
+        # setup ends with the cache load. Installing the probe imports Inductor modules that
+        # the compile would import anyway, so that time stays in compile+first run.
+        res["setup_s"] = t_load_end - T0  # the walk after the load comes later
         if spec.get("prime"):
             # warm the OS page cache for torch, Inductor and Triton code paths without
             # compiling the model: compile a trivial function into this case's own cache
@@ -225,7 +227,7 @@ def main(spec_path: str) -> int:
             if device == "cuda":
                 torch.cuda.synchronize()
             res["ready_s"] = time.time() - T0 - walk_s
-            res["compile_first_run_s"] = time.time() - t_c0
+            res["compile_first_run_s"] = res["ready_s"] - res["setup_s"]
             res["ok"] = True
             with open(spec["result"], "w") as fh:
                 json.dump(res, fh, indent=1, default=str)
@@ -241,8 +243,8 @@ def main(spec_path: str) -> int:
                 per_input.append(time.time() - T0 - walk_s)
                 outs.append(y)
         t_ready = time.time()
-        res["compile_first_run_s"] = t_ready - t_c0
         res["ready_s"] = t_ready - T0 - walk_s
+        res["compile_first_run_s"] = res["ready_s"] - res["setup_s"]
         res["first_output_s"] = per_input
 
         if spec.get("save") and bt is not None:
@@ -354,4 +356,9 @@ def env_info(spec_path: str) -> int:
 
 if __name__ == "__main__":
     verb = sys.argv[1]
-    sys.exit({"run": main, "save": save_only, "env": env_info}[verb](sys.argv[2]))
+    rc = {"run": main, "save": save_only, "env": env_info}[verb](sys.argv[2])
+    # The result is on disk. Skip interpreter teardown (Inductor's compile-worker pool, CUDA
+    # context): it took 5-12 s a process on the H100 and measures nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
