@@ -17,6 +17,10 @@ Life of one companion (`Companion.run`):
 
 `once=True` is the peer's behaviour: load; if that restored files, stop; else wait, save once and stop.
 
+GPU memory: naming the manifest needs the GPU's name (core's environment key). torch's device query does not create a
+CUDA context (checked on an H100 with torch 2.11: the process is not listed by nvidia-smi, while one tensor
+allocation makes it 612 MiB), so the companion takes no memory from vLLM's `gpu_memory_utilization` budget.
+
 Every load and save runs on a worker thread while the main thread waits for it *or* a stop request, so a signal is
 answered within a bounded time whatever the volume does. A load or save abandoned at exit leaves only complete files
 behind (the store writes temp files and renames them), so abandoning is safe. Nothing here raises into the caller:
