@@ -594,3 +594,19 @@ def test_read_only_scope(tmp_path, saved, ro_bind):
     with pytest.raises(StoreReadOnly):
         save_tree(tmp_path / "src2", store, ro_scope, ENV_KEY)
     assert verify_all_blobs(store) >= len(FILES)
+
+
+def test_entry_that_is_also_a_parent_of_another(tmp_path, saved):
+    """A manifest may (legally, per parse) hold both 'x' and 'x/y': whichever lands first wins, the other is a miss,
+    and the load neither fails nor leaves temp files."""
+    store, scope = saved
+    good = manifest_entries(scope)
+    entries = dict(good)
+    entries["four/inner"] = good["a/one.py"]  # 'four' is a file entry
+    _write_manifest_bytes(scope, Manifest(ENV_KEY, {}, entries, 1.0, 2.0).dumps())
+    for i in range(3):
+        dst = tmp_path / f"dst{i}"
+        res = load_tree(dst, store, scope, ENV_KEY, threads=8)
+        assert len(res.misses) == 1 and {p for p, _ in res.misses} <= {"four", "four/inner"}
+        assert res.restored == len(entries) - 1
+        assert temp_files(dst) == []

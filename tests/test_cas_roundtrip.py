@@ -279,3 +279,33 @@ def test_load_without_manifest_is_a_miss(tmp_path):
     store, scope = open_store(tmp_path)
     res = load_tree(tmp_path / "dst", store, scope, ENV_KEY)
     assert not res.manifest_found and res.restored == 0
+
+
+def test_file_changed_while_saving_is_not_published(tmp_path, monkeypatch):
+    """A file modified between hashing and uploading: its upload is discarded, its entry is left for the next save,
+    and the manifest never names a blob that does not hold the entry's content."""
+    import cas.save as save_mod
+
+    store, scope = open_store(tmp_path)
+    src = tmp_path / "src"
+    write_tree(src, {"stable": b"stable", "moving.py": b"version 1" * 100})
+    real_hash = save_mod.hash_file
+
+    def hash_then_modify(path):
+        result = real_hash(path)
+        if path.endswith("moving.py"):
+            with open(path, "wb") as fh:
+                fh.write(b"version 2" * 100)  # same size, different content
+        return result
+
+    monkeypatch.setattr(save_mod, "hash_file", hash_then_modify)
+    res = save_tree(src, store, scope, ENV_KEY, use_index=False)
+    assert res.skipped_changed == 1
+    entries = manifest_entries(scope)
+    assert set(entries) == {"stable"}
+    for e in entries.values():
+        store.verify(e.blob_id)
+    assert verify_all_blobs(store) == 2  # 'stable' and the manifest: no blob under a wrong id
+    monkeypatch.setattr(save_mod, "hash_file", real_hash)
+    save_tree(src, store, scope, ENV_KEY, use_index=False)
+    assert manifest_entries(scope)["moving.py"].blob_id == blob_id(b"version 2" * 100)
