@@ -6,6 +6,7 @@ Same public names as `b10-transfer`; `b10_transfer.core` holds the directory-par
 """
 
 from .cache import clear_local_cache, load_compile_cache, save_compile_cache
+from .cli import save_vllm_compile_cache
 from .errors import CacheError, CacheOperationInterrupted, CacheValidationError
 from .file_transfer import transfer
 from .info import get_cache_info, list_available_caches
@@ -24,5 +25,6 @@ __all__ = [
     "list_available_caches",
     "load_compile_cache",
     "save_compile_cache",
+    "save_vllm_compile_cache",
     "transfer",
 ]

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from . import __version__
-from .companion import EXIT_USAGE, Companion, CompanionConfig
+# The companion module (urllib, ctypes, the engine) is imported when the command runs, not when `b10_transfer` is:
+# the package re-exports save_vllm_compile_cache() from here, and `import b10_transfer` must stay cheap.
 
 logger = logging.getLogger("b10_transfer.companion")
 
@@ -45,13 +45,18 @@ _FLOATS = {
 }
 
 
+EXIT_USAGE = 64  # = companion.EXIT_USAGE (EX_USAGE): argparse's own 2 would read as "timed out"
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse exits 2, which means "timed out" for this command
+    def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(
         prog="b10-compile-cache",
         description="Restore vLLM's compile cache from the b10fs volume, then save what the server compiles "
@@ -92,7 +97,10 @@ def _float(env: Mapping[str, str], name: str) -> float:
     return value
 
 
-def config_from_env(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> CompanionConfig:
+def config_from_env(args: argparse.Namespace, env: Mapping[str, str] | None = None):
+    """The CompanionConfig of this command line and environment."""
+    from .companion import CompanionConfig
+
     env = os.environ if env is None else env
     return CompanionConfig(
         cache_dir=vllm_cache_root(env),
@@ -126,6 +134,8 @@ def run(argv: list[str] | None = None, *, own_process: bool = True) -> int:
     own_process: this process is the companion (the command), so it owns the root logger and SIGTERM/SIGINT.
     Called from a library function instead, it adds a handler only if there is none and leaves signals alone.
     """
+    from .companion import Companion
+
     args = _parser().parse_args(argv)
     if own_process or not logging.getLogger().handlers:
         setup_logging(os.environ.get("B10_TRANSFER_CLI_LOGLEVEL"))

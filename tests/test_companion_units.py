@@ -213,3 +213,20 @@ def test_readiness_timeout_exits_2_without_saving(tmp_path, http_server):
     c = Companion(_cfg(tmp_path, http_server.url, timeout_s=0.3), load=_missing, save=_raises)
     assert c.run() == EXIT_NOT_READY
     assert c.saves == 0
+
+
+def test_peer_entry_points_exist_and_import_stays_cheap():
+    code = (
+        "import sys, b10_transfer\n"
+        "from b10_transfer.vllm_cache import main, save_vllm_compile_cache\n"
+        "from b10_transfer import cli, companion\n"
+        "assert b10_transfer.save_vllm_compile_cache is save_vllm_compile_cache is cli.save_vllm_compile_cache\n"
+        "assert main is cli.main and cli.EXIT_USAGE == companion.EXIT_USAGE\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # `import b10_transfer` alone loads neither the companion nor torch.
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, b10_transfer; print('b10_transfer.companion' in sys.modules, 'torch' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert out == ["False", "False"]
