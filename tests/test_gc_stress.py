@@ -20,7 +20,7 @@ from cas.gc import collect, read_root_manifest
 from cas.roots import iter_roots
 
 SECONDS = float(os.environ.get("CAS_STRESS_SECONDS", "20"))
-SAVERS = 10
+SAVERS = 8
 SCOPES = 3
 ENV_KEYS = ("gpu-a", "gpu-b", "gpu-c")
 FRESHEN = 1
