@@ -394,7 +394,7 @@ class Companion:
         )
         while True:
             now = time.monotonic()
-            wake = min(next_resave, next_health, next_pid)
+            wake = min(next_resave, next_health, next_pid, now + 60.0)  # with every check off: wait for a signal
             if self._saving is not None:
                 wake = min(wake, now + 0.2)
             if self._stop.wait(max(0.0, wake - now)):

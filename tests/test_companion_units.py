@@ -230,3 +230,14 @@ def test_peer_entry_points_exist_and_import_stays_cheap():
         capture_output=True, text=True, check=True,
     ).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_every_check_off_waits_for_a_stop(tmp_path, http_server):
+    c = Companion(_cfg(tmp_path, http_server.url, resave_interval_s=0, unready_timeout_s=0), load=_missing, save=_ok)
+    t = threading.Thread(target=lambda: setattr(c, "code", c.run()))
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive()
+    c.request_stop("test")
+    t.join(30)
+    assert not t.is_alive() and c.code == EXIT_OK
