@@ -110,8 +110,11 @@ def test_pid_alive_sees_exit_and_zombies():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert pid_alive(proc.pid)
     proc.kill()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while pid_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not pid_alive(proc.pid)  # not reaped yet: a zombie counts as gone
+    assert os.path.exists(f"/proc/{proc.pid}")  # (still there, as a zombie)
     proc.wait()
     assert not pid_alive(proc.pid)
 
