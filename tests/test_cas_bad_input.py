@@ -610,3 +610,14 @@ def test_entry_that_is_also_a_parent_of_another(tmp_path, saved):
         assert len(res.misses) == 1 and {p for p, _ in res.misses} <= {"four", "four/inner"}
         assert res.restored == len(entries) - 1
         assert temp_files(dst) == []
+
+
+def test_read_only_target_is_all_misses(tmp_path, saved, ro_bind):
+    """A local directory that cannot be written (read-only mount) makes every entry a miss, not a failed load."""
+    store, scope = saved
+    (tmp_path / "target").mkdir()
+    write_tree(tmp_path / "target", {"four": b"x"})  # one entry present with the wrong size, one parent to create
+    ro = ro_bind(tmp_path / "target")
+    res = load_tree(ro, store, scope, ENV_KEY)
+    assert sorted(p for p, _ in res.misses) == sorted(FILES)
+    assert res.restored == 0
