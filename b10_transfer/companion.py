@@ -11,8 +11,9 @@ Life of one companion (`Companion.run`):
             middle of writing its cache files);
   4. save   record everything the server compiled;
   5. watch  every `resave_interval_s`, save again if the directory changed (one walk: file count, total size,
-            newest mtime) and has been quiet for a moment; stop when the server is gone (`pid` exited, or readiness
-            lost for longer than `unready_timeout_s`) or on SIGTERM/SIGINT;
+            newest mtime) and has been quiet for a moment; stop when the server is gone (`pid` exited, the
+            launcher, i.e. our parent process, exited, or readiness lost for longer than `unready_timeout_s`) or
+            on SIGTERM/SIGINT;
   6. final  one last save if anything changed since the previous one, bounded by `final_save_timeout_s`, then exit.
 
 `once=True` is the peer's behaviour: load; if that restored files, stop; else wait, save once and stop.
@@ -100,6 +101,7 @@ class CompanionConfig:
     final_save_timeout_s: float = 20.0
     pid: int | None = None
     once: bool = False
+    watch_launcher: bool = True  # stop when the parent process (the start command's shell) exits
 
     @property
     def health_interval_s(self) -> float:
@@ -382,15 +384,21 @@ class Companion:
         next_resave = now + cfg.resave_interval_s if cfg.resave_interval_s > 0 else float("inf")
         watch_http = cfg.pid is None and cfg.unready_timeout_s > 0
         next_health = now + cfg.health_interval_s if watch_http else float("inf")
-        next_pid = now + PID_POLL_S if cfg.pid is not None else float("inf")
+        # The process that started us (the shell of `b10-compile-cache & vllm serve`) lives as long as the server
+        # in the foreground; once it is gone, so is this pod's server, even if a supervisor already started a new
+        # shell, server and companion on the same port (which would keep a readiness probe happy forever).
+        # Taken after readiness, so a launcher that exits at once (a double fork) leaves nothing to watch.
+        launcher = os.getppid() if cfg.watch_launcher else 1
+        next_pid = now + PID_POLL_S if cfg.pid is not None or launcher > 1 else float("inf")
         unready_since: float | None = None
         logger.info(
-            "watching: %s; %s",
+            "watching: %s; %s%s",
             f"resave every {cfg.resave_interval_s:g}s if the cache changed" if cfg.resave_interval_s > 0
             else "periodic saves off",
             f"server = pid {cfg.pid}" if cfg.pid is not None
             else f"server gone after {cfg.unready_timeout_s:g}s without readiness" if watch_http
             else "until SIGTERM/SIGINT",
+            f"; launcher = pid {launcher}" if launcher > 1 else "",
         )
         while True:
             now = time.monotonic()
@@ -403,8 +411,11 @@ class Companion:
             now = time.monotonic()
             if now >= next_pid:
                 next_pid = now + PID_POLL_S
-                if not pid_alive(cfg.pid):
+                if cfg.pid is not None and not pid_alive(cfg.pid):
                     self.request_stop(f"server process {cfg.pid} exited")
+                    break
+                if launcher > 1 and os.getppid() != launcher:
+                    self.request_stop(f"launcher process {launcher} exited")
                     break
             if now >= next_health:
                 next_health = now + cfg.health_interval_s

@@ -132,6 +132,25 @@ def test_pid_exit_after_ready_last_save_exits_0(tmp_path, volume, server, sleepe
     assert set(server.answers()) == {200}  # with --pid, no readiness polling after the wait
 
 
+def test_launcher_exit_means_server_gone_last_save(tmp_path, volume, server):
+    """`sh -c "b10-compile-cache & vllm serve ..."`: when that shell is gone, so is the pod's server, even if a
+    supervisor restarted both and a new server answers on the same port (as here: the readiness server stays up)."""
+    from b10_transfer.companion import pid_alive
+
+    pod = Pod(tmp_path / "pod", volume)
+    first = artifact(pod, "torch_compile_cache/abc/rank_0_0/graph")
+    server.set_ready()
+    c = Companion.start(pod, server.url, launcher=True, B10_TRANSFER_RESAVE_INTERVAL_S="0")
+    c.wait_log(r"launcher = pid \d+")
+    late = artifact(pod, "torch_compile_cache/abc/rank_0_0/late")
+    c.proc.kill()  # the shell
+    c.proc.wait()
+    wait_for(lambda: not pid_alive(c.pid), f"the orphaned companion to exit:\n{c.log}")
+    assert c.lines(rf"saving \(final, launcher process {c.proc.pid} exited\)")
+    assert c.lines(r"stopped \(launcher process")
+    assert volume.manifest_paths() == {first, late}
+
+
 def test_readiness_lost_means_server_gone_last_save_exits_0(tmp_path, volume, server):
     pod = Pod(tmp_path / "pod", volume)
     first = artifact(pod, "torch_compile_cache/abc/rank_0_0/graph")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -236,16 +235,24 @@ class Companion:
     env: dict[str, str]
     args: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    launcher: bool = False  # start it as `sh -c 'b10-compile-cache & wait'`: proc is the shell, pid the companion
 
     def __post_init__(self):
         n = len(list(self.pod.root.glob("companion-*.log")))
         self.log_path = self.pod.root / f"companion-{n}.log"
+        cmd = companion_command() + self.args
+        if self.launcher:
+            pid_file = self.pod.root / f"companion-{n}.pid"
+            cmd = ["sh", "-c", f'"$@" & echo $! > {pid_file}; wait', "sh", *cmd]
         with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(companion_command() + self.args, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        if self.launcher:
+            self.pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), "companion pid",
+                                    proc=self.proc))
 
     @classmethod
-    def start(cls, pod: Pod, url: str, *args: str, **env: str) -> "Companion":
+    def start(cls, pod: Pod, url: str, *args: str, launcher: bool = False, **env: str) -> "Companion":
         defaults = {
             "B10_TRANSFER_VLLM_URL": url,
             "B10_TRANSFER_INTERVAL_S": "0.2",
@@ -253,7 +260,7 @@ class Companion:
             "B10_TRANSFER_CLI_LOGLEVEL": "INFO",
         }
         defaults.update(env)
-        return cls(pod, pod.env(**defaults), list(args))
+        return cls(pod, pod.env(**defaults), list(args), launcher=launcher)
 
     @property
     def log(self) -> str:
@@ -278,7 +285,3 @@ class Companion:
 
     def stop(self) -> None:
         kill(self.proc)
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, symlinks=True)
