@@ -68,8 +68,7 @@ def test_crash_between_manifest_and_root_is_repaired_by_a_save_with_nothing_new(
     assert proc.returncode == -9
     assert len(w.entries()) == 6
 
-    res = save_tree(src, w.store, w.scope, faults.KEY)  # another replica with the same files: nothing new
-    assert not res.manifest_written
+    save_tree(src, w.store, w.scope, faults.KEY)  # another replica with the same files: nothing new to record
     (root,) = [r for r in iter_roots(w.store) if not isinstance(r, tuple)]
     assert w.store.read_bytes(root.manifest, 1 << 20) == w.scope.read_manifest_bytes(faults.KEY)
 

@@ -107,6 +107,9 @@ def run_load(base: str, *, workers: int, seconds: float, max_ops: int | None, ki
             cands = ([wid for wid, op in busy.items() if op == want]
                      or [wid for wid, op in busy.items() if op and op != "start"])
             if not cands:
+                if now < deadline:
+                    kill_times.insert(0, now - started + 0.25)  # nobody busy yet: try again shortly
+                    break
                 continue
             wid = rng.choice(cands)
             time.sleep(rng.uniform(0, 0.03))  # anywhere inside the operation, not just at its start
