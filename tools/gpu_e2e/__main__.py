@@ -254,8 +254,14 @@ class Runner:
         for impl in impls:
             if "single" in cases and C.get("cold", {}).get("ok"):
                 vol = self.volume(model, f"{impl}-single")
+                # save from a pristine copy of the cold run's cache: a save may write into the
+                # directory it saves (ours keeps an index there), which must not reach the other
+                seed_local = self.dirs(model, f"{impl}-seed")["local"]
+                shutil.rmtree(seed_local, ignore_errors=True)
+                shutil.copytree(os.path.join(cold_local, "inductor"),
+                                os.path.join(seed_local, "inductor"), symlinks=True)
                 C[f"{impl}-seed"] = self.spawn(
-                    "save", model, f"{impl}-seed", spec([]), local=cold_local, impl=impl, vol=vol)
+                    "save", model, f"{impl}-seed", spec([]), local=seed_local, impl=impl, vol=vol)
                 C[f"{impl}-load"] = self.spawn(
                     "run", model, f"{impl}-load", spec(allshapes, load=True, save=True),
                     local=None, impl=impl, vol=vol)

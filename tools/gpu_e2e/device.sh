@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 WORK=${E2E_WORK:-/tmp/gpu_e2e}
 EXPORT=${OUT:-$WORK/export}
 mkdir -p "$EXPORT" /cache
-rm -rf "$WORK"
+rm -rf "$WORK" /cache/local/gpu_e2e-* /cache/work/gpu_e2e-* /cache/model/gpu_e2e-* /cache/org/gpu_e2e-*
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$EXPORT/console.log"
 python3 -m tools.gpu_e2e --out "$WORK" --cache-root /cache --wheels wheels --export "$EXPORT" "$@" 2>&1 \
   | tee -a "$EXPORT/console.log"
