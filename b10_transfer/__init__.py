@@ -10,6 +10,7 @@ from .cli import save_vllm_compile_cache
 from .errors import CacheError, CacheOperationInterrupted, CacheValidationError
 from .file_transfer import transfer
 from .info import get_cache_info, list_available_caches
+from .report import get_b10_logger
 from .status import OperationStatus
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "OperationStatus",
     "__version__",
     "clear_local_cache",
+    "get_b10_logger",
     "get_cache_info",
     "list_available_caches",
     "load_compile_cache",
@@ -28,3 +30,4 @@ __all__ = [
     "save_vllm_compile_cache",
     "transfer",
 ]
+

@@ -64,6 +64,12 @@ def emit(stats: OperationStats) -> None:
     logger.info(line)
 
 
+def get_b10_logger(name: str) -> logging.Logger:
+    """The peer's logger helper, kept for code that calls it: a plain stdlib logger (no colours, no handler of its
+    own; the application's logging configuration decides where lines go)."""
+    return logging.getLogger(name)
+
+
 def last(operation: str) -> OperationStats | None:
     return _last.get(operation)
 

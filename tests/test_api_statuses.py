@@ -527,3 +527,14 @@ def test_companion_label_and_explicit_environment(b10_env, tmp_path):
     status, _ = core.load(tmp_path / "restored", label="vllm", env=env)
     assert status is SUCCESS
     assert read_tree(tmp_path / "restored") == read_tree(other_dir)
+
+
+def test_peer_top_level_names_exist():
+    import b10_transfer as b
+
+    for name in ("load_compile_cache", "save_compile_cache", "clear_local_cache", "OperationStatus", "CacheError",
+                 "CacheValidationError", "CacheOperationInterrupted", "get_cache_info", "list_available_caches",
+                 "transfer", "get_b10_logger", "save_vllm_compile_cache", "__version__"):
+        assert hasattr(b, name), name
+    assert {s.name for s in b.OperationStatus} == {"SUCCESS", "ERROR", "DOES_NOT_EXIST", "SKIPPED"}
+    assert issubclass(b.CacheValidationError, b.CacheError) and issubclass(b.CacheOperationInterrupted, b.CacheError)
