@@ -30,4 +30,3 @@ __all__ = [
     "save_vllm_compile_cache",
     "transfer",
 ]
-
