@@ -279,7 +279,9 @@ time.sleep(600)
 
 def test_all_save_slots_busy_skips_then_a_dead_holders_slot_is_reused(b10_env, monkeypatch):
     monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
-    monkeypatch.setenv("CLEANUP_LOCK_TIMEOUT_SECONDS", "1")
+    # The holder refreshes its slot every 1/3 s; we call it stale only after 3 s unchanged, so a loaded CI machine
+    # would have to stall the holder for 9 beats in a row to make this test take the slot of a live holder.
+    monkeypatch.setenv("CLEANUP_LOCK_TIMEOUT_SECONDS", "3")
     write_tree(b10_env.local, CACHE)
     slots = Scope(b10_env.scope, create=True).slots
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_SLOT, slots, "1"], stdout=subprocess.PIPE, text=True)
