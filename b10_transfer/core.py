@@ -136,7 +136,7 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     require_free(target, s.required_local_space_bytes(_incoming_bytes(target, manifest)), "restoring the cache")
     store = BlobStore(s.store_root(), create=False)
     target.mkdir(parents=True, exist_ok=True)
-    res = load_tree(target, store, scope, key, threads=s.io_threads)
+    res = load_tree(target, store, scope, key, threads=s.io_threads, manifest=manifest)
     if not res.manifest_found:  # removed between our read and load_tree's
         stats.reason = "no manifest for this environment"
         return OperationStatus.DOES_NOT_EXIST

@@ -123,7 +123,7 @@ def nothing_new(
     (all recorded identically, and the gc root names the manifest), or None for "maybe": any
     file without a matching index entry, no manifest, no store, or an entry that differs. The caller then runs
     save_tree. Lets the caller skip what only a real save needs (a save slot, scope and store set-up, free-space
-    checks): 95 requests to the volume for a no-op save of 680 files, against 14 (slowfs)."""
+    checks): 95 -> 67 requests to the volume for a no-op save of 680 files (slowfs)."""
     check_env_key(env_key)
     if not os.path.exists(os.path.join(os.fspath(src_dir), INDEX_NAME)):
         return None
@@ -251,7 +251,9 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
             with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
                 gone = {b for b, ok in zip(ids, pool.map(store.ensure_fresh, ids)) if not ok}
             dropped = [p for p, e in others.items() if e.blob_id in gone]
-        if not changes and not audit:
+        if not changes and not dropped:
+            if audit:  # every blob is there: the root just has to name this manifest again
+                _write_root(store, scope, env_key, data)
             return 0, False  # a concurrent replica already recorded the same content
         merged = current.merged(changes, env)
         for path in dropped:
@@ -264,8 +266,15 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         try:
             scope.write_manifest(data, env_key)
             _faults.checkpoint("manifest-renamed")
-            manifest_id = store.put_bytes(data)
-            write_root(store, scope.scope_id, env_key, manifest_id, scope.root)
         except OSError as exc:
             raise _store_error(exc, store) from exc
+        _write_root(store, scope, env_key, data)
         return len(changes) + len(dropped), True
+
+
+def _write_root(store: BlobStore, scope: Scope, env_key: str, data: bytes) -> None:
+    """Store the manifest's bytes as a blob and point this deployment's gc root at it (FORMAT §4)."""
+    try:
+        write_root(store, scope.scope_id, env_key, store.put_bytes(data), scope.root)
+    except OSError as exc:
+        raise _store_error(exc, store) from exc

@@ -296,8 +296,6 @@ def test_gc_killed_mid_phase_leaves_a_consistent_store_and_the_next_run_finishes
     assert not os.path.exists(gc_lock)
 
 
-@pytest.mark.xfail(strict=True, reason="open (FORMAT §5): a save that finds its root absent repairs the root but "
-                                       "does not re-upload the blobs gc deleted meanwhile")
 def test_deployment_revived_after_its_root_died_gets_its_blobs_back(env):
     store, a, _, tmp = env
     tree = write_tree(tmp / "ta", {"a/x.py": content("X"), "a/y.py": content("Y")})
