@@ -13,5 +13,6 @@ EXPORT=${OUT:-$WORK/export}
 mkdir -p "$EXPORT" /cache
 rm -rf "$WORK" /cache/local/gpu_e2e-* /cache/work/gpu_e2e-* /cache/model/gpu_e2e-* /cache/org/gpu_e2e-*
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$EXPORT/console.log"
-python3 -m tools.gpu_e2e --out "$WORK" --cache-root /cache --wheels wheels --export "$EXPORT" "$@" 2>&1 \
+python3 -m tools.gpu_e2e --out "$WORK" --cache-root /cache --wheels wheels --export "$EXPORT" \
+  --case-timeout 480 "$@" 2>&1 \
   | tee -a "$EXPORT/console.log"
