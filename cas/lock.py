@@ -60,8 +60,11 @@ class LockFile:
         heartbeat: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        is_guard: bool = False,
     ):
         self.path = os.fspath(path)
+        self._is_guard = is_guard
+        self._guard: LockFile | None = None
         self.stale_after = stale_after
         self.timeout = timeout
         self.heartbeat = heartbeat
@@ -82,7 +85,7 @@ class LockFile:
         if info is None:
             return self._create()  # vanished between our create and read
         if self._is_stale(*info):
-            self._break(info[0])
+            (self._break_guard if self._is_guard else self._break)(info[0])
             return self._create()
         return False
 
@@ -145,21 +148,42 @@ class LockFile:
         return False
 
     def _break(self, stale_content: bytes) -> None:
-        """Remove a stale lock without ever removing a fresh one created meanwhile by someone else."""
+        """Remove a stale lock without ever removing a fresh one taken meanwhile by someone else.
+
+        Breakers serialise on a guard lock (`<name>.break.lock`, held for microseconds) and delete the lock only if
+        it still holds the content judged stale. Without the guard, two waiters that both judged the same lock
+        stale can each remove one: the second removes the lock the first just took."""
+        if self._guard is None:
+            base = self.path[:-5] if self.path.endswith(".lock") else self.path
+            self._guard = LockFile(base + ".break.lock", stale_after=self.stale_after, timeout=0,
+                                   clock=self._clock, sleep=self._sleep, is_guard=True)
+        if not self._guard.try_acquire():
+            return  # another waiter is breaking it; our caller tries again
+        try:
+            info = self._read()
+            if info is not None and info[0] == stale_content:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            self._guard.release()
+
+    def _break_guard(self, stale_content: bytes) -> None:
+        """A guard is stale only if a breaker died inside its microsecond critical section: rename it aside,
+        and put it back if it turns out to be a fresh one."""
         aside = temp_path_beside(self.path)
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
-            return  # someone else broke it
+            return
         try:
             with open(aside, "rb") as fh:
                 moved = fh.read(limits.MAX_SMALL_FILE_BYTES)
             if moved != stale_content:
-                # We moved a lock someone took after our check: put it back if the name is still free.
                 try:
                     os.link(aside, self.path)
                 except OSError:
-                    log.warning("lock %s changed hands while being broken", self.path)
+                    log.warning("guard %s changed hands while being broken", self.path)
         finally:
             try:
                 os.unlink(aside)
@@ -171,6 +195,9 @@ class LockFile:
         interval = max(self.stale_after / 3, 0.05)
         while not self._stop.wait(interval):
             try:
+                if not self.still_held():  # broken by a waiter who judged us stale: never freshen their lock
+                    log.warning("lock %s was taken over; no longer refreshing it", self.path)
+                    return
                 os.utime(self.path, None)
             except OSError:
                 return

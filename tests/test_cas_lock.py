@@ -289,9 +289,6 @@ def test_slots_limit_concurrency_across_processes(tmp_path):
     assert os.listdir(tmp_path / "slots") == []  # every slot released
 
 
-@pytest.mark.xfail(strict=True, reason="FORMAT §6 break protocol: a waiter that judged an old lock stale can rename "
-                   "aside a fresh lock taken meanwhile; if a third process creates the lock before the link-back, "
-                   "the fresh holder's lock is lost while it still believes it holds it (two holders)")
 def test_three_way_break_race_keeps_one_holder(tmp_path, monkeypatch):
     path = tmp_path / "m.lock"
     path.write_bytes(holder_bytes(lock_mod._HOST, dead_pid()))
