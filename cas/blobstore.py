@@ -89,6 +89,7 @@ class BlobStore:
         self._clock = clock
         self._clock_offset: float | None = None
         self._local = threading.local()  # zstd contexts are not thread-safe: one per thread
+        self._dirs_ok: set[str] = set()  # store directories seen to be real directories, not planted symlinks
         self.freshen_after = float(self._open(create, freshen_after))
 
     # -- layout ------------------------------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class BlobStore:
         """Store local file `src`, which hashed to `blob_id`. Returns bytes written. Raises SourceChanged if the
         file no longer hashes to `blob_id`; the blob is then not stored."""
         final = self.blob_path(blob_id)
+        self._refuse_planted_dir(os.path.dirname(final))
         tmp = temp_path_beside(final)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -267,6 +269,21 @@ class BlobStore:
             # the frame's declared size no longer matches the file: it changed; the caller discards the temp file
         return hasher.hexdigest(), read
 
+    def _refuse_planted_dir(self, fan_dir: str) -> None:
+        """Never write through `blobs/` or `blobs/<xx>` if someone with write access to the store replaced it by a
+        symlink (or a file): that would put our files wherever it points, outside the store. One lstat per directory
+        per process: the layout never changes once created."""
+        for path in (os.path.dirname(fan_dir), fan_dir):
+            if path in self._dirs_ok:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # put_file recreates a missing fan-out directory
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise StoreUnavailable(f"{path} is not a directory (a planted symlink?): refusing to write through it")
+            self._dirs_ok.add(path)
+
     def put_bytes(self, data: bytes) -> str:
         """Store an in-memory blob (a manifest). Returns its id."""
         blob_id = blake3.blake3(data).hexdigest()
@@ -274,6 +291,7 @@ class BlobStore:
             os.utime(self.blob_path(blob_id), None)
             return blob_id
         final = self.blob_path(blob_id)
+        self._refuse_planted_dir(os.path.dirname(final))
         tmp = temp_path_beside(final)
         write_file(tmp, self._cctx.compress(data))
         try:
@@ -401,7 +419,11 @@ class BlobStore:
     def iter_blobs(self, area: str = "blobs") -> Iterator[BlobInfo]:
         """Every blob in `blobs/` (or `trash/`), skipping temp files and foreign names."""
         base = os.path.join(self.root, area)
+        if os.path.islink(base):
+            return  # planted: what it points to is not ours to list, trash or delete
         for fan in FANOUT:
+            if os.path.islink(os.path.join(base, fan)):
+                continue
             try:
                 entries = os.scandir(os.path.join(base, fan))
             except FileNotFoundError:
