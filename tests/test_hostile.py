@@ -464,8 +464,12 @@ def test_zstd_bomb_larger_than_the_local_disk_is_refused_up_front(world):
 
 
 def test_symlinked_fanout_directory_in_the_store(world):
-    """`blobs/<xx>` replaced by a symlink to a directory outside the store: a load of a blob under it is a miss
-    (its file is not there) and nothing outside is changed by the load."""
+    """`blobs/<xx>` replaced by a symlink to a directory outside the store: a load of a blob under it is a miss, a
+    save of a new blob under it is an ERROR that writes nothing there (it used to write the blob through the link,
+    outside the store: fixed in cas/blobstore.py), and gc neither lists nor deletes what the link points to."""
+    from cas import BlobStore
+    from cas.gc import collect
+
     e = _entry(world, "ab/cabc.py")
     fan = world.store / "blobs" / e.blob_id[:2]
     os.rename(fan, world.tmp / "moved-fan")
@@ -474,4 +478,31 @@ def test_symlinked_fanout_directory_in_the_store(world):
     results, log = world.api("load", local=fresh)
     status, reason = status_of(results, "load")
     assert status == "SUCCESS" and "1 entries not restored" in reason, reason
+    world.outside_intact()
+
+    # A new file whose blob falls in that fan-out directory.
+    n = 0
+    while True:
+        data = b"new artifact %d" % n
+        import blake3
+
+        if blake3.blake3(data).hexdigest()[:2] == e.blob_id[:2]:
+            break
+        n += 1
+    (world.local / "fxgraph" / "new").write_bytes(data)
+    results, log = world.api("save")
+    status, reason = status_of(results, "save")
+    assert status == "ERROR" and "planted symlink" in reason, reason
+    world.outside_intact()
+
+    # gc: an outside file named like a garbage blob of that fan-out, old, under a symlinked trash fan-out too.
+    victim_id = e.blob_id[:2] + "0" * 62
+    (world.outside / victim_id).write_bytes(b"not ours")
+    os.utime(world.outside / victim_id, (1, 1))
+    tfan = world.store / "trash" / e.blob_id[:2]
+    tfan.rmdir()
+    tfan.symlink_to(world.outside)
+    res = collect(BlobStore(world.store, create=False), grace=7200)
+    assert (world.outside / victim_id).read_bytes() == b"not ours"
+    (world.outside / victim_id).unlink()
     world.outside_intact()

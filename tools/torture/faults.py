@@ -518,8 +518,8 @@ print(res.blobs_trashed, res.blobs_deleted)
 def clock_skew(base: str) -> dict:
     """Writers and collectors whose clocks are off by hours or days, and blob mtimes in the far past or future:
     gc never trashes a live blob, nor the fresh blobs of a save in flight; a live blob with an ancient mtime stays."""
-    w = World(base, freshen_after=2)
-    grace = 4.0
+    w = World(base, freshen_after=30)
+    grace = 60.0  # the four gc runs below must all start within it of the in-flight upload, even on a loaded host
     w.save(keys("a", 20))
     want = w.entries()
     # Live blobs with mtimes a year in the past or a day in the future.
@@ -534,6 +534,7 @@ def clock_skew(base: str) -> dict:
                         "save_tree(sys.argv[2], BlobStore(sys.argv[3]), Scope(sys.argv[4]), 'env-a')",
                         REPO, src, w.org, w.scope_dir], env={**os.environ, "CAS_KILL_AT": "uploaded"})
     assert p.returncode == -signal.SIGKILL, p.returncode
+    uploaded_at = time.monotonic()
     inflight = {e.blob_id for e in _entries_of(src).values()}
     trashed = {}
     for skew in (86400.0, 3600.0, -3600.0, -86400.0):
@@ -542,14 +543,19 @@ def clock_skew(base: str) -> dict:
         assert out.returncode == 0, out.stderr[-800:]
         trashed[f"gc clock {skew:+.0f}s"] = out.stdout.split()
         present = {b.id for b in w.store.iter_blobs()}
-        assert inflight <= present, f"gc with clock {skew:+}s trashed blobs of a save in flight"
+        if time.monotonic() - uploaded_at < grace - 5:  # else they are old by the server's clock too: fair game
+            assert inflight <= present, f"gc with clock {skew:+}s trashed blobs of a save in flight"
         assert set(ids) <= present, f"gc with clock {skew:+}s trashed live blobs"
     # A writer whose clock is a day behind commits a save relying on the in-flight blobs, after they aged.
-    time.sleep(grace)
+    for b in w.store.iter_blobs():  # the in-flight blobs age past the grace period (the save stalled)
+        if b.id in inflight:
+            os.utime(b.path, (b.mtime - 3 * grace, b.mtime - 3 * grace))
     from cas import BlobStore, save_tree
 
     skewed = BlobStore(w.org, clock=lambda: time.time() - 86400)
     save_tree(src, skewed, w.scope, KEY)
+    stale = [b.id for b in w.store.iter_blobs() if b.id in inflight and b.mtime < time.time() - grace]
+    assert not stale, "a writer whose clock is a day behind did not freshen the old blobs it relied on"
     for skew in (86400.0, -86400.0):
         out = subprocess.run([sys.executable, "-c", _SKEWED_GC, REPO, w.org, w.scope_dir, str(skew), str(grace)],
                              capture_output=True, text=True)
