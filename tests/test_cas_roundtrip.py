@@ -72,7 +72,7 @@ def shared_store(tmp_path_factory):
     return BlobStore(tmp_path_factory.mktemp("store") / "store")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=int(os.environ.get("CAS_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(tree=trees())
 def test_round_trip_random_tree(tmp_path, shared_store, tree):
