@@ -49,11 +49,12 @@ def env_key() -> str:
 
 
 class World:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, existing: bool = False):
         self.tmp = tmp
         self.volume = tmp / "volume"
-        (self.volume / "model").mkdir(parents=True)
-        (self.volume / "org").mkdir()
+        if not existing:
+            (self.volume / "model").mkdir(parents=True)
+            (self.volume / "org").mkdir()
         self.local = tmp / "local" / "inductor"
         self.outside = tmp / "outside"  # must never be written, read into the store, or deleted
         self.outside.mkdir()
@@ -134,13 +135,25 @@ def tree(root: Path) -> dict[str, bytes]:
 CACHE = {"ab/cabc.py": b"# kernel\n" * 200, "fxgraph/xy/key/0": os.urandom(3000), "triton/0/h/k.cubin": b"\x7fELF" * 500}
 
 
-@pytest.fixture
-def world(tmp_path) -> World:
-    w = World(tmp_path)
+@pytest.fixture(scope="module")
+def _saved_template(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("hostile-template")
+    w = World(base)
     write(w.local, CACHE)
     (out,), _ = w.api("save")
     assert out["status"] == "SUCCESS"
-    return w
+    return base
+
+
+@pytest.fixture
+def world(tmp_path, _saved_template) -> World:
+    """A volume where CACHE was saved through the API, and the replica's local cache (a copy of one saved once)."""
+    import shutil
+
+    for name in ("volume", "local", "outside"):
+        shutil.copytree(_saved_template / name, tmp_path / name, symlinks=True)
+    shutil.rmtree(tmp_path / "outside")
+    return World(tmp_path, existing=True)
 
 
 def status_of(results, op) -> tuple[str, str]:
