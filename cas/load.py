@@ -20,7 +20,7 @@ from .atomic import temp_name
 from .blobstore import BlobStore, hash_file
 from .index import Index
 from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
-from .manifest import Entry
+from .manifest import Entry, Manifest
 from .paths import TEMP_PREFIX, TargetDir
 from .roots import refresh_root
 from .save import DEFAULT_THREADS
@@ -59,11 +59,14 @@ def load_tree(
     *,
     threads: int = DEFAULT_THREADS,
     verify: bool = False,
+    manifest: Manifest | None = None,
 ) -> LoadResult:
+    """`manifest`: the manifest of `env_key` if the caller has just read it (spares a second read)."""
     check_env_key(env_key)
     started = time.monotonic()
     result = LoadResult()
-    manifest = scope.read_manifest(env_key)
+    if manifest is None:
+        manifest = scope.read_manifest(env_key)
     if manifest is None:
         result.seconds = time.monotonic() - started
         return result
@@ -106,6 +109,8 @@ def load_tree(
             restored.append((path, st, entry.blob_id))
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-load") as pool:
+        # The root refresh (scope.id read, root stat, server-clock probe: ~10 serial requests) overlaps the restores.
+        pool.submit(_refresh_root, store, scope, env_key)
         futures = [pool.submit(restore, item) for item in todo]
         errors = [f.exception() for f in futures]
     first = next((e for e in errors if e is not None), None)
@@ -117,14 +122,17 @@ def load_tree(
             index.record(path, st, blob_id, trusted=True)  # we wrote exactly this content
         index.write()
 
-    try:
-        refresh_root(store, scope.scope_id, env_key)
-    except Exception as exc:  # a refresh is best effort; never fail a load over it
-        log.debug("root refresh failed: %s", exc)
     result.seconds = time.monotonic() - started
     log.debug("load %s: restored %d, present %d, misses %d", env_key, result.restored, result.present,
               len(result.misses))
     return result
+
+
+def _refresh_root(store: BlobStore, scope: Scope, env_key: str) -> None:
+    try:
+        refresh_root(store, scope.scope_id, env_key)
+    except Exception as exc:  # a refresh is best effort; never fail a load over it
+        log.debug("root refresh failed: %s", exc)
 
 
 class _LocalMiss(Exception):
