@@ -27,7 +27,7 @@ KILLS = int(os.environ.get("TORTURE_CI_KILLS", "30"))
 @pytest.mark.timeout(400)
 def test_load_with_kills_and_skew_has_no_violations(tmp_path):
     figures = run_load(str(tmp_path / "load"), workers=WORKERS, seconds=SECONDS, max_ops=None, kills=KILLS,
-                       freshen=3.0, grace=6.0, scopes=4, seed=int.from_bytes(os.urandom(3), "big"), say=print)
+                       freshen=4.0, grace=8.0, scopes=4, seed=int.from_bytes(os.urandom(3), "big"), say=print)
     print(json.dumps({k: v for k, v in figures.items() if k != "examples"}, indent=1, default=str))
     assert figures["violation_count"] == 0, (dict(figures["violations"]), figures["examples"],
                                              figures["final"].get("examples"))

@@ -221,6 +221,11 @@ def _tally(base: str, kill_log: list[dict], crashes: list[str]) -> dict:
                     continue
                 begun.pop(doc["n"], None)
                 op = doc["op"]
+                if op == "startup":
+                    if doc.get("bad"):
+                        violations["partial-file-after-kill"] += len(doc["bad"])
+                        note("partial-file-after-kill", f"home of a killed worker: {doc['bad'][:3]}")
+                    continue
                 ops[op] += 1
                 durations[op].append(doc.get("dur", 0))
                 if doc.get("entries") is not None and doc.get("ok", True):

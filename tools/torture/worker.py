@@ -84,6 +84,12 @@ def main(argv=None) -> None:
     def log(doc: dict) -> None:
         journal.write(json.dumps(doc, separators=(",", ":")) + "\n")
 
+    # A respawned worker first checks the cache dir its killed predecessor was writing: a partial file at a final
+    # name must be caught before a later load silently repairs it.
+    from .content import verify_tree
+
+    checked, bad = verify_tree(home)
+    log({"n": 0, "op": "startup", "phase": "end", "ok": True, "checked": checked, "bad": bad[:10]})
     n = 0
     while n < a.max_ops and _REAL_TIME() < a.deadline and not os.path.exists(L["stop"]):
         n += 1
