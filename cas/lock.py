@@ -102,10 +102,12 @@ class LockFile:
     def _create(self) -> bool:
         token = secrets.token_hex(8)
         body = msgpack.packb({"host": _HOST, "pid": os.getpid(), "time": time.time(), "token": token})
+        # The holder record is written under a temp name and linked into place, so the lock never exists empty: a
+        # process killed between an O_EXCL create and its write left a lock nobody could attribute, which every
+        # waiter then had to age for stale_after instead of breaking it at once by the dead-pid rule.
+        tmp = temp_path_beside(self.path)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError as exc:
             raise StoreUnavailable(f"cannot create lock {self.path}: {exc.strerror}") from exc
         except OSError as exc:
@@ -113,15 +115,41 @@ class LockFile:
                 raise StoreReadOnly(f"cannot create lock {self.path}: {exc.strerror}") from exc
             raise
         try:
-            os.write(fd, body)
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self.path)  # atomic, fails if the lock exists (also on NFS)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                if not self._create_excl(body):  # no hard links on this filesystem
+                    return False
         finally:
-            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         self._token = token
         self._seen.clear()
         if self.heartbeat:
             self._stop.clear()
             self._beat = threading.Thread(target=self._refresh_loop, name="cas-lock-heartbeat", daemon=True)
             self._beat.start()
+        return True
+
+    def _create_excl(self, body: bytes) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, body)
+        finally:
+            os.close(fd)
         return True
 
     def _read(self) -> tuple[bytes, float] | None:
