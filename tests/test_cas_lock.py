@@ -298,14 +298,39 @@ def test_three_way_break_race_keeps_one_holder(tmp_path, monkeypatch):
     assert a.try_acquire()  # ... but A breaks it first and takes the lock
     real_link = os.link
 
+    fired = []
+
     def link(src, dst, *args, **kw):
-        if os.fspath(dst) == os.fspath(path):
-            assert c.try_acquire()  # C finds the name free while B has A's lock aside
+        if os.fspath(dst) == os.fspath(path) and not fired:
+            fired.append(dst)
+            c.try_acquire()  # C tries the name at the moment B would put a moved lock back
         return real_link(src, dst, *args, **kw)
 
     monkeypatch.setattr(os, "link", link)
-    b._break(stale)  # B moves A's fresh lock aside, sees it is not the stale one, tries to put it back
+    b._break(stale)  # B breaks what it judged stale: it must not remove or displace A's fresh lock
     monkeypatch.undo()
     believers = [name for name, lk in (("a", a), ("c", c)) if lk._token is not None]
     holders = [name for name, lk in (("a", a), ("c", c)) if lk.still_held()]
     assert believers == holders, f"{believers} believe they hold the lock, only {holders} do"
+
+
+_KILLED_WHILE_CREATING = """
+import os, signal, sys
+from cas import LockFile
+def write(fd, data):
+    os.kill(os.getpid(), signal.SIGKILL)  # killed after creating the lock file, before writing the holder
+os.write = write
+LockFile(sys.argv[1], timeout=5).acquire()
+"""
+
+
+def test_holder_killed_while_creating_the_lock_leaves_no_unattributable_lock(tmp_path):
+    """A lock file must never exist without its holder record: one left empty by a process killed between create
+    and write could not be broken by the dead-pid rule, and every waiter would wait stale_after."""
+    path = tmp_path / "m.lock"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_CREATING, str(path)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    lock = LockFile(path, stale_after=3600, timeout=0, clock=FakeTime().clock, sleep=no_sleep)
+    assert lock.try_acquire()  # at once
+    lock.release()
+    assert [n for n in os.listdir(tmp_path) if not n.startswith(".tmp-")] == []
