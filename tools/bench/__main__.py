@@ -227,6 +227,11 @@ class Bench:
         self.results: dict[tuple, dict] = {}  # (volume, tree, scenario, impl) -> {"s": [...], "status": [...]}
         self.storage: dict[str, dict] = {}
         self.tree_sizes: dict[str, int] = {}
+        self.loadavg: list[float] = [os.getloadavg()[0]]
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cas", "b10_transfer"], capture_output=True,
+                               text=True, cwd=REPO)
+        self.commit = (head.stdout.strip() or "?") + (" + uncommitted changes" if dirty.stdout.strip() else "")
         self.notes: list[str] = []
         self.pythons = {"ours": sys.executable, "peer": peer_python(args)}
         (run / "logs").mkdir()
@@ -404,6 +409,7 @@ class Bench:
 
     def _volume(self, vname, base, backing, trees, pools) -> None:
         a = self.a
+        self.loadavg.append(os.getloadavg()[0])
         for tname, tree in trees.items():
             if "sequential" in a.scenarios:
                 self.sequential(vname, base, backing, tname, tree, a.reps)
@@ -504,7 +510,7 @@ def render(b: Bench, command: str, started: float, elapsed: float) -> str:
     lines = [SECTION, ""]
     lines.append(f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {elapsed / 60:.1f} min, on "
                  f"{mc['nproc']} CPUs ({mc['cpu']}), {mc['memory']} RAM, Linux {mc['kernel']}, Python "
-                 f"{mc['python']}. ours = this repo ({b.versions['ours']['version']}), peer = b10-transfer "
+                 f"{mc['python']}. ours = this repo at {b.commit}, peer = b10-transfer "
                  f"{b.versions['peer']['version']} from PyPI, each in its own venv, driven the same way "
                  f"(tools/bench/driver.py; imports untimed).")
     lines.append("")
@@ -512,8 +518,10 @@ def render(b: Bench, command: str, started: float, elapsed: float) -> str:
     lines.append(command)
     lines.append("```")
     lines.append("")
+    load = ", ".join(f"{x:.0f}" for x in b.loadavg)
     lines.append(f"Medians of {a.reps} runs (concurrent loaders: {a.conc_reps}), ours and the peer alternating "
-                 f"run by run. Shared 2-core machine with other work running: expect ±20% noise; ratios are "
+                 f"run by run. The machine is shared (load average {load} at start/middle/end, 1-minute): expect "
+                 f"±30% noise between runs; ratios are "
                  f"ours/peer of the medians. slowfs = tools.slowfs, {a.delay_ms:g} ms per metadata/open/close/fsync "
                  f"request, no bandwidth cap, kernel attribute cache off (NFS-like close-to-open).")
     lines.append("")
@@ -599,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="development run: a quarter-size synthetic tree, 1 run, 4 concurrent loaders (~2 min)")
-    ap.add_argument("--reps", type=int, default=None, help="runs per scenario and implementation (default 5; quick 1)")
-    ap.add_argument("--conc-reps", type=int, default=None, help="runs of the concurrent-loader scenario (default 3)")
+    ap.add_argument("--reps", type=int, default=None, help="runs per scenario and implementation (default 3; quick 1)")
+    ap.add_argument("--conc-reps", type=int, default=None, help="runs of the concurrent-loader scenario (default 2; quick 1)")
     ap.add_argument("--loaders", type=int, default=None, help="concurrent loader processes (default 16; quick 4)")
     ap.add_argument("--trees", default=None, help="comma list of synthetic,real (default both; quick synthetic)")
     ap.add_argument("--volumes", default="local,slowfs", help="comma list of local,slowfs")
@@ -611,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     ap.add_argument("--json", default=None, help="also write raw results here (default .scratch/bench-last.json)")
     a = ap.parse_args(argv)
-    a.reps = a.reps or (1 if a.quick else 5)
-    a.conc_reps = a.conc_reps or (1 if a.quick else 3)
+    a.reps = a.reps or (1 if a.quick else 3)
+    a.conc_reps = a.conc_reps or (1 if a.quick else 2)
     a.loaders = a.loaders if a.loaders is not None else (4 if a.quick else 16)
     a.trees = (a.trees or ("synthetic" if a.quick else "synthetic,real")).split(",")
     a.volumes = a.volumes.split(",")
@@ -631,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(shutil.rmtree, run, True)
             b = Bench(a, run, stack)
             b.go()
+            b.loadavg.append(os.getloadavg()[0])
             elapsed = time.time() - started
             text = render(b, command, started, elapsed)
             print(text)

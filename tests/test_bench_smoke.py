@@ -1,0 +1,77 @@
+"""tools/bench without running it: tree helpers, the markdown it renders, and that it rewrites only its own section."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import tools.bench.__main__ as bench
+
+
+def _fake_bench():
+    r = {}
+
+    def put(v, t, s, i, xs, status="SUCCESS"):
+        r[(v, t, s, i)] = {"s": xs, "status": [status] * len(xs), "errors": []}
+
+    for v in ("local", "slowfs"):
+        put(v, "synthetic", "full load", "ours", [1.0, 1.2, 1.1])
+        put(v, "synthetic", "full load", "peer", [3.0, 3.1, 2.9])
+        put(v, "synthetic", "full load", "cp -r", [0.8, 0.9, 0.7], "OK")
+        put(v, "synthetic", "partial load (10% missing)", "ours", [0.2])
+        put(v, "synthetic", "partial load (10% missing)", "peer", [0.01], "SKIPPED")
+        put(v, "synthetic", "first save", "ours", [5.0])
+        put(v, "synthetic", "first save", "peer", [7.0])
+        put(v, "synthetic", "no-op save", "ours", [0.3], "SKIPPED")
+        put(v, "synthetic", "no-op save", "peer", [0.01], "SKIPPED")
+        put(v, "synthetic", "incremental save (+10% files)", "ours", [0.9])
+        put(v, "synthetic", "incremental save (+10% files)", "peer", [0.01], "SKIPPED")
+        put(v, "synthetic", "16 concurrent loaders (wall)", "ours", [4.0], "OK")
+        put(v, "synthetic", "16 concurrent loaders (wall)", "peer", [5.0], "OK")
+    d = {"files": 680, "bytes": 15_000_000, "allocated": 16_000_000}
+    storage = {"synthetic": {"ours": {"one": d, "five": dict(d, bytes=15_500_000)},
+                             "peer": {"one": dict(d, bytes=14_000_000, files=1), "five": dict(d, bytes=70_000_000)},
+                             "raw": dict(d, bytes=56_600_000)}}
+    args = SimpleNamespace(volumes=["local", "slowfs"], reps=3, conc_reps=2, delay_ms=2.0)
+    return SimpleNamespace(a=args, results=r, storage=storage, notes=["a note"], tree_sizes={"synthetic": 680},
+                           commit="abc1234", loadavg=[1.0, 2.0, 3.0],
+                           versions={"ours": {"version": "0.1.0"}, "peer": {"version": "0.4.1"}})
+
+
+def test_render_has_every_scenario_ratio_and_goal():
+    text = bench.render(_fake_bench(), ".venv/bin/python -m tools.bench", 0.0, 60.0)
+    assert text.startswith(bench.SECTION)
+    assert "| slowfs | synthetic | full load | 1.10 s | 3.00 s | 0.37 |" in text
+    assert "peer cannot: SKIPPED" in text and "vs peer's full load" in text
+    assert "| synthetic: slowfs full load ≤ 0.5× peer | 0.37× | yes |" in text
+    assert "| synthetic: slowfs first save ≤ 1.0× peer | 0.71× | yes |" in text
+    assert "no-op save ≤ 50 ms (680 files) | 300 ms | **no** |" in text
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path, monkeypatch):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Other\nkeep me\n\n" + bench.SECTION + "\nold\n\n## After\nkeep too\n")
+    monkeypatch.setattr(bench, "DOC", doc)
+    bench.write_section(bench.SECTION + "\n\nnew table\n")
+    text = doc.read_text()
+    assert "keep me" in text and "keep too" in text and "new table" in text and "old" not in text
+    doc.write_text("# Benchmarks\n")
+    bench.write_section(bench.SECTION + "\n\nfirst\n")
+    assert doc.read_text().endswith("first\n")
+
+
+def test_tree_helpers(tmp_path):
+    root = tmp_path / "t"
+    for i in range(20):
+        p = root / f"d{i % 3}" / f"f{i}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([i]) * (100 + i))
+    (root / "locks").mkdir()
+    (root / "locks" / "x.lock").write_text("")
+    files = bench.tree_files(root)
+    assert len(files) == 20
+    target = tmp_path / "copy"
+    bench.copy_tree(root, target)
+    assert bench.check_loaded(target, files) is None
+    assert bench.remove_some(target, files, seed=1) == 2
+    assert "2 of 20" in bench.check_loaded(target, files)
+    assert bench.add_new_files(root, files, seed=1) == 2
+    assert len(bench.tree_files(root)) == 22
