@@ -236,7 +236,7 @@ def _tally(base: str, kill_log: list[dict], crashes: list[str]) -> dict:
                             violations["conflicting-entries-reported"] += 1
                 if not doc.get("ok", True):
                     kind = doc.get("error", "?")
-                    errors[kind] += 1
+                    errors[f"{op} {kind}"] += 1
                     if kind not in EXPECTED_ERRORS:
                         unexpected[kind] += 1
                         note(f"error:{kind}", f"{op}: {doc.get('msg') or doc.get('reason')}")
