@@ -6,6 +6,7 @@ The full run (64 workers, 200+ kills) is `python -m tools.torture`; this one is 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -79,3 +80,40 @@ def test_crash_between_manifest_and_root_is_repaired_by_a_save_with_nothing_new(
         collect(w.store, scope=w.scope, grace=2)
     res = load_tree(tmp_path / "dst", w.store, w.scope, faults.KEY)
     assert res.misses == [] and res.restored == 6
+
+
+@pytest.mark.timeout(120)
+def test_api_save_into_a_full_volume_fails_cleanly_then_heals(tmp_path):
+    """Through the public API with CAS_RESERVE_MB=0 (the reserve that would refuse up front lowered, so the real
+    ENOSPC path runs): an ERROR naming the full store, no temp file on the volume, nothing previously stored lost;
+    with room again the same save succeeds and a load is complete."""
+    from test_hostile import World, tree, write
+
+    mnt = str(tmp_path / "mnt")
+    try:
+        with faults.tmpfs(mnt, "24m"):
+            w = World(Path(mnt))
+            # Every up-front check passes (1 MiB needed by the API, the raw bytes by cas) while the blobs, at one
+            # 8 KiB tmpfs allocation each, do not fit: the save meets ENOSPC for real.
+            w.environ.update(CAS_RESERVE_MB="0", MIN_B10FS_SPACE_MB="0", MAX_CONCURRENT_SAVES="1",
+                             MAX_CACHE_SIZE_MB="1")
+            write(w.local, {"a/first": b"first " * 1000})
+            (out,), _ = w.api("save")
+            assert out["status"] == "SUCCESS", out
+            before = w.store_blobs()
+            write(w.local, {f"b/{i}": os.urandom(4200) for i in range(200)})  # 840 KB raw, incompressible
+            filler = faults._fill(mnt, 1_150_000)
+            results, log = w.api("save")
+            status, reason = results[-1]["status"], results[-1]["stats"]["reason"]
+            assert status == "ERROR" and "NoSpace" in reason and "full" in reason, reason
+            temps = [p for p in Path(mnt, "volume").rglob(".tmp-*")]
+            assert not temps, temps
+            after = w.store_blobs()
+            assert all(after.get(k) == v for k, v in before.items()), "a failed save lost stored blobs"
+            os.unlink(filler)
+            fresh = Path(mnt) / "fresh"
+            results, _ = w.api("save", f"load:{fresh}")
+            assert [r["status"] for r in results] == ["SUCCESS", "SUCCESS"], results
+            assert tree(fresh) == tree(w.local)
+    except faults.Skip as exc:
+        pytest.skip(str(exc))
