@@ -403,6 +403,29 @@ def _cmd_die_holding(argv: list[str]) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _cmd_count(argv: list[str]) -> None:
+    """count LOCK COUNTER LOG N [--ready]: N times, under the lock, read the counter, write it + 1 (temp + rename) and
+    append the value written to LOG. Two holders at once would write the same value twice."""
+    from cas import LockFile
+
+    lock_path, counter, log_path, n = argv[0], argv[1], argv[2], int(argv[3])
+    if "--ready" in argv:
+        print("READY", flush=True)
+    with open(log_path, "a") as log:
+        for _ in range(n):
+            with LockFile(lock_path, timeout=120, stale_after=3600):
+                with open(counter) as fh:
+                    value = int(fh.read() or 0) + 1
+                tmp = f"{counter}.{os.getpid()}"
+                with open(tmp, "w") as fh:
+                    fh.write(str(value))
+                os.rename(tmp, counter)
+                log.write(f"{value}\n")
+                log.flush()
+    print(json.dumps({"done": n}), flush=True)
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
-    {"save": _cmd_save, "load": _cmd_load, "slot": _cmd_slot, "die-holding": _cmd_die_holding}[cmd](rest)
+    {"save": _cmd_save, "load": _cmd_load, "slot": _cmd_slot, "die-holding": _cmd_die_holding,
+     "count": _cmd_count}[cmd](rest)

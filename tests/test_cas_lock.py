@@ -334,3 +334,34 @@ def test_holder_killed_while_creating_the_lock_leaves_no_unattributable_lock(tmp
     assert lock.try_acquire()  # at once
     lock.release()
     assert [n for n in os.listdir(tmp_path) if not n.startswith(".tmp-")] == []
+
+
+@pytest.mark.timeout(240)
+def test_mutual_exclusion_across_processes_with_kills(tmp_path):
+    """8 processes increment a shared counter under one lock file; 2 are SIGKILLed at random moments (possibly while
+    holding it). No value is ever written twice (no two holders), and the survivors finish (dead holders' locks are
+    broken at once: stale_after is an hour)."""
+    import random as _random
+
+    rng = _random.Random(5)
+    lock, counter = tmp_path / "c.lock", tmp_path / "counter"
+    counter.write_text("0")
+    procs = [spawn(["count", lock, counter, tmp_path / f"log{i}", 25, "--ready"]) for i in range(8)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "READY"
+    victims = rng.sample(range(8), 2)
+    for i in victims:
+        time.sleep(rng.uniform(0, 0.3))
+        procs[i].kill()
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=200)
+        assert p.returncode == (-9 if i in victims else 0) or (i in victims and p.returncode == 0), err[-2000:]
+    values = []
+    for i in range(8):
+        values += [int(v) for v in (tmp_path / f"log{i}").read_text().split()]
+    assert len(values) == len(set(values)), "a value was written twice: two processes held the lock at once"
+    final = int(counter.read_text())
+    assert max(values) <= final <= max(values) + len(victims)  # a victim may die between rename and log
+    survivors = [i for i in range(8) if i not in victims]
+    for i in survivors:
+        assert len((tmp_path / f"log{i}").read_text().split()) == 25
