@@ -18,8 +18,10 @@ def _fake_bench():
         put(v, "synthetic", "full load", "cp -r", [0.8, 0.9, 0.7], "OK")
         put(v, "synthetic", "partial load (10% missing)", "ours", [0.2])
         put(v, "synthetic", "partial load (10% missing)", "peer", [0.01], "SKIPPED")
-        put(v, "synthetic", "first save", "ours", [5.0])
-        put(v, "synthetic", "first save", "peer", [7.0])
+        put(v, "synthetic", "first save (new volume)", "ours", [5.0])
+        put(v, "synthetic", "first save (new volume)", "peer", [7.0])
+        put(v, "synthetic", "first save (org store exists)", "ours", [3.5])
+        put(v, "synthetic", "first save (org store exists)", "peer", [7.0])
         put(v, "synthetic", "no-op save", "ours", [0.3], "SKIPPED")
         put(v, "synthetic", "no-op save", "peer", [0.01], "SKIPPED")
         put(v, "synthetic", "incremental save (+10% files)", "ours", [0.9])
@@ -42,7 +44,8 @@ def test_render_has_every_scenario_ratio_and_goal():
     assert "| slowfs | synthetic | full load | 1.10 s | 3.00 s | 0.37 |" in text
     assert "peer cannot: SKIPPED" in text and "vs peer's full load" in text
     assert "| synthetic: slowfs full load ≤ 0.5× peer | 0.37× | yes |" in text
-    assert "| synthetic: slowfs first save ≤ 1.0× peer | 0.71× | yes |" in text
+    assert "| synthetic: slowfs first save (new volume) ≤ 1.0× peer | 0.71× | yes |" in text
+    assert "| synthetic: slowfs first save (org store exists) ≤ 1.0× peer | 0.50× | yes |" in text
     assert "no-op save ≤ 50 ms (680 files) | 300 ms | **no** |" in text
 
 

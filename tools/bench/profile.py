@@ -29,8 +29,8 @@ _lock = threading.Lock()
 
 
 def timed(owner, name: str, label: str | None = None) -> None:
-    orig = getattr(owner, name)
-    if getattr(orig, "_profiled", False):
+    orig = getattr(owner, name, None)
+    if orig is None or getattr(orig, "_profiled", False):  # renamed since: profile what is there
         return
 
     @functools.wraps(orig)
@@ -74,8 +74,8 @@ def instrument() -> None:
     timed(save, "scan", "save: scan local tree")
     timed(save, "_hash_all", "save: hash (index lookups + blake3)")
     timed(save, "_read_or_none", "save: read manifest")
-    if hasattr(save, "nothing_new"):
-        timed(core, "nothing_new", "core: nothing_new pre-check")
+    timed(save, "_read_current", "save: read manifest")
+    timed(core, "nothing_new", "core: nothing_new pre-check")
     timed(save, "_commit", "save: commit (lock, manifest, blob, root)")
     if hasattr(save, "_repair_root"):
         timed(save, "_repair_root", "save: no-op root check")
@@ -98,6 +98,16 @@ def instrument() -> None:
     timed(lock.LockFile, "acquire", "LockFile.acquire")
     timed(lock.LockFile, "release", "LockFile.release")
     _ = (environment, space)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def main() -> int:
@@ -148,14 +158,20 @@ def main() -> int:
             PHASES.clear()
             ctx = nullcontext() if a.local else mounted(backing, mnt, delay_ms=a.delay_ms)
             with ctx as m:
+                server0 = _cpu_s(m.pid) if m is not None else 0.0
+                client0 = sum(os.times()[:2])
                 t0 = time.perf_counter()
                 status = (b10_transfer.load_compile_cache if "load" in op else b10_transfer.save_compile_cache)()
                 dt = time.perf_counter() - t0
+                client_cpu = sum(os.times()[:2]) - client0
+                server_cpu = _cpu_s(m.pid) - server0 if m is not None else 0.0
             counts = {} if m is None else {k: v for k, v in sorted(m.op_counts.items(), key=lambda kv: -kv[1])}
-            report[op] = {"seconds": dt, "status": status.name, "requests": counts,
+            report[op] = {"seconds": dt, "status": status.name, "requests": counts, "client_cpu_s": client_cpu,
+                          "server_cpu_s": server_cpu,
                           "phases": {k: {"calls": v[0], "seconds": round(v[1], 4)} for k, v in PHASES.items()}}
             reqs = sum(v for k, v in counts.items() if not k.endswith("_bytes") and k != "in_flight_max")
-            print(f"\n== {op}: {dt * 1000:.0f} ms, {status.name}, {reqs} requests: "
+            print(f"\n== {op}: {dt * 1000:.0f} ms, {status.name}, CPU: ours {client_cpu:.2f} s, slowfs server "
+                  f"{server_cpu:.2f} s ({server_cpu / max(reqs, 1) * 1e6:.0f} us/request); {reqs} requests: "
                   + ", ".join(f"{k} {v}" for k, v in counts.items()))
             for k, (n, s) in sorted(PHASES.items(), key=lambda kv: -kv[1][1]):
                 print(f"   {s * 1000:9.1f} ms  {n:5d}x  {k}")
