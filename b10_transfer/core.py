@@ -136,7 +136,8 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     require_free(target, s.required_local_space_bytes(_incoming_bytes(target, manifest)), "restoring the cache")
     store = BlobStore(s.store_root(), create=False)
     target.mkdir(parents=True, exist_ok=True)
-    res = load_tree(target, store, scope, key, threads=s.io_threads, manifest=manifest)
+    res = load_tree(target, store, scope, key, threads=s.io_threads, manifest=manifest,
+                    temp_expiry=s.cleanup_incomplete_timeout_s)
     if not res.manifest_found:  # removed between our read and load_tree's
         stats.reason = "no manifest for this environment"
         return OperationStatus.DOES_NOT_EXIST
@@ -223,6 +224,7 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     stats.files_transferred = res.blobs_uploaded
     stats.bytes_transferred = res.bytes_uploaded
     stats.files_skipped = res.files - res.blobs_uploaded  # already recorded, or content the store already had
+    stats.bytes_skipped = res.bytes - res.raw_bytes_uploaded
     if res.skipped_changed:
         stats.reason = f"{res.skipped_changed} files changed while saving; the next save records them"
     stats.new_entries = res.new_entries

@@ -29,7 +29,7 @@ class OperationStats:
     files_transferred: int = 0  # restored (load) or uploaded as new blobs (save)
     bytes_transferred: int = 0  # raw bytes restored (load) / compressed bytes uploaded (save)
     files_skipped: int = 0  # already present locally (load) / already recorded or already in the store (save)
-    bytes_skipped: int | None = None  # raw bytes of the above; None where the store does not report it (save)
+    bytes_skipped: int | None = None  # raw bytes of the above
     new_entries: int = 0  # save: manifest entries added or changed
     misses: int = 0  # load: entries that could not be restored (corrupt/missing blob); they just recompile
     corrupt: int = 0

@@ -60,8 +60,10 @@ def load_tree(
     threads: int = DEFAULT_THREADS,
     verify: bool = False,
     manifest: Manifest | None = None,
+    temp_expiry: float = TEMP_EXPIRY,
 ) -> LoadResult:
-    """`manifest`: the manifest of `env_key` if the caller has just read it (spares a second read)."""
+    """`manifest`: the manifest of `env_key` if the caller has just read it (spares a second read).
+    `temp_expiry`: temp files in the target older than this many seconds are a dead load's leftovers."""
     check_env_key(env_key)
     started = time.monotonic()
     result = LoadResult()
@@ -78,7 +80,7 @@ def load_tree(
         os.makedirs(dst, exist_ok=True)
     except OSError as exc:
         raise _local_error(exc, dst) from exc
-    _remove_old_temp_files(dst)
+    _remove_old_temp_files(dst, temp_expiry)
     target = TargetDir(dst)
 
     todo = [(p, e) for p, e in manifest.entries.items() if not _already_there(target.root, p, e, verify)]
@@ -191,8 +193,8 @@ def _local_error(exc: OSError, where: str) -> Exception:
     return StoreUnavailable(f"{where}: {exc.strerror or exc}")
 
 
-def _remove_old_temp_files(root: str) -> None:
-    cutoff = time.time() - TEMP_EXPIRY
+def _remove_old_temp_files(root: str, expiry: float) -> None:
+    cutoff = time.time() - expiry
     for directory, dirs, names in os.walk(root):
         for name in names:
             if name.startswith(TEMP_PREFIX):

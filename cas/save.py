@@ -40,6 +40,7 @@ class SaveResult:
     new_entries: int = 0  # entries added or changed in the manifest
     blobs_uploaded: int = 0
     bytes_uploaded: int = 0  # compressed bytes written to the store
+    raw_bytes_uploaded: int = 0  # the same blobs' uncompressed size
     blobs_present: int = 0  # blobs the store already had (dedup hits)
     skipped_changed: int = 0  # files that changed while being saved (left for the next save)
     manifest_written: bool = False
@@ -101,6 +102,7 @@ def save_tree(
             else:
                 result.blobs_uploaded += 1
                 result.bytes_uploaded += written
+                result.raw_bytes_uploaded += by_id[bid].size
     _faults.checkpoint("uploaded")
 
     if delta or audit:
