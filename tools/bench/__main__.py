@@ -615,7 +615,53 @@ def render(b: Bench, command: str, started: float, elapsed: float) -> str:
         for n in b.notes:
             lines.append(f"- {n}")
     lines.append("")
+    lines.append(FINDINGS)
     return "\n".join(lines)
+
+
+# Where the time goes: from `python -m tools.bench.profile` (ours in-process, one slowfs mount per operation, synthetic
+# tree of 680 files / 56.6 MB, 2 ms per request), 2026-11-27. Kept by hand: update it when the design changes.
+FINDINGS = """### Where our time goes (profile, slowfs 2 ms, synthetic tree)
+
+`.venv/bin/python -m tools.bench.profile` runs each operation of ours in its own slowfs mount and prints the
+requests it sent and a wall-clock breakdown by function. On 2026-11-27:
+
+| operation | wall | requests | biggest parts |
+|---|---|---|---|
+| first save, new volume | 8.0-9.4 s | 11,400-12,000 (7,000 lookups/getattrs, 687 creates, 685 fsyncs, 683 renames, 522 mkdirs) | creating the store's 512 fan-out dirs 3.6 s (5.4 s before they were made from 32 threads; the kernel serialises mkdir under one parent, so blobs/ and trash/ are two serial streams); 680 uploads 3.8-4.8 s; hashing 150 ms; commit 150-170 ms |
+| full load | 1.0-1.9 s | 5,900 (8.7 per blob: lookup, open, fstat, the read's getattr, read, flush, release) | restores; the manifest was read twice and the root refresh (scope.id, root stat, server-clock probe: 31-35 ms) ran after the last restore, both fixed |
+| partial load (68 of 680 missing) | 250-390 ms | 670 | fixed costs (manifest, store, root refresh) ~100 ms, then 68 restores |
+| incremental save (+68 files) | 0.9 s | 1,070 | 68 uploads; commit 150 ms (manifest lock create+release 40-50 ms, manifest write 20 ms, manifest blob 30-40 ms, root) |
+| no-op save | 230-310 ms | 95, now 67 | b10_transfer's settings and volume checks: 23 requests (path resolution of B10FS_CACHE_DIR and the org dir alone: 19 getattrs); manifest read ~9; store open ~6; root check (scope.id + root) ~12; scanning the 680 local files 60-110 ms at load average 20+ |
+
+- **Requests per blob** are the cost: a new blob costs ~12 requests (2 existence lookups: blob and trash; temp
+  create 2; the fstat of Python's file object 1; fsync 1; flush + release 2; rename 2), a restored one ~8.7. The
+  peer moves one archive: 20-100 requests per operation. Removing the file object's fstat cut save requests by 5%
+  with no measurable time gain, so it was not kept.
+- **The slowfs server is CPU, too.** It is Python on the same 2 cores: 74-222 µs of CPU per request (2.7 s of
+  server CPU for a first save, on top of 1.7-1.9 s of ours). Request count is paid twice here, in latency and in
+  CPU; a real NFS server has its own CPUs, and an NFS client caches directory attributes for 30-60 s where slowfs
+  caches none, so the repeated stats of directories weigh more here than on the real volume.
+- **Threads** (B10_TRANSFER_IO_THREADS): slowfs full load 3.4 s at 4, 1.85 s at 8, 1.26 s at 16, 1.03 s at 32,
+  1.33 s at 64; first save 13.1 / 10.8 / 9.2 / 8.9 / 8.4 s. On local disk 8-64 are within noise. 32 stays.
+- **Compression**: zstd-3 per file gives 15.16 MB for the synthetic tree in 1.26 s of CPU; zstd-6 14.89 MB (4.3 s),
+  zstd-9 14.48 MB (8.5 s), zstd-19 12.93 MB (149 s); the peer's solid tar.gz 14.2-14.3 MB. Level 3 stays: higher
+  levels cost seconds per first save for 2-4% less space. Per-file compression cannot use redundancy across files
+  as a solid archive does, hence storage 1.10× the peer's archive even when deduplicated 5 ways.
+- **Hashing** (blake3) is 150 ms for 56.6 MB cold and 18 ms with the stat index: not a bottleneck.
+- **fsync**: one per blob (685 per first save), required by FORMAT (durable before the manifest names it); they run
+  in parallel with other blobs' requests.
+- **Server-clock probe** (a file written and stat'ed once per store object, 21-25 ms) and **root refresh**: now off
+  the load's critical path. **scope.id** is read once per load/save (4-6 requests).
+- **Design change the numbers call for (not made: it changes the on-disk format).** One file per blob cannot reach
+  the slow-volume goals for trees of hundreds of small files: even with perfect 32-way parallelism the floor is
+  680 × 12 × 2 ms / 32 = 0.5 s of latency for a save and 0.37 s for a load, plus the server's CPU per request, and
+  the store holds one inode per artifact. Packing small blobs into pack files of a few MB with an index of
+  (blob id, pack, offset, length), as restic does, would turn ~12,000 requests into ~100 for a first save and
+  ~5,900 into ~50 for a full load, keep dedup by blob id, and cut inodes ~100×; gc then has to repack
+  partly-live packs. Smaller spec-text change: create fan-out dirs lazily (put_file already recreates a missing
+  one) instead of all 512 when a store is created, which is most of a new store's first save for a small tree.
+"""
 
 
 def write_section(text: str) -> None:
