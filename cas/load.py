@@ -42,6 +42,7 @@ class LoadResult:
     present: int = 0  # already in the target with the right size (and hash, with verify)
     bytes_restored: int = 0
     corrupt: int = 0  # blobs that failed verification (quarantined)
+    missing: int = 0  # blobs in neither blobs/ nor trash/
     misses: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
 
@@ -101,6 +102,7 @@ def load_tree(
             with lock:
                 result.misses.append((path, str(exc)))
                 result.corrupt += isinstance(exc, BlobCorrupt)
+                result.missing += isinstance(exc, BlobMissing)
             return
         except NoSpace:
             abort.set()
@@ -118,6 +120,8 @@ def load_tree(
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
+    if result.corrupt or result.missing:
+        scope.request_audit(env_key)  # so the next save uploads these files again
     if restored:
         index = Index(target.root)
         for path, st, blob_id in restored:

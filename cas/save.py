@@ -77,8 +77,9 @@ def save_tree(
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-save") as pool:
         data, current = _read_current(scope, env_key)
         # A manifest whose gc root is missing or names another manifest may reference blobs gc has collected
-        # (its root died, or a save died between manifest and root): audit it instead of trusting it.
-        audit = current is not None and not _root_names(store, scope, env_key, data)
+        # (its root died, or a save died between manifest and root), and a loader that missed a blob asks for
+        # an audit: re-check every entry instead of trusting the manifest.
+        audit = current is not None and _needs_audit(store, scope, env_key, data)
         delta = dict(entries) if audit or current is None else current.changes_from(entries)
         if not delta and not audit:
             result.seconds = time.monotonic() - started
@@ -144,7 +145,7 @@ def nothing_new(
         store = BlobStore(store_root, create=False)
     except Exception:  # noqa: BLE001 - no store or not readable: let save_tree say what is wrong
         return None
-    if not _root_names(store, scope, env_key, data):
+    if _needs_audit(store, scope, env_key, data):
         return None  # save_tree audits the manifest
     return len(files)
 
@@ -220,6 +221,10 @@ def _read_current(scope: Scope, env_key: str) -> tuple[bytes | None, Manifest | 
     return data, manifest if manifest.env_key == env_key else None
 
 
+def _needs_audit(store: BlobStore, scope: Scope, env_key: str, data: bytes | None) -> bool:
+    return scope.audit_requested(env_key) or not _root_names(store, scope, env_key, data)
+
+
 def _root_names(store: BlobStore, scope: Scope, env_key: str, data: bytes | None) -> bool:
     """True if the gc root of this manifest exists and names exactly these manifest bytes (FORMAT §4)."""
     if data is None:
@@ -238,14 +243,14 @@ def _root_names(store: BlobStore, scope: Scope, env_key: str, data: bytes | None
 def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS):
     """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written).
 
-    An audit (the manifest's root was missing or stale) also drops entries whose blob is gone from the store, so
+    An audit (the manifest's root was missing or stale, or a loader asked for one) also drops entries whose blob is gone from the store, so
     replicas stop asking for them and the files this or a later replica compiles are uploaded again."""
     with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
         _faults.checkpoint("locked")
         data, current = _read_current(scope, env_key)
         current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
         changes = current.changes_from(delta)
-        audit = audit and not _root_names(store, scope, env_key, data)  # a concurrent save may have fixed it
+        audit = audit and _needs_audit(store, scope, env_key, data)  # a concurrent save may have done it
         dropped: list[str] = []
         if audit:
             others = {p: e for p, e in current.entries.items() if p not in delta}
@@ -256,6 +261,7 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         if not changes and not dropped:
             if audit:  # every blob is there: the root just has to name this manifest again
                 _write_root(store, scope, env_key, data)
+                scope.clear_audit(env_key)
             return 0, False  # a concurrent replica already recorded the same content
         merged = current.merged(changes, env)
         for path in dropped:
@@ -271,6 +277,8 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         except OSError as exc:
             raise _store_error(exc, store) from exc
         _write_root(store, scope, env_key, data)
+        if audit:
+            scope.clear_audit(env_key)
         return len(changes) + len(dropped), True
 
 

@@ -69,6 +69,26 @@ class Scope:
         path = os.path.join(self.manifests, check_env_key(env_key) + ".lock")
         return LockFile(path, timeout=timeout, stale_after=stale_after)
 
+    def audit_path(self, env_key: str) -> str:
+        return os.path.join(self.manifests, check_env_key(env_key) + ".audit")
+
+    def request_audit(self, env_key: str) -> None:
+        """A reader found a blob this manifest references missing or corrupt: ask the next save to re-check every
+        entry (FORMAT §3). Best effort: a read-only volume just keeps missing."""
+        try:
+            os.close(os.open(self.audit_path(env_key), os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
+
+    def audit_requested(self, env_key: str) -> bool:
+        return os.path.exists(self.audit_path(env_key))
+
+    def clear_audit(self, env_key: str) -> None:
+        try:
+            os.unlink(self.audit_path(env_key))
+        except FileNotFoundError:
+            pass
+
     def env_keys(self) -> list[str]:
         try:
             names = os.listdir(self.manifests)

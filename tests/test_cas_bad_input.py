@@ -79,9 +79,6 @@ def test_corrupt_blob_is_a_quarantined_miss(tmp_path, saved, kind):
     assert len(q) == 1 and q[0].startswith(entry.blob_id + ".")
 
 
-@pytest.mark.xfail(strict=True, reason="a save whose entries are all in the manifest returns before checking that "
-                   "their blobs still exist, so a quarantined (or lost) blob is never uploaded again and every "
-                   "later load misses that file")
 def test_quarantined_blob_is_uploaded_again_by_next_save(tmp_path, saved):
     store, scope = saved
     entry = manifest_entries(scope)["a/one.py"]

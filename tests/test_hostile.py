@@ -417,8 +417,6 @@ def test_planted_or_corrupt_blob_is_a_quarantined_miss(world, kind):
     world.verify_store()
 
 
-@pytest.mark.xfail(reason="known (tests/test_cas_bad_input.py xfail): a save whose entries are all in the manifest "
-                   "returns before checking their blobs exist, so a quarantined blob is never uploaded again")
 def test_quarantined_blob_is_uploaded_again_by_the_next_save(world):
     e = _entry(world, "fxgraph/xy/key/0")
     _blob_path(world, e.blob_id).write_bytes(b"garbage")
