@@ -5,12 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, blake3, zstandard, msgpack, filelock, pytest, hypothesis, cas, b10_transfer" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, blake3, zstandard, msgpack, filelock, pytest, hypothesis, mfusepy, cas, b10_transfer" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   # torch 2.13.0 CPU: pip takes it from the machine's local wheel; a range would pull a multi-GB CUDA build.
   "$VENV/bin/pip" install -q "torch==2.13.0"
   "$VENV/bin/pip" install -q -e ".[test]"
+fi
+# FUSE (for tools/slowfs and its tests): best effort, the tests skip with a reason without it.
+if ! command -v fusermount3 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -q fuse3 >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fuse3 >/dev/null 2>&1; }) || true
 fi
 job=${1:-test}; shift || true
 case "$job" in
