@@ -189,7 +189,9 @@ class BlobStore:
         """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2). None if absent."""
         path = self.blob_path(blob_id)
         try:
-            return os.stat(path)
+            st = os.lstat(path)
+            # Only a regular file is a blob: a planted symlink, FIFO or directory is absent (a save replaces it).
+            return st if stat_mod.S_ISREG(st.st_mode) else None
         except FileNotFoundError:
             pass
         try:
@@ -242,7 +244,13 @@ class BlobStore:
             raise
         os.close(fd)
         try:
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except (IsADirectoryError, NotADirectoryError, OSError) as exc:
+                if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                self.quarantine(blob_id)  # something planted at the blob's name: set it aside, store the real one
+                os.rename(tmp, final)
         except BaseException:
             _unlink(tmp)
             raise
