@@ -206,9 +206,10 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
+        """An idle worker exits at EOF at once; one still busy (Ctrl-C mid-operation) is killed with its children."""
         try:
             self.proc.stdin.close()
-            self.proc.wait(10)
+            self.proc.wait(3)
         except Exception:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
