@@ -343,6 +343,10 @@ def _trash(store: BlobStore, b: BlobInfo, cutoff: float) -> bool:
         if os.stat(b.path).st_mtime >= cutoff:
             return False
         dest = store.trash_path(b.id)
+        # Trash time (server clock) first, then the rename, which keeps it: a gc killed in between leaves a blob
+        # that is merely younger, never one in trash with its old mtime that the next run would delete at once,
+        # skipping the second grace period (FORMAT §5).
+        os.utime(b.path, None)
         try:
             os.rename(b.path, dest)
         except FileNotFoundError:
@@ -351,7 +355,6 @@ def _trash(store: BlobStore, b: BlobInfo, cutoff: float) -> bool:
                 os.rename(b.path, dest)
             else:
                 return False
-        os.utime(dest, None)  # trash time, by the server's clock, starts the second grace period
         _faults.checkpoint("gc-trashed")
         return True
     except FileNotFoundError:
