@@ -117,3 +117,31 @@ def test_api_save_into_a_full_volume_fails_cleanly_then_heals(tmp_path):
             assert tree(fresh) == tree(w.local)
     except faults.Skip as exc:
         pytest.skip(str(exc))
+
+
+def test_gc_dying_between_trash_rename_and_stamp_keeps_the_second_grace_period(tmp_path, monkeypatch):
+    """gc moved a garbage blob to trash and then set its trash time: a gc killed between the two left the blob in
+    trash with its old mtime, and the next gc deleted it at once instead of a grace period later (FORMAT §5: trash
+    is emptied only a further grace period after the blob went there). Simulated by dying at the first utime."""
+    import cas.gc as gc_mod
+    from cas.gc import collect
+
+    w = faults.World(str(tmp_path), freshen_after=1)
+    w.save(faults.keys("live", 3))
+    orphan = w.store.put_bytes(b"an orphan blob nobody references")
+    faults._age(w.store, "blobs", 60)
+
+    class Died(BaseException):
+        pass
+
+    real_utime = os.utime
+
+    def die(path, *a, **kw):
+        raise Died(path)
+
+    monkeypatch.setattr(gc_mod.os, "utime", die)
+    with pytest.raises(Died):
+        collect(w.store, scope=w.scope, grace=2)
+    monkeypatch.setattr(gc_mod.os, "utime", real_utime)
+    collect(w.store, scope=w.scope, grace=2)
+    assert os.path.exists(w.store.trash_path(orphan)), "trashed and deleted in one run: no second grace period"
