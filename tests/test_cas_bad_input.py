@@ -115,6 +115,7 @@ def test_missing_blob_is_a_miss(tmp_path, saved):
 def test_blob_in_trash_is_brought_back(tmp_path, saved):
     store, scope = saved
     entry = manifest_entries(scope)["b/three.bin"]
+    os.makedirs(os.path.dirname(store.trash_path(entry.blob_id)), exist_ok=True)  # trash fan-out is lazy
     os.rename(store.blob_path(entry.blob_id), store.trash_path(entry.blob_id))
     res = load_tree(tmp_path / "dst", store, scope, ENV_KEY)
     assert res.misses == []

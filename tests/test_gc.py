@@ -154,6 +154,7 @@ def test_live_blob_found_in_trash_is_put_back_not_deleted(env):
     store, a, _, tmp = env
     save_tree(write_tree(tmp / "ta", {"a/x.py": content("X")}), store, a, "gpu1")
     (blob,) = ids_of(a, "gpu1")
+    os.makedirs(os.path.dirname(store.trash_path(blob)), exist_ok=True)  # trash fan-out is lazy
     os.rename(store.blob_path(blob), store.trash_path(blob))  # as if a save raced phase one
     age_all(store, 10 * GRACE, "trash")
     res = collect(store, scope=a, grace=GRACE)
@@ -318,6 +319,7 @@ def test_deployment_revived_after_its_root_died_gets_its_blobs_back(env):
 def test_gc_stops_when_another_collector_took_its_lock(env):
     store, a, _, _ = env
     old_trash = store.put_bytes(content("trashed long ago"))
+    os.makedirs(os.path.dirname(store.trash_path(old_trash)), exist_ok=True)  # trash fan-out is lazy
     os.rename(store.blob_path(old_trash), store.trash_path(old_trash))
     age_all(store, 10 * GRACE, "trash")
     lock_path = os.path.join(store.root, "locks", "gc.lock")

@@ -511,7 +511,8 @@ def test_symlinked_fanout_directory_in_the_store(world):
     (world.outside / victim_id).write_bytes(b"not ours")
     os.utime(world.outside / victim_id, (1, 1))
     tfan = world.store / "trash" / e.blob_id[:2]
-    tfan.rmdir()
+    if tfan.exists():  # trash fan-out directories are made by gc on first use
+        tfan.rmdir()
     tfan.symlink_to(world.outside)
     res = collect(BlobStore(world.store, create=False), grace=7200)
     assert (world.outside / victim_id).read_bytes() == b"not ours"
