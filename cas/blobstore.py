@@ -296,20 +296,31 @@ class BlobStore:
 
     def put_bytes(self, data: bytes) -> str:
         """Store an in-memory blob (a manifest). Returns its id."""
+        return self.put_bytes_sized(data)[0]
+
+    def put_bytes_sized(self, data: bytes) -> tuple[str, int]:
+        """Store an in-memory blob (a manifest, a pack). Returns its id and the bytes written (0: already stored,
+        now freshened)."""
         blob_id = blake3.blake3(data).hexdigest()
         if self.stat(blob_id) is not None:
             os.utime(self.blob_path(blob_id), None)
-            return blob_id
+            return blob_id, 0
         final = self.blob_path(blob_id)
         self._refuse_planted_dir(os.path.dirname(final))
         tmp = temp_path_beside(final)
-        write_file(tmp, self._cctx.compress(data))
         try:
+            frame = self._cctx.compress(data)
+            write_file(tmp, frame)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(final), exist_ok=True)  # fan-out dir removed by hand; recreate
+            write_file(tmp, frame)
+        try:
+            _faults.checkpoint("blob-written")
             os.rename(tmp, final)
         except BaseException:
             _unlink(tmp)
             raise
-        return blob_id
+        return blob_id, len(frame)
 
     def compressed_size(self, src: str) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""
@@ -341,6 +352,28 @@ class BlobStore:
                 self.quarantine(blob_id)
                 raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
 
+    def get_bytes(self, blob_id: str, max_size: int) -> bytes:
+        """A whole blob in memory, verified (a pack, FORMAT §2): as get_into, with the size taken from the frame and
+        refused above `max_size`. Raises BlobMissing, or BlobCorrupt after moving the blob to quarantine."""
+        path = self.blob_path(blob_id)
+        try:
+            try:
+                fh = _open_blob(path)
+            except FileNotFoundError:
+                if self.stat(blob_id) is None:  # maybe in trash
+                    raise BlobMissing(f"blob {blob_id} not in store") from None
+                fh = _open_blob(path)
+            with fh:
+                # One bounded read: a frame of at most max_size bytes cannot take more than compress_bound of them.
+                data = fh.read(compress_bound(max_size) + 1)
+            claimed = _frame_size(data)
+            if claimed > max_size:
+                raise _Invalid(f"claims {claimed} bytes, limit {max_size}")
+            return _decode_whole(data, blob_id, claimed)
+        except _Invalid as exc:
+            self.quarantine(blob_id)
+            raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
+
     def read_bytes(self, blob_id: str, max_size: int) -> bytes:
         """Whole blob in memory, verified; for manifests and other small blobs."""
         import io
@@ -369,19 +402,7 @@ class BlobStore:
             raise _Invalid(f"{st.st_size} stored bytes cannot encode {size} bytes")
         hasher = blake3.blake3()
         if st.st_size <= WHOLE_FILE_LIMIT and size <= WHOLE_FILE_LIMIT:  # a small blob can claim a huge size
-            data = fh.read(st.st_size + 1)
-            if _frame_size(data) != size:
-                raise _Invalid(f"frame claims {_frame_size(data)} bytes, manifest says {size}")
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-            except zstandard.ZstdError as exc:
-                raise _Invalid(f"undecodable: {exc}") from None
-            if len(raw) != size:
-                raise _Invalid(f"decoded {len(raw)} bytes, expected {size}")
-            hasher.update(raw)
-            if hasher.hexdigest() != blob_id:
-                raise _Invalid("content does not match id")
-            out.write(raw)
+            out.write(_decode_whole(fh.read(st.st_size + 1), blob_id, size))
             return
         header = fh.read(18)
         if _frame_size(header) != size:
@@ -483,6 +504,21 @@ def _open_blob(path: str) -> BinaryIO:
     except IsADirectoryError:  # FileIO refuses directories: a planted directory is a bad blob, not a crash
         os.close(fd)
         raise _Invalid("is a directory") from None
+
+
+def _decode_whole(data: bytes, blob_id: str, size: int) -> bytes:
+    """Decode one in-memory frame that must hold exactly `size` bytes hashing to `blob_id`."""
+    if _frame_size(data) != size:
+        raise _Invalid(f"frame claims {_frame_size(data)} bytes, expected {size}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise _Invalid(f"undecodable: {exc}") from None
+    if len(raw) != size:
+        raise _Invalid(f"decoded {len(raw)} bytes, expected {size}")
+    if blake3.blake3(raw).hexdigest() != blob_id:
+        raise _Invalid("content does not match id")
+    return raw
 
 
 def _frame_size(header: bytes) -> int:

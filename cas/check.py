@@ -116,10 +116,10 @@ def check(
         res.manifests += 1
         res.entries += len(manifest.entries)
         for path, entry in sorted(manifest.entries.items()):
-            if entry.blob_id in referenced:
+            if entry.stored_id in referenced:
                 continue
-            referenced.add(entry.blob_id)
-            _check_present(store, entry.blob_id, blobs, trash, f"{where}: {path}", res)
+            referenced.add(entry.stored_id)
+            _check_present(store, entry.stored_id, blobs, trash, f"{where}: {path}", res)
 
     roots = list(iter_roots(store))
     for i, item in enumerate(roots):

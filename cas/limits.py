@@ -18,3 +18,6 @@ MAX_ENV_ITEMS = 64
 MAX_ENV_VALUE_BYTES = 1024
 # Root records and lock files are a few hundred bytes; anything larger is not ours.
 MAX_SMALL_FILE_BYTES = 64 << 10
+# A pack's uncompressed content (FORMAT §2): small enough to decode in memory, large enough that a cache of
+# thousands of small files needs a handful of packs. Readers refuse packs and packed entries beyond it.
+MAX_PACK_BYTES = 8 << 20

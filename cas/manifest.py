@@ -1,4 +1,4 @@
-"""Manifests: path -> (blob id, size, mode) for one deployment and environment (docs/FORMAT.md §3).
+"""Manifests: path -> (blob id, size, mode[, pack, offset]) for one deployment and environment (docs/FORMAT.md §3).
 
 Parsing treats the bytes as hostile: size and count limits are enforced by the msgpack decoder itself, and any
 entry that is not exactly what the format allows rejects the whole manifest.
@@ -14,18 +14,37 @@ from . import limits
 from .errors import ManifestError, UnsafePath
 from .paths import check_entry_path
 
-FORMAT_VERSION = 1
+# 2 added the pack location of small files (entries of five elements). Version 1 manifests are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _ID_BYTES = 32
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One file. `blob_id` is the blake3 of its content. A small file is stored inside a pack (FORMAT §2): `pack` is
+    the id of the pack blob and `offset` where the file starts in the pack's uncompressed content. The location is
+    not part of the file's identity: two entries with the same content are equal wherever they are stored."""
+
     blob_id: str  # 64 lowercase hex digits
     size: int
     mode: int  # permission bits only
+    pack: str | None = field(default=None, compare=False)
+    offset: int = field(default=0, compare=False)
 
-    def pack(self) -> list:
-        return [bytes.fromhex(self.blob_id), self.size, self.mode]
+    @property
+    def stored_id(self) -> str:
+        """The blob the store must keep for this entry: its pack, or the file's own blob."""
+        return self.pack or self.blob_id
+
+    def located(self, pack: str | None, offset: int = 0) -> "Entry":
+        return Entry(self.blob_id, self.size, self.mode, pack, offset)
+
+    def pack_fields(self) -> list:
+        fields = [bytes.fromhex(self.blob_id), self.size, self.mode]
+        if self.pack is not None:
+            fields += [bytes.fromhex(self.pack), self.offset]
+        return fields
 
 
 @dataclass
@@ -41,7 +60,8 @@ class Manifest:
         return sum(e.size for e in self.entries.values())
 
     def blob_ids(self) -> set[str]:
-        return {e.blob_id for e in self.entries.values()}
+        """The blobs this manifest needs the store to keep (packs for packed entries)."""
+        return {e.stored_id for e in self.entries.values()}
 
     def changes_from(self, entries: dict[str, Entry]) -> dict[str, Entry]:
         """The subset of `entries` this manifest does not already hold identically."""
@@ -62,7 +82,7 @@ class Manifest:
                 "env": self.env,
                 "created": float(self.created),
                 "updated": float(self.updated),
-                "entries": {p: e.pack() for p, e in sorted(self.entries.items())},
+                "entries": {p: e.pack_fields() for p, e in sorted(self.entries.items())},
             },
             use_bin_type=True,
         )
@@ -82,7 +102,7 @@ def loads(data: bytes, source: object = "<manifest>") -> Manifest:
             use_list=True,
             max_str_len=limits.MAX_PATH_BYTES,
             max_bin_len=_ID_BYTES,
-            max_array_len=3,
+            max_array_len=5,
             max_map_len=max(limits.MAX_ENTRIES, limits.MAX_ENV_ITEMS),
             object_pairs_hook=_map_without_duplicates,
         )
@@ -97,8 +117,9 @@ def loads(data: bytes, source: object = "<manifest>") -> Manifest:
 
     if not isinstance(doc, dict):
         raise ManifestError(source, f"top level is {type(doc).__name__}, not a map")
-    if doc.get("format") != FORMAT_VERSION:
-        raise ManifestError(source, f"format {doc.get('format')!r}, this code reads {FORMAT_VERSION}")
+    version = doc.get("format")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ManifestError(source, f"format {version!r}, this code reads {READABLE_VERSIONS}")
     env_key = doc.get("env_key")
     if not isinstance(env_key, str):
         raise ManifestError(source, "env_key missing or not a string")
@@ -121,7 +142,7 @@ def loads(data: bytes, source: object = "<manifest>") -> Manifest:
             check_entry_path(path)
         except UnsafePath as exc:
             raise ManifestError(source, f"illegal entry: {exc}") from None
-        entries[path] = _entry(value, path, source)
+        entries[path] = _entry(value, path, source, version)
     return Manifest(env_key, env, entries, float(created), float(updated))
 
 
@@ -140,14 +161,24 @@ def _map_without_duplicates(pairs: list) -> dict:
     return result
 
 
-def _entry(value: object, path: str, source: object) -> Entry:
-    if not (isinstance(value, list) and len(value) == 3):
-        raise ManifestError(source, f"entry {path!r} is not [id, size, mode]")
-    blob, size, mode = value
+def _entry(value: object, path: str, source: object, version: int) -> Entry:
+    lengths = (3, 5) if version >= 2 else (3,)
+    if not (isinstance(value, list) and len(value) in lengths):
+        raise ManifestError(source, f"entry {path!r} is not [id, size, mode] or [id, size, mode, pack, offset]")
+    blob, size, mode = value[:3]
     if not (isinstance(blob, bytes) and len(blob) == _ID_BYTES):
         raise ManifestError(source, f"entry {path!r}: blob id is not {_ID_BYTES} bytes")
     if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= limits.MAX_ENTRY_SIZE):
         raise ManifestError(source, f"entry {path!r}: size {size!r} out of range")
     if not (isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode <= 0o777):
         raise ManifestError(source, f"entry {path!r}: mode {mode!r} out of range")
-    return Entry(blob.hex(), size, mode)
+    if len(value) == 3:
+        return Entry(blob.hex(), size, mode)
+    pack, offset = value[3:]
+    if not (isinstance(pack, bytes) and len(pack) == _ID_BYTES):
+        raise ManifestError(source, f"entry {path!r}: pack id is not {_ID_BYTES} bytes")
+    # A packed file lies wholly inside a pack, whose content is bounded (FORMAT §2): anything else is not ours.
+    if not (isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset
+            and offset + size <= limits.MAX_PACK_BYTES):
+        raise ManifestError(source, f"entry {path!r}: offset {offset!r} puts it outside any pack")
+    return Entry(blob.hex(), size, mode, pack.hex(), offset)

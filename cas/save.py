@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import blake3
 
-from . import _faults, limits
+from . import _faults, limits, pack
 from .blobstore import BlobStore, SourceChanged, hash_file
 from .index import INDEX_NAME, Index
-from .errors import ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
+from .errors import BlobCorrupt, BlobMissing, ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
 from .manifest import Entry, Manifest, loads
 from .roots import parse_root, root_path, write_root
 from .scope import Scope, check_env_key
@@ -31,6 +31,12 @@ log = logging.getLogger("cas.save")
 DEFAULT_THREADS = 32
 # Hashing is local CPU and page-cache work: more threads than cores only adds contention.
 HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
+# Packs built at once: each holds up to 8 MiB of content plus its frame in memory, and compression is CPU work.
+PACK_WRITERS = 4
+# Other deployments' manifests read to find small files the store already holds (dedup across deployments of
+# one model). The most recently used ones with the same environment are the likely twins; each costs a root and a
+# manifest read, so a large organisation does not turn every first save into hundreds of reads.
+PEER_MANIFESTS = 8
 
 
 @dataclass
@@ -38,10 +44,11 @@ class SaveResult:
     files: int = 0  # files in the local tree
     bytes: int = 0  # their raw size
     new_entries: int = 0  # entries added or changed in the manifest
-    blobs_uploaded: int = 0
+    blobs_uploaded: int = 0  # files whose content was written: as loose blobs or inside new packs
+    packs_written: int = 0
     bytes_uploaded: int = 0  # compressed bytes written to the store
     raw_bytes_uploaded: int = 0  # the same blobs' uncompressed size
-    blobs_present: int = 0  # blobs the store already had (dedup hits)
+    blobs_present: int = 0  # file contents the store already had (dedup hits)
     skipped_changed: int = 0  # files that changed while being saved (left for the next save)
     manifest_written: bool = False
     seconds: float = 0.0
@@ -90,20 +97,46 @@ def save_tree(
             _check_cap(files, entries, store, max_stored_bytes, pool)
 
         needed = sorted({e.blob_id for e in delta.values()})
-        present = list(pool.map(store.ensure_fresh, needed))
-        missing = [bid for bid, ok in zip(needed, present) if not ok]
-        result.blobs_present = len(needed) - len(missing)
-        require_free(store.root, sum(by_id[b].size for b in missing), "saving to the store")
+        small = [b for b in needed if by_id[b].size <= pack.PACK_FILE_MAX]
+        large = [b for b in needed if by_id[b].size > pack.PACK_FILE_MAX]
+        # An audit distrusts recorded locations (that is what it checks): its small files go into new packs.
+        located = {} if audit else _located(store, scope, env_key, current, small, pool)
+        present = list(pool.map(store.ensure_fresh, large))
+        missing = [bid for bid, ok in zip(large, present) if not ok]
+        to_pack = [b for b in small if b not in located]
+        result.blobs_present = len(needed) - len(missing) - len(to_pack)
+        require_free(store.root, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
 
-        uploads = list(pool.map(lambda bid: _upload(store, bid, by_id[bid]), missing))
-        for bid, written in zip(missing, uploads):
-            if written is None:  # the file changed under us: drop every entry that expected that content
-                delta = {p: e for p, e in delta.items() if e.blob_id != bid}
-                result.skipped_changed += 1
-            else:
-                result.blobs_uploaded += 1
-                result.bytes_uploaded += written
-                result.raw_bytes_uploaded += by_id[bid].size
+        changed: set[str] = set()
+        uploads = [pool.submit(_upload, store, bid, by_id[bid]) for bid in missing]
+        groups = pack.plan([(bid, by_id[bid]) for bid in to_pack])
+        # A pack is built in memory (at most PACK_TARGET bytes plus its frame): a few at a time bound the memory.
+        with ThreadPoolExecutor(max_workers=min(len(groups), PACK_WRITERS) or 1, thread_name_prefix="cas-pack") as packers:
+            packs = [packers.submit(_write_pack, store, group) for group in groups]
+            for bid, fut in zip(missing, uploads):
+                written = fut.result()
+                if written is None:
+                    changed.add(bid)
+                else:
+                    result.blobs_uploaded += 1
+                    result.bytes_uploaded += written
+                    result.raw_bytes_uploaded += by_id[bid].size
+            for fut in packs:
+                written_pack = fut.result()
+                changed.update(written_pack.changed)
+                for bid, offset in written_pack.offsets.items():
+                    located[bid] = (written_pack.pack_id, offset)
+                    result.blobs_uploaded += 1
+                    result.raw_bytes_uploaded += by_id[bid].size
+                result.bytes_uploaded += written_pack.stored_bytes
+                result.packs_written += written_pack.pack_id is not None
+        # A file that changed under us is left for the next save: drop every entry that expected that content.
+        result.skipped_changed = len(changed)
+        delta = {
+            p: e.located(*located[e.blob_id]) if e.blob_id in located else e
+            for p, e in delta.items()
+            if e.blob_id not in changed
+        }
     _faults.checkpoint("uploaded")
 
     if delta or audit:
@@ -175,6 +208,80 @@ def _hash_all(
         entries[f.rel] = Entry(blob_id, size, f.mode)
         by_id[blob_id] = LocalFile(f.rel, f.path, size, f.mode, f.stat)
     return entries, by_id
+
+
+def _located(
+    store: BlobStore, scope: Scope, env_key: str, current: Manifest | None, wanted: list[str], pool: ThreadPoolExecutor
+) -> dict[str, tuple[str, int]]:
+    """Where the store already holds these small files: pack locations recorded by this deployment's manifest or,
+    for the rest, by the manifests of the deployments that saved the same environment most recently. Only packs
+    that are still there (and freshened, FORMAT §2) count. A location is a claim checked on every read (the file's
+    own hash), so a wrong one costs a miss and an audit, never wrong content."""
+    if not wanted:
+        return {}
+    todo = set(wanted)
+    candidates: dict[str, list[tuple[str, int]]] = {}
+
+    def collect(manifest: Manifest) -> None:
+        for e in manifest.entries.values():
+            if e.pack is not None and e.blob_id in todo:
+                spots = candidates.setdefault(e.blob_id, [])
+                if (e.pack, e.offset) not in spots:
+                    spots.append((e.pack, e.offset))
+
+    if current is not None:
+        collect(current)
+    if todo - candidates.keys():
+        for manifest in _peer_manifests(store, scope, env_key, pool):
+            collect(manifest)
+    packs = sorted({p for spots in candidates.values() for p, _ in spots})
+    alive = {p for p, ok in zip(packs, pool.map(store.ensure_fresh, packs)) if ok}
+    found: dict[str, tuple[str, int]] = {}
+    for bid, spots in candidates.items():
+        spot = next((s for s in spots if s[0] in alive), None)
+        if spot is not None:
+            found[bid] = spot
+    return found
+
+
+def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPoolExecutor) -> list[Manifest]:
+    """The manifests of up to PEER_MANIFESTS other deployments with this environment, most recently used first
+    (by their roots, FORMAT §4). Anything unreadable is skipped: dedup is an optimisation."""
+    base = os.path.join(store.root, "roots")
+    try:
+        own = scope.scope_id
+        names = [n for n in os.listdir(base) if n != own and not n.startswith(".")]
+    except (OSError, ValueError):
+        return []
+
+    def root(name: str):
+        path = root_path(store, name, env_key)
+        try:
+            with open(path, "rb") as fh:
+                mtime = os.fstat(fh.fileno()).st_mtime
+                data = fh.read(limits.MAX_SMALL_FILE_BYTES + 1)
+            return parse_root(path, data, mtime) if len(data) <= limits.MAX_SMALL_FILE_BYTES else None
+        except Exception:  # noqa: BLE001 - absent (another environment), unreadable or garbage: no dedup from it
+            return None
+
+    roots = sorted((r for r in pool.map(root, names) if r is not None and r.env_key == env_key),
+                   key=lambda r: r.mtime, reverse=True)[:PEER_MANIFESTS]
+
+    def manifest(r) -> Manifest | None:
+        try:
+            found = loads(store.read_bytes(r.manifest, limits.MAX_MANIFEST_BYTES), f"blob {r.manifest}")
+        except Exception:  # noqa: BLE001 - missing, corrupt or hostile: no dedup from it
+            return None
+        return found if found.env_key == env_key else None
+
+    return [m for m in pool.map(manifest, roots) if m is not None]
+
+
+def _write_pack(store: BlobStore, group) -> pack.WrittenPack:
+    try:
+        return pack.write(store, group)
+    except OSError as exc:
+        raise _store_error(exc, store) from exc
 
 
 def _check_cap(files, entries, store: BlobStore, cap: int, pool: ThreadPoolExecutor) -> None:
@@ -249,15 +356,18 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         _faults.checkpoint("locked")
         data, current = _read_current(scope, env_key)
         current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
-        changes = current.changes_from(delta)
         audit = audit and _needs_audit(store, scope, env_key, data)  # a concurrent save may have done it
+        # An audit re-checked (and re-packed) every local file: its entries replace recorded ones even where the
+        # content is the same, since the recorded location is what it distrusts.
+        changes = dict(delta) if audit else current.changes_from(delta)
         dropped: list[str] = []
         if audit:
             others = {p: e for p, e in current.entries.items() if p not in delta}
-            ids = sorted({e.blob_id for e in others.values()})
+            ids = sorted({e.stored_id for e in others.values()})
             with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
                 gone = {b for b, ok in zip(ids, pool.map(store.ensure_fresh, ids)) if not ok}
-            dropped = [p for p, e in others.items() if e.blob_id in gone]
+                dropped = [p for p, e in others.items() if e.stored_id in gone]
+            dropped += _misplaced(store, {p: e for p, e in others.items() if e.pack and e.pack not in gone})
         if not changes and not dropped:
             if audit:  # every blob is there: the root just has to name this manifest again
                 _write_root(store, scope, env_key, data)
@@ -280,6 +390,30 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         if audit:
             scope.clear_audit(env_key)
         return len(changes) + len(dropped), True
+
+
+def _misplaced(store: BlobStore, packed: dict[str, Entry]) -> list[str]:
+    """Audit of packed entries: the paths whose pack is unreadable or does not hold their content where they say."""
+    by_pack: dict[str, list[tuple[str, Entry]]] = {}
+    for path, entry in packed.items():
+        by_pack.setdefault(entry.pack, []).append((path, entry))
+
+    def bad(items: list[tuple[str, Entry]]) -> list[str]:
+        try:
+            content = store.get_bytes(items[0][1].pack, limits.MAX_PACK_BYTES)
+        except (BlobMissing, BlobCorrupt):
+            return [path for path, _ in items]
+        out = []
+        for path, e in items:
+            try:
+                pack.extract(content, e.blob_id, e.size, e.offset)
+            except pack.PackEntryCorrupt:
+                out.append(path)
+        return out
+
+    # Each worker holds a whole pack in memory: as few at once as the pack writers.
+    with ThreadPoolExecutor(max_workers=PACK_WRITERS, thread_name_prefix="cas-audit") as pool:
+        return [path for paths in pool.map(bad, by_pack.values()) for path in paths]
 
 
 def _write_root(store: BlobStore, scope: Scope, env_key: str, data: bytes) -> None:

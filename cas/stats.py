@@ -73,8 +73,8 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
     except FileNotFoundError:
         pass
 
-    raw: dict[str, int] = {}  # blob id -> raw size
-    per_root: list[tuple[RootUsage, set[str]]] = []
+    raw: dict[str, int] = {}  # file content (blob id) -> raw size
+    per_root: list[tuple[RootUsage, set[str], set[str]]] = []  # (usage, stored blobs, file contents)
     roots = list(iter_roots(store))
     for i, item in enumerate(roots):
         report("roots", i, len(roots))
@@ -84,6 +84,7 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
         live = item.mtime >= now - root_ttl
         usage = RootUsage(item.scope_id, item.scope_path, item.env_key, live, item.mtime, max(0.0, now - item.mtime))
         ids: set[str] = {item.manifest}
+        contents: set[str] = set()
         try:
             data = store.read_bytes(item.manifest, limits.MAX_MANIFEST_BYTES)
             manifest = loads(data, f"blob {item.manifest}")
@@ -93,18 +94,21 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
         else:
             usage.entries, usage.raw_bytes = len(manifest.entries), manifest.total_size
             for e in manifest.entries.values():
-                ids.add(e.blob_id)
-                raw.setdefault(e.blob_id, e.size)
+                ids.add(e.stored_id)  # a pack, for a packed file
+                contents.add(e.blob_id)
+                raw[e.blob_id] = e.size
         usage.blobs = len(ids)
         usage.stored_bytes = sum(stored.get(b, 0) for b in ids)
-        per_root.append((usage, ids))
+        per_root.append((usage, ids, contents))
     report("roots", len(roots), len(roots))
 
     owners: Counter[str] = Counter()
-    for usage, ids in per_root:
+    live_contents: set[str] = set()
+    for usage, ids, contents in per_root:
         if usage.live:
             owners.update(ids)
-    for usage, ids in per_root:
+            live_contents |= contents
+    for usage, ids, _ in per_root:
         if usage.live:
             usage.exclusive_bytes = sum(stored.get(b, 0) for b in ids if owners[b] == 1)
             st.roots_live += 1
@@ -114,7 +118,7 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
         st.roots.append(usage)
     st.roots.sort(key=lambda u: (-u.stored_bytes, u.scope_id, u.env_key))
 
-    st.unique_raw_bytes = sum(raw.get(b, 0) for b in owners)
+    st.unique_raw_bytes = sum(raw[b] for b in live_contents)
     st.referenced_stored_bytes = sum(stored.get(b, 0) for b in owners)
     unreferenced = [s for b, s in stored.items() if b not in owners]
     st.unreferenced_blobs, st.unreferenced_bytes = len(unreferenced), sum(unreferenced)

@@ -301,7 +301,7 @@ BAD_MANIFESTS = {
     "duplicate-top-key": _dup_key_map([("format", 1), ("env_key", ENV_KEY), ("entries", {}), ("entries", {})]),
     "duplicate-entry": b"\x83" + _raw("format") + _raw(1) + _raw("env_key") + _raw(ENV_KEY) + _raw("entries")
     + b"\x82" + _raw("p") + _raw([b"\x01" * 32, 1, 0o644]) + _raw("p") + _raw([b"\x02" * 32, 1, 0o644]),
-    "format-2": _raw(_doc(format=2)),
+    "format-99": _raw(_doc(format=99)),
     "no-format": _raw({k: v for k, v in _doc().items() if k != "format"}),
     "wrong-env-key": _raw(_doc(env_key="other")),
     "entries-not-map": _raw(_doc(entries=[1])),

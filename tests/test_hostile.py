@@ -212,7 +212,7 @@ HOSTILE_MANIFESTS = {
     "negative-size": lambda: _entry_doc("a/b", size=-1),
     "size-over-64GiB": lambda: _entry_doc("a/b", size=(64 << 30) + 1),
     "wrong-env-key": lambda: msgpack.packb({**_valid_doc(), "env_key": "other"}, use_bin_type=True),
-    "format-2": lambda: msgpack.packb({**_valid_doc(), "format": 2}, use_bin_type=True),
+    "format-99": lambda: msgpack.packb({**_valid_doc(), "format": 99}, use_bin_type=True),
 }
 
 
