@@ -112,6 +112,25 @@ def manifest_entries(scope, env_key: str = ENV_KEY) -> dict | None:
     return None if m is None else dict(m.entries)
 
 
+def entry_bytes(store, entry) -> bytes:
+    """The content the store holds for `entry`, verified: its own blob, or its slice of its pack (FORMAT §2).
+    Raises BlobMissing/BlobCorrupt (store) or cas.pack.PackEntryCorrupt (a slice that is not the entry's file)."""
+    import io
+
+    from cas import limits, pack
+
+    if entry.pack is None:
+        out = io.BytesIO()
+        store.get_into(entry.blob_id, entry.size, out)
+        return out.getvalue()
+    return pack.extract(store.get_bytes(entry.pack, limits.MAX_PACK_BYTES), entry.blob_id, entry.size, entry.offset)
+
+
+def sharing(entries: dict, victim) -> set[str]:
+    """The paths whose content is lost with `victim`'s stored blob (its pack, or its own loose blob)."""
+    return {p for p, e in entries.items() if e.stored_id == victim.stored_id}
+
+
 def verify_all_blobs(store) -> int:
     """BlobStore.verify every blob in blobs/ (raises on the first bad one). Returns how many."""
     n = 0

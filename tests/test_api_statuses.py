@@ -203,11 +203,23 @@ def test_org_mount_missing_falls_back_to_deployment_store(b10_env):
 # --- damaged data on the volume ------------------------------------------------------------------------------------
 
 
-def test_corrupt_blob_is_a_miss_and_the_rest_loads(b10_env):
-    write_tree(b10_env.local, CACHE)
+# One file above cas.pack.PACK_FILE_MAX: stored as its own (loose) blob; the three of CACHE share one pack.
+BIG = "fxgraph/zz/bigkey/entry0"
+
+
+@pytest.mark.parametrize("victim", ["fxgraph/xy/fxykey/entry0", BIG], ids=["pack", "loose"])
+def test_corrupt_blob_is_a_miss_and_the_rest_loads(b10_env, victim):
+    from cas import pack
+
+    files = {**CACHE, BIG: os.urandom(pack.PACK_FILE_MAX + 4096)}
+    write_tree(b10_env.local, files)
     assert b10_transfer.save_compile_cache() is SUCCESS
-    bad = "fxgraph/xy/fxykey/entry0"
-    blob = Path(BlobStore(b10_env.store, create=False).blob_path(manifest(b10_env).entries[bad].blob_id))
+    entries = manifest(b10_env).entries
+    assert entries[BIG].pack is None and all(entries[p].pack is not None for p in CACHE)
+    assert len({entries[p].stored_id for p in CACHE}) == 1  # one pack
+    lost = {p for p, e in entries.items() if e.stored_id == entries[victim].stored_id}
+    assert lost == (set(CACHE) if victim != BIG else {BIG})
+    blob = Path(BlobStore(b10_env.store, create=False).blob_path(entries[victim].stored_id))
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -215,18 +227,20 @@ def test_corrupt_blob_is_a_miss_and_the_rest_loads(b10_env):
 
     status, stats = core.load()
     assert status is SUCCESS
-    assert (stats.files_transferred, stats.misses, stats.corrupt) == (2, 1, 1)
+    assert (stats.files_transferred, stats.misses, stats.corrupt) == (len(files) - len(lost), len(lost), len(lost))
     restored = read_tree(b10_env.local)
-    assert bad not in restored  # Inductor will simply compile it again
-    assert restored == {k: v for k, v in CACHE.items() if k != bad}
+    assert not lost & set(restored)  # Inductor will simply compile them again
+    assert restored == {k: v for k, v in files.items() if k not in lost}
 
 
 def test_every_blob_missing_is_an_error(b10_env):
     write_tree(b10_env.local, CACHE)
     assert b10_transfer.save_compile_cache() is SUCCESS
     store = BlobStore(b10_env.store, create=False)
-    for entry in manifest(b10_env).entries.values():
-        Path(store.blob_path(entry.blob_id)).unlink()
+    stored = {entry.stored_id for entry in manifest(b10_env).entries.values()}
+    assert len(stored) == 1  # the three small files share one pack
+    for blob_id in stored:
+        Path(store.blob_path(blob_id)).unlink()
     assert b10_transfer.clear_local_cache()
     status, stats = core.load()
     assert status is ERROR
