@@ -10,7 +10,6 @@ import os
 import stat as stat_mod
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
@@ -36,8 +35,6 @@ ZSTD_LEVEL = 3
 # memory stays bounded whatever the cache holds.
 WHOLE_FILE_LIMIT = 8 << 20
 CHUNK = 1 << 20
-# Requests in flight while creating the fan-out directories of a new store.
-LAYOUT_THREADS = 32
 # Writers freshen a relied-upon blob at most once an hour (docs/FORMAT.md §2): one utime per blob per hour.
 DEFAULT_FRESHEN_AFTER = 3600
 
@@ -134,21 +131,13 @@ class BlobStore:
         return config if isinstance(config, dict) else {}
 
     def _create_layout(self) -> None:
-        # Fan-out directories first, format file last: a store with a format file has its whole layout.
+        # Top-level directories first, format file last: a store with a format file has its whole layout. The
+        # fan-out directories blobs/<xx> and trash/<xx> are made by the first write into each (FORMAT §2): with
+        # small files in packs a save writes a handful of blobs, and 256 mkdirs up front (serialised by the kernel
+        # under one parent) were most of a first save on a 2 ms volume.
         try:
             os.makedirs(self.root, exist_ok=True)
-            todo = []
-            # blobs/<xx> up front, so storing a blob costs no mkdir round trip; trash/<xx> is made by gc when it
-            # first trashes into it (half of a new store's serialised mkdirs, 1.8 s on a 2 ms volume, saved).
-            for top in ("blobs", "trash"):
-                os.makedirs(os.path.join(self.root, top), exist_ok=True)
-            base = os.path.join(self.root, "blobs")
-            existing = set(os.listdir(base))
-            todo += [os.path.join(base, fan) for fan in FANOUT if fan not in existing]
-            # 256 mkdirs, each a round trip on a network volume: in parallel.
-            with ThreadPoolExecutor(max_workers=LAYOUT_THREADS, thread_name_prefix="cas-layout") as pool:
-                list(pool.map(_mkdir, todo))
-            for top in ("quarantine", "roots", "locks"):
+            for top in ("blobs", "trash", "quarantine", "roots", "locks"):
                 os.makedirs(os.path.join(self.root, top), exist_ok=True)
         except OSError as exc:
             raise self._os_error("cannot create store layout", exc) from exc
@@ -196,9 +185,7 @@ class BlobStore:
             return st if stat_mod.S_ISREG(st.st_mode) else None
         except FileNotFoundError:
             pass
-        try:
-            os.rename(self.trash_path(blob_id), path)
-        except OSError:
+        if not self.untrash(blob_id):
             return None
         log.info("restored blob %s from trash", blob_id)
         try:
@@ -206,6 +193,26 @@ class BlobStore:
             return os.stat(path)
         except OSError:
             return None
+
+    def untrash(self, blob_id: str) -> bool:
+        """Rename a blob from trash back into blobs/ (its fan-out directory may not exist yet). False if it is not
+        in trash."""
+        src, dest = self.trash_path(blob_id), self.blob_path(blob_id)
+        try:
+            os.rename(src, dest)
+            return True
+        except FileNotFoundError:
+            if not os.path.lexists(src):
+                return False
+        except OSError:
+            return False
+        try:
+            self._refuse_planted_dir(os.path.dirname(dest))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.rename(src, dest)
+            return True
+        except (OSError, StoreUnavailable):
+            return False
 
     def ensure_fresh(self, blob_id: str) -> bool:
         """True if the blob is stored; freshens its mtime if older than freshen_after (a save relies on it)."""
@@ -229,7 +236,7 @@ class BlobStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(final), exist_ok=True)  # fan-out dir removed by hand; recreate
+            os.makedirs(os.path.dirname(final), exist_ok=True)  # first blob under this prefix
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with open(fd, "wb", closefd=False) as out, open(src, "rb", buffering=0) as inp:
@@ -312,7 +319,7 @@ class BlobStore:
             frame = self._cctx.compress(data)
             write_file(tmp, frame)
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(final), exist_ok=True)  # fan-out dir removed by hand; recreate
+            os.makedirs(os.path.dirname(final), exist_ok=True)  # first blob under this prefix
             write_file(tmp, frame)
         try:
             _faults.checkpoint("blob-written")
@@ -529,14 +536,6 @@ def _frame_size(header: bytes) -> int:
     if size < 0:
         raise _Invalid("zstd frame does not record its content size")
     return size
-
-
-def _mkdir(path: str) -> None:
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
 
 
 def _unlink(path: str) -> None:

@@ -376,7 +376,8 @@ def _restore(store: BlobStore, blob_id: str) -> bool:
         if os.path.exists(path):
             os.unlink(store.trash_path(blob_id))  # a writer stored it again: the trash copy is redundant
         else:
-            os.rename(store.trash_path(blob_id), path)
+            if not store.untrash(blob_id):
+                return False
             os.utime(path, None)
         log.info("gc: live blob %s was in trash; restored", blob_id)
         return True
