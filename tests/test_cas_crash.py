@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 
-from cas import BlobStore, Manifest, Scope, load_tree, save_tree
+from cas import BlobStore, Manifest, Scope, load_tree, pack, save_tree
 from cas.lock import _HOST, _pid_alive
 
-from cas_helpers import ENV_KEY, blob_id, check_root_names_manifest, expected_entries, kill_after_ready, \
+from cas_helpers import ENV_KEY, blob_id, check_root_names_manifest, entry_bytes, expected_entries, kill_after_ready, \
     manifest_entries, read_tree, run_worker, spawn, temp_files, unexpected_files, verify_all_blobs, write_tree
 
 OLD = {f"old/{i}.py": f"old file {i}\n".encode() * (i * 40) for i in range(12)}
@@ -26,6 +26,10 @@ def _new_tree() -> dict:
     new = {p: d for p, d in OLD.items() if not p.startswith("old/1")}  # a subset of the old files ...
     new["changes.json"] = b'{"v": 2, "more": true}'  # ... one changed ...
     new.update({f"new/{i % 4}/k{i}.ptx": rng.randbytes(rng.randint(0, 30_000)) for i in range(24)})  # ... new ones
+    # ... and two above cas.pack.PACK_FILE_MAX, stored as loose blobs (the small ones all go into one pack). A save of
+    # NEW over OLD writes four blobs: two loose ones and the pack (in any order), then the manifest's blob.
+    new["new/0/big.bin"] = rng.randbytes(pack.PACK_FILE_MAX + 1000)
+    new["new/2/huge.bin"] = rng.randbytes(pack.PACK_FILE_MAX + 3000)
     return new
 
 
@@ -54,7 +58,7 @@ def _check_volume(store, scope):
     verifies; nothing but temp files and lock files is left besides the format's own names."""
     m = scope.read_manifest(ENV_KEY)
     for e in m.entries.values():
-        store.verify(e.blob_id)
+        assert blob_id(entry_bytes(store, e)) == e.blob_id  # its own blob or its slice of its pack, verified
     verify_all_blobs(store)
     assert unexpected_files(store.root, scope.root) == []
     assert os.listdir(os.path.join(store.root, "quarantine")) == []
@@ -97,12 +101,14 @@ def _age_temp_files_and_collect(store, scope):
             os.utime(os.path.join(root, rel), (old, old))
     gc.collect(store, scope=scope, lock_wait=10)
     for e in scope.read_manifest(ENV_KEY).entries.values():
-        store.verify(e.blob_id)  # gc removed leftovers, never a live blob
+        entry_bytes(store, e)  # gc removed leftovers, never a live blob (verified: loose or through its pack)
 
 
-SAVE_POINTS = [("hashed", 1, "old"), ("blob-written", 1, "old"), ("blob-written", 6, "old"),
-               ("blob-written", 20, "old"), ("uploaded", 1, "old"), ("locked", 1, "old"),
-               ("manifest-renamed", 1, "new")]
+# blob-written fires four times in a save of NEW (see _new_tree): 1 and 3 are uploads (the first, and the last but
+# one, with blobs already at final names), 4 is the manifest's own blob, stored after the manifest's rename.
+SAVE_POINTS = [("hashed", 1, "old"), ("blob-written", 1, "old"), ("blob-written", 3, "old"),
+               ("uploaded", 1, "old"), ("locked", 1, "old"), ("manifest-renamed", 1, "new"),
+               ("blob-written", 4, "new")]
 
 
 @pytest.mark.parametrize("point,nth,expect", SAVE_POINTS, ids=[f"{p}:{n}" for p, n, _ in SAVE_POINTS])
@@ -117,14 +123,14 @@ def test_saver_killed_at_fault_point(tmp_path, point, nth, expect):
     if expect == "old":
         assert scope.read_manifest_bytes(ENV_KEY) == old_bytes  # not rewritten at all
     lock = os.path.join(scope.manifests, ENV_KEY + ".lock")
-    if point in ("locked", "manifest-renamed"):
+    if point in ("locked", "manifest-renamed") or expect == "new":
         holder = msgpack.unpackb(open(lock, "rb").read())
         assert holder["host"] == _HOST and holder["pid"] != os.getpid()  # the dead saver's, left stale
     else:
         assert not os.path.exists(lock)
     if point == "blob-written":
         assert temp_files(os.path.join(store.root, "blobs"))  # the interrupted upload's temp file
-    if point == "manifest-renamed":
+    if point == "manifest-renamed" or (point, nth) == ("blob-written", 4):
         # Crash between manifest rename and root: the root still names the old manifest (FORMAT §8).
         from cas.roots import iter_roots
 
@@ -221,7 +227,9 @@ def test_concurrent_savers_some_killed(tmp_path, round_):
     merge: the old entries, every surviving saver's entries, and each killed saver's entries all or none."""
     rng = random.Random(round_)
     store, scope, _ = _setup(tmp_path)
-    fates = [None, "locked:1", "manifest-renamed:1", "blob-written:2", "random", None] if round_ == 0 else \
+    # blob-written:1 is this saver's first upload (its pack, or new/0/big.bin if no other saver stored it yet),
+    # always before its commit; its second can be the manifest's blob, after the commit.
+    fates = [None, "locked:1", "manifest-renamed:1", "blob-written:1", "random", None] if round_ == 0 else \
         ["random", "random", "locked:1", None, "hashed:1", "random"]
     trees = []
     for s in range(len(fates)):
@@ -261,7 +269,7 @@ def test_concurrent_savers_some_killed(tmp_path, round_):
         assert present in (set(), own), f"saver {s} ({fates[s]}) committed partially"
         if results[s] == 0 or fates[s] == "manifest-renamed:1":
             assert present == own
-        elif fates[s] in ("locked:1", "hashed:1", "blob-written:2"):
+        elif fates[s] in ("locked:1", "hashed:1", "blob-written:1"):
             assert present == set()
     allowed = dict(OLD_ENTRIES)
     for tree in trees:
