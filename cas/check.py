@@ -1,7 +1,8 @@
 """`cas check`: is the store consistent? Reads only; never changes the store (no quarantine, no restore).
 
 Structure: every live root parses, its manifest blob exists and parses, every blob a manifest references exists in
-`blobs/`; no stray temp files, stale locks or foreign files. `read_data` re-hashes blobs (all, or a `subset`).
+`blobs/`; no stray temp files, stale locks or foreign files. `read_data` re-hashes blobs (all, or a `subset`) and
+checks that every packed entry's slice of its pack is the file it names.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import blake3
 
-from . import limits
+from . import limits, pack
 from .blobstore import BlobStore
 from .errors import BlobCorrupt, BlobMissing, ManifestError, StoreUnavailable
 from .gc import LOCK_EXPIRY, Progress, find_old_temp, find_stale_locks, lock_files, temp_dirs
@@ -111,11 +112,15 @@ def check(
         pass
 
     referenced: set[str] = set()
+    packed: dict[str, dict[tuple[str, int, int], str]] = {}  # pack -> (file id, size, offset) -> who names it
 
     def check_manifest(manifest: Manifest, where: str) -> None:
         res.manifests += 1
         res.entries += len(manifest.entries)
         for path, entry in sorted(manifest.entries.items()):
+            if entry.pack is not None:
+                packed.setdefault(entry.pack, {}).setdefault((entry.blob_id, entry.size, entry.offset),
+                                                             f"{where}: {path}")
             if entry.stored_id in referenced:
                 continue
             referenced.add(entry.stored_id)
@@ -169,7 +174,7 @@ def check(
         res.problems.append(Problem("stale-lock", path, f"untouched for {now - mtime:.0f}s (cas gc removes it)"))
 
     if read_data:
-        _read_all(store, [b for b in sorted(blobs) if in_subset(b, subset)], blobs, res, report)
+        _read_all(store, [b for b in sorted(blobs) if in_subset(b, subset)], blobs, packed, res, report)
     res.problems.sort(key=lambda p: (p.kind, p.path))
     res.seconds = time.monotonic() - started
     return res
@@ -231,15 +236,25 @@ def _check_present(store, blob_id, blobs, trash, where, res) -> bool:
     return False
 
 
-def _read_all(store: BlobStore, ids: list[str], sizes: dict[str, int], res: CheckResult, report) -> None:
+def _read_all(store: BlobStore, ids: list[str], sizes: dict[str, int], packed: dict, res: CheckResult,
+              report) -> None:
     lock = threading.Lock()
     done = 0
 
     def one(blob_id: str) -> None:
         nonlocal done
         problem = None
+        problems: list[Problem] = []
         try:
-            store.verify(blob_id)
+            if blob_id in packed:
+                content = store.read_bytes(blob_id, limits.MAX_PACK_BYTES)  # verified; never quarantines
+                for (file_id, size, offset), who in packed[blob_id].items():
+                    try:
+                        pack.extract(content, file_id, size, offset)
+                    except pack.PackEntryCorrupt as exc:
+                        problems.append(Problem("misplaced-entry", store.blob_path(blob_id), f"{who}: {exc}"))
+            else:
+                store.verify(blob_id)
         except BlobCorrupt as exc:
             problem = Problem("corrupt-blob", store.blob_path(blob_id), str(exc))
         except BlobMissing:
@@ -252,6 +267,7 @@ def _read_all(store: BlobStore, ids: list[str], sizes: dict[str, int], res: Chec
             res.bytes_read += sizes.get(blob_id, 0)
             if problem:
                 res.problems.append(problem)
+            res.problems.extend(problems)
             if done % 100 == 0:
                 report("read data", done, len(ids))
 

@@ -124,6 +124,12 @@ def test_wrong_location_is_a_miss_and_the_audit_repairs_it(tmp_path):
     manifest.entries[victim_path] = victim.located(victim.pack, victim.offset + 1)
     scope.write_manifest(manifest.dumps(), ENV_KEY)
 
+    from cas.check import check
+
+    found = check(store, scope=scope, read_data=True).problems
+    assert [(p.kind, p.detail.split(": ")[1]) for p in found if p.kind == "misplaced-entry"] == [
+        ("misplaced-entry", victim_path)]
+
     res = load_tree(tmp_path / "dst", store, scope, ENV_KEY)
     assert [p for p, _ in res.misses] == [victim_path] and res.corrupt == 1
     assert res.restored == len(files) - 1
