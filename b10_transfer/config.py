@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -100,11 +101,22 @@ class Settings:
 
     def store_root(self) -> Path:
         """The blob store in use: the org store if its mount exists, else the deployment fallback."""
-        if self.org_cache_dir.is_relative_to(self.volume_root / ORG_SUBDIR) and not (
+        if self.org_cache_dir.is_relative_to(self.volume_root / ORG_SUBDIR) and not is_dir(
             self.volume_root / ORG_SUBDIR
-        ).is_dir():
+        ):
             return self.model_mount / FALLBACK_STORE_LEAF
         return self.org_cache_dir
+
+
+def is_dir(path: Path) -> bool:
+    """`path.is_dir()` (symlinks followed) in one request to a network volume instead of two: an O_PATH open is a
+    bare lookup, where stat(2) adds a getattr (slowfs 2 ms: 2.5 ms instead of 4.8 ms)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return False
+    os.close(fd)
+    return True
 
 
 def default_torch_cache_dir() -> str:
@@ -172,7 +184,7 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 def _volume_root(raw: str) -> Path:
     _reject_unsafe(raw, "B10FS_VOLUME_ROOT")
-    root = Path(raw).resolve()
+    root = _resolve(raw)
     if root == Path(root.anchor):
         # "/" would make every prefix check below pass for any path.
         raise CacheValidationError("B10FS_VOLUME_ROOT must not be the filesystem root")
@@ -190,12 +202,12 @@ def _checked_path(env: Mapping[str, str], name: str, default: str, allowed: list
     raw = env.get(name, default)
     _reject_unsafe(raw, name)
     try:
-        path = Path(os.path.expanduser(raw)).resolve()
+        path = _resolve(os.path.expanduser(raw))
     except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop
         raise CacheValidationError(f"{name}: cannot resolve {raw!r}: {exc}") from exc
     # Resolve the prefixes too (e.g. /tmp may be a symlink) and compare whole components: /tmpfoo is not /tmp.
     for prefix in allowed:
-        if path.is_relative_to(prefix.resolve()):
+        if path.is_relative_to(_resolve(str(prefix))):
             return path
     raise CacheValidationError(f"{name} {str(path)!r} must be under one of {[str(p) for p in allowed]}")
 
@@ -229,3 +241,38 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise CacheValidationError(f"{name} must be a finite number > 0, got {raw!r}")
     return value
+
+
+# Resolved paths, per process, keyed on the raw string (after `~` expansion, so a changed HOME or variable is a new
+# key). Resolving walks every component with lstat(2): on the volume each is a request (19 of a no-op save's 67 on
+# slowfs). Only a path that exists entirely is kept: one that does not yet exist (a scope before the first save
+# creates it) is resolved again on every call, so a symlink created there later is seen and checked, not followed
+# blindly. What this gives up: a component of an existing resolved path replaced by a symlink *after* the first
+# call in this process is not re-checked (resolving on every call only narrowed that race, it could not close it).
+_RESOLVED: dict[str, Path] = {}
+_RESOLVED_MAX = 256
+_resolved_lock = threading.Lock()
+
+
+def _resolve(raw: str) -> Path:
+    """`Path(raw).resolve()` (not strict), remembered per process for paths that exist."""
+    hit = _RESOLVED.get(raw)
+    if hit is not None:
+        return hit
+    if not os.path.isabs(raw):  # relative to the working directory, which may change: never remembered
+        return Path(raw).resolve()
+    try:
+        path = Path(raw).resolve(strict=True)
+    except OSError:  # missing, not a directory, unreadable, a loop: as before, resolved (or refused) every time
+        return Path(raw).resolve()
+    with _resolved_lock:
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[raw] = path
+    return path
+
+
+def clear_resolved_paths() -> None:
+    """Forget the resolved paths (tests that swap a directory for a symlink within one process)."""
+    with _resolved_lock:
+        _RESOLVED.clear()

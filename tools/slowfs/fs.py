@@ -59,6 +59,9 @@ class Link:
         time.sleep(max(0.0, done - time.monotonic()))
 
 
+_TRACE = open(os.environ["SLOWFS_TRACE"], "a") if os.environ.get("SLOWFS_TRACE") else None
+
+
 def _round_trip(method):
     """Count the request and make it wait `delay_s` first, as if it went to a server and back."""
 
@@ -66,6 +69,9 @@ def _round_trip(method):
     def wrapper(self, *args):
         with self._counts_lock:
             self.counts[method.__name__] += 1
+            if _TRACE is not None:  # SLOWFS_TRACE=<file>: one line per request, to see which paths cost requests
+                _TRACE.write(f"{method.__name__} {args[0] if args and isinstance(args[0], str) else '-'}\n")
+                _TRACE.flush()
             self._in_flight += 1
             self.counts["in_flight_max"] = max(self.counts["in_flight_max"], self._in_flight)
         try:

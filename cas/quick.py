@@ -1,0 +1,287 @@
+"""The no-op save check: "would save_tree record anything?" answered with a handful of concurrent reads.
+
+Most saves (every replica after the first, every periodic save of the companion) have nothing new. `nothing_new`
+settles that exactly, without hashing, without a save slot and without writing, so the caller can skip the rest:
+
+- locally: every regular file the save would take (`tree.scan`'s rules) has a `.cas-index` entry matching its
+  stat (size, mtime, inode, ctime), which gives its blob id without hashing;
+- on the volume (FORMAT §3, §4): the manifest holds every one of those entries identically (`Manifest.changes_from`),
+  no audit marker exists, and the gc root of this scope and environment names exactly the manifest's bytes.
+
+On a network volume each request is a round trip of milliseconds, so the reads run concurrently: the manifest, the
+audit marker and `scope.id` -> root, while this thread walks the local tree. The store's CAS-FORMAT is not read:
+nothing is written, and the root found under the store names the manifest, so the store is there.
+
+Every doubt is a "maybe" (None): a missing or unreadable file, a corrupt manifest or root, anything unexpected. The
+caller then runs save_tree, which re-derives everything and reports what is actually wrong.
+
+Every call reads everything it decides on again. Two things are kept between calls, neither of which can make a
+change be missed: the last parsed manifest of each path with the blake3 of its bytes (reused only for the same
+bytes), and the last `scope.id` read per scope, used only as a guess that lets the root be read alongside `scope.id`
+(the root is used only if the `scope.id` read now is the same).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import blake3
+
+from . import limits
+from .errors import UnsafePath
+from .index import INDEX_NAME, Index
+from .manifest import Entry, Manifest, loads
+from .paths import check_entry_path, is_transient
+from .roots import ROOT_SUFFIX, parse_root
+from .scope import MANIFEST_SUFFIX, Scope, check_env_key
+
+log = logging.getLogger("cas.quick")
+
+# Reads in flight: manifest, scope.id, gc root (the guessed one too), audit marker.
+THREADS = 5
+_FIRST_READ = 1 << 20
+_NEXT_READ = 8 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+# (scope root, store root) -> the scope.id last read there (a guess only, see the module docstring).
+_last_scope_id: dict[tuple[str, str], str] = {}
+# manifest path -> (blake3 of its bytes, the parsed manifest), see _parsed.
+_manifests: dict[str, tuple[str, Manifest]] = {}
+_MANIFESTS_KEPT = 16
+_last_lock = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
+
+
+def nothing_new(
+    src_dir: str | os.PathLike,
+    store_root: str | os.PathLike | Callable[[], str | os.PathLike],
+    scope: Scope,
+    env_key: str,
+) -> int | None:
+    """The number of files of `src_dir` if a save would record nothing (every file indexed and recorded identically,
+    no audit pending, the gc root names the manifest), else None ("maybe": run save_tree). Never writes.
+
+    `store_root` may be a callable returning it: it is then called once, in a worker thread, so that finding which
+    store is in use (a request to the volume, in b10_transfer) overlaps the other reads."""
+    check_env_key(env_key)
+    src = os.fspath(src_dir)
+    if not os.path.isfile(os.path.join(src, INDEX_NAME)):  # no index: every file would be hashed anyway
+        return None
+    manifest_path = scope.manifest_path(env_key)
+    try:
+        pool = _pool()
+        manifest_f = pool.submit(_read, manifest_path, limits.MAX_MANIFEST_BYTES)
+        root_f = _gc_root(pool, store_root, scope.root, env_key)
+        audit_f = pool.submit(_exists, scope.audit_path(env_key))
+        entries = _local_entries(src)  # this thread, while the volume answers
+        if entries is None:
+            return None  # reads still in flight finish on their own
+        data = manifest_f.result()
+        if data is None or audit_f.result():
+            return None
+        digest = blake3.blake3(data).hexdigest()
+        current = _parsed(manifest_path, data, digest)
+        if current is None or current.env_key != env_key or current.changes_from(entries):
+            return None
+        root = root_f.result()
+        if root is None or root.manifest != digest:
+            return None  # no root, or it names other bytes: save_tree audits the manifest (FORMAT §3)
+        return len(entries)
+    except Exception as exc:  # noqa: BLE001 - any doubt is a "maybe"
+        log.debug("no-op check inconclusive: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A pool kept for the process: starting threads costs milliseconds on a busy machine, more than the reads. Its
+    tasks never wait for one another, so concurrent callers cannot deadlock it. A child after fork(2) makes its own
+    (the parent's threads do not exist there)."""
+    global _POOL, _POOL_PID
+    with _last_lock:
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="cas-quick")
+            _POOL_PID = os.getpid()
+        return _POOL
+
+
+def _gc_root(pool: ThreadPoolExecutor, store_root, scope_root: str, env_key: str) -> Future:
+    """A future of the parsed gc root of this scope and environment (None: absent or unreadable).
+
+    `scope.id` and the store root are found concurrently, then the root is read. When this process read `scope.id`
+    before, the root under that id is read at the same time as `scope.id` (parallel round trips instead of serial
+    ones) and used only if the id read now is the same."""
+    result: Future = Future()
+    scope_id_f = pool.submit(_scope_id, scope_root)
+    store_f = pool.submit(_store_and_guess, pool, store_root, scope_root, env_key)
+    pending = [2]
+    lock = threading.Lock()
+
+    def both_done(_: Future) -> None:
+        with lock:
+            pending[0] -= 1
+            if pending[0]:
+                return
+        try:
+            scope_id = scope_id_f.result()
+            store, guess, guessed = store_f.result()
+            if scope_id is None:
+                result.set_result(None)
+                return
+            with _last_lock:
+                _last_scope_id[(scope_root, store)] = scope_id
+            if guessed is not None and guess == scope_id:
+                guessed.add_done_callback(lambda f: _copy(f, result))
+            else:
+                pool.submit(_root, store, scope_id, env_key).add_done_callback(lambda f: _copy(f, result))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            if not result.done():
+                result.set_exception(exc)
+
+    scope_id_f.add_done_callback(both_done)
+    store_f.add_done_callback(both_done)
+    return result
+
+
+def _store_and_guess(pool: ThreadPoolExecutor, store_root, scope_root: str, env_key: str):
+    store = os.path.abspath(os.fspath(store_root() if callable(store_root) else store_root))
+    guess = _last_scope_id.get((scope_root, store))
+    return store, guess, pool.submit(_root, store, guess, env_key) if guess else None
+
+
+def _copy(source: Future, target: Future) -> None:
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
+def _local_entries(src: str) -> dict[str, Entry] | None:
+    """path -> Entry of every file `tree.scan(src)` would return, from the index alone; None at the first file the
+    index does not vouch for (new, changed, or modified too recently to trust its stat)."""
+    index = Index(src)
+    lookup = index.lookup
+    entries: dict[str, Entry] = {}
+    stack = [("", src)]
+    while stack:
+        prefix, directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                listing = list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # as scan: gone since its parent was listed
+        except PermissionError:
+            return None  # scan skips it with a warning: let save_tree say so
+        for entry in listing:
+            name = entry.name
+            if is_transient(name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):  # the listing's d_type: no stat for a directory
+                    stack.append((prefix + name + "/", entry.path))
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):  # d_type was unknown or stale
+                stack.append((prefix + name + "/", entry.path))
+            elif stat.S_ISREG(mode):
+                rel = prefix + name
+                blob_id = lookup(rel, st)
+                if blob_id is None:
+                    try:
+                        check_entry_path(rel)
+                    except UnsafePath:
+                        continue  # scan never takes it (and says why): not a change
+                    return None
+                entries[rel] = Entry(blob_id, st.st_size, stat.S_IMODE(mode) & 0o777)
+    return entries
+
+
+def _read(path: str, limit: int) -> bytes | None:
+    """The bytes of the file at `path` (not followed if a symlink), or None if absent, unreadable or over `limit`.
+    No fstat: on the volume it is a request, and a read of less than asked is the end of a regular file."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return None
+    try:
+        chunks: list[bytes] = []
+        size, want = 0, min(_FIRST_READ, limit + 1)
+        while True:
+            chunk = os.read(fd, want)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return None
+            if len(chunk) < want:
+                return chunk if len(chunks) == 1 else b"".join(chunks)
+            want = min(_NEXT_READ, limit + 1 - size)
+    except OSError:  # a directory (EISDIR), an I/O error
+        return None
+    finally:
+        os.close(fd)
+
+
+def _exists(path: str) -> bool:
+    """Anything at `path` (a dangling symlink too: when in doubt, the audit runs). One lookup when absent."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # unknown: treat as present, so the answer is "maybe"
+    return True
+
+
+def _scope_id(scope_root: str) -> str | None:
+    """As Scope.scope_id reads it (its first 256 bytes, stripped, 32 hex digits), but never creates it."""
+    try:
+        fd = os.open(os.path.join(scope_root, "scope.id"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 256)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    value = data.decode("ascii", "replace").strip()
+    if len(value) != 32 or not all(c in "0123456789abcdef" for c in value):
+        return None
+    return value
+
+
+def _root(store: str, scope_id: str, env_key: str):
+    path = os.path.join(store, "roots", scope_id, env_key + ROOT_SUFFIX)
+    data = _read(path, limits.MAX_SMALL_FILE_BYTES)
+    if data is None:
+        return None
+    try:
+        return parse_root(path, data, 0.0)
+    except Exception:  # noqa: BLE001 - msgpack's assorted errors on a garbage root: "maybe"
+        return None
+
+
+def _parsed(path: str, data: bytes, digest: str) -> Manifest | None:
+    """`loads(data)`, or None if it is not a valid manifest. The last manifest parsed from each path is kept with
+    the digest of its bytes: the same bytes parse to the same manifest, so a periodic save (the companion) does
+    not parse an unchanged manifest again."""
+    hit = _manifests.get(path)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    try:
+        manifest = loads(data, path)
+    except Exception:  # noqa: BLE001 - corrupt: save_tree replaces it and says so
+        return None
+    with _last_lock:
+        if len(_manifests) >= _MANIFESTS_KEPT:
+            _manifests.clear()
+        _manifests[path] = (digest, manifest)
+    return manifest
