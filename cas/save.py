@@ -381,12 +381,17 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         data = merged.dumps()
         if len(data) > limits.MAX_MANIFEST_BYTES:
             raise TooLarge(f"manifest would be {len(data)} bytes, over the {limits.MAX_MANIFEST_BYTES} byte limit")
-        try:
-            scope.write_manifest(data, env_key)
-            _faults.checkpoint("manifest-renamed")
-        except OSError as exc:
-            raise _store_error(exc, store) from exc
-        _write_root(store, scope, env_key, data)
+        # The manifest's copy in the store is written while the manifest itself is: both are a few serial round
+        # trips, and the root, which must come after both, names the copy.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-commit") as one:
+            copy = one.submit(store.put_bytes, data)
+            try:
+                scope.write_manifest(data, env_key)
+                _faults.checkpoint("manifest-renamed")
+                manifest_id = copy.result()
+            except OSError as exc:
+                raise _store_error(exc, store) from exc
+        _write_root(store, scope, env_key, data, manifest_id)
         if audit:
             scope.clear_audit(env_key)
         return len(changes) + len(dropped), True
@@ -416,9 +421,10 @@ def _misplaced(store: BlobStore, packed: dict[str, Entry]) -> list[str]:
         return [path for paths in pool.map(bad, by_pack.values()) for path in paths]
 
 
-def _write_root(store: BlobStore, scope: Scope, env_key: str, data: bytes) -> None:
-    """Store the manifest's bytes as a blob and point this deployment's gc root at it (FORMAT §4)."""
+def _write_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, manifest_id: str | None = None) -> None:
+    """Store the manifest's bytes as a blob (unless the caller did: `manifest_id`) and point this deployment's gc
+    root at it (FORMAT §4)."""
     try:
-        write_root(store, scope.scope_id, env_key, store.put_bytes(data), scope.root)
+        write_root(store, scope.scope_id, env_key, manifest_id or store.put_bytes(data), scope.root)
     except OSError as exc:
         raise _store_error(exc, store) from exc
