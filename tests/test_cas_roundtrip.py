@@ -248,13 +248,25 @@ def test_large_file_streams_and_round_trips(tmp_path):
 
 
 def test_identical_files_stored_once(tmp_path):
+    from cas import limits, pack
+
     store, scope = open_store(tmp_path)
     files = {f"d{i}/same.bin": b"identical content" * 100 for i in range(10)}
     files["other"] = b"different"
+    big = b"big identical content " * (pack.PACK_FILE_MAX // 22 + 1)  # above PACK_FILE_MAX: a loose blob
+    files.update({f"b{i}/big.bin": big for i in range(3)})
     write_tree(tmp_path / "src", files)
     res = save_tree(tmp_path / "src", store, scope, ENV_KEY)
-    assert res.blobs_uploaded == 2
-    assert len(list(store.iter_blobs())) == 2 + 1  # + the manifest's own blob
+    assert res.blobs_uploaded == 3  # three distinct contents
+    assert res.packs_written == 1
+    # One pack for the two small contents, one loose blob for the big one, the manifest's own blob.
+    assert len(list(store.iter_blobs())) == 3
+    entries = manifest_entries(scope)
+    small = [e for p, e in entries.items() if not p.endswith("big.bin")]
+    assert len({(e.pack, e.offset) for e in small if e.blob_id == blob_id(b"identical content" * 100)}) == 1
+    (pack_id,) = {e.pack for e in small}
+    assert len(store.get_bytes(pack_id, limits.MAX_PACK_BYTES)) == 1700 + 9  # each small content once
+    assert {e.stored_id for p, e in entries.items() if p.endswith("big.bin")} == {blob_id(big)}
     load_tree(tmp_path / "dst", store, scope, ENV_KEY)
     assert {rel: d for rel, (d, _) in read_tree(tmp_path / "dst").items()} == files
 
