@@ -37,6 +37,9 @@ PACK_WRITERS = 4
 # one model). The most recently used ones with the same environment are the likely twins; each costs a root and a
 # manifest read, so a large organisation does not turn every first save into hundreds of reads.
 PEER_MANIFESTS = 8
+# A peer's manifest is read only up to this size (a real one is ~300 KB for thousands of files): eight hostile
+# manifests at the 64 MiB format limit would otherwise cost a saver gigabytes of memory.
+PEER_MANIFEST_BYTES = 4 << 20
 
 
 @dataclass
@@ -269,7 +272,7 @@ def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPo
 
     def manifest(r) -> Manifest | None:
         try:
-            found = loads(store.read_bytes(r.manifest, limits.MAX_MANIFEST_BYTES), f"blob {r.manifest}")
+            found = loads(store.read_bytes(r.manifest, PEER_MANIFEST_BYTES), f"blob {r.manifest}")
         except Exception:  # noqa: BLE001 - missing, corrupt or hostile: no dedup from it
             return None
         return found if found.env_key == env_key else None
