@@ -60,12 +60,18 @@ def world(tmp_path):
     shared = {f"triton/k{i}.cubin": f"kernel {i}\n".encode() * 300 for i in range(4)}
     save_tree(write_tree(tmp_path / "ta", {**shared, "a.py": b"print('a')\n" * 50}), store, a, "gpu1")
     save_tree(write_tree(tmp_path / "tb", {**shared, "b.py": b"print('b')\n" * 50}), store, b, "gpu1")
+    # Small files are stored in packs (FORMAT §2): a's pack holds the shared kernels and a.py; b's save finds the
+    # kernels in a's pack (through a's root) and packs only b.py. Stored: two packs and two manifest blobs.
+    ea, eb = a.read_manifest("gpu1").entries, b.read_manifest("gpu1").entries
+    assert len({e.pack for e in ea.values()}) == 1 and None not in {e.pack for e in ea.values()}
+    assert {eb[p].pack for p in shared} == {ea["a.py"].pack} and eb["b.py"].pack not in (None, ea["a.py"].pack)
     flags = ["--org", str(store.root), "--scope", a.root]
     return store, a, b, flags
 
 
 def referenced_blob(scope: Scope, rel: str) -> str:
-    return scope.read_manifest("gpu1").entries[rel].blob_id
+    """The blob the store keeps for `rel`: its pack (every file of `world` is small)."""
+    return scope.read_manifest("gpu1").entries[rel].stored_id
 
 
 def test_check_clean_store_exits_0(world):
@@ -75,7 +81,7 @@ def test_check_clean_store_exits_0(world):
     assert "no problems" in r.stdout
     assert r.stderr == ""  # stderr is a pipe: no progress
     doc = json.loads(cas("check", "--json", *flags).stdout)
-    assert doc["problems"] == [] and doc["roots_live"] == 2 and doc["referenced_blobs"] == 8
+    assert doc["problems"] == [] and doc["roots_live"] == 2 and doc["referenced_blobs"] == 4
 
 
 def test_check_finds_a_missing_blob(world):
@@ -90,9 +96,9 @@ def test_check_finds_a_missing_blob(world):
 
 def test_check_read_data_finds_a_corrupt_blob_and_leaves_it_in_place(world):
     store, a, b, flags = world
-    blob = referenced_blob(a, "a.py")
-    data = b"print('A')\n" * 50  # same size, other content: only re-hashing can tell
-    with open(store.blob_path(blob), "wb") as fh:
+    blob = referenced_blob(a, "a.py")  # a's pack
+    data = store.get_bytes(blob, 1 << 20).replace(b"print('a')", b"print('A')")  # same size, other content:
+    with open(store.blob_path(blob), "wb") as fh:  # only re-hashing can tell
         fh.write(zstandard.ZstdCompressor(write_content_size=True).compress(data))
     assert cas("check", *flags).returncode == 0  # structure alone is intact
     r = cas("check", "--read-data", "--json", *flags)
@@ -105,9 +111,11 @@ def test_check_read_data_finds_a_corrupt_blob_and_leaves_it_in_place(world):
 def test_check_finds_a_stray_temp_file_but_not_a_young_one(world):
     store, a, b, flags = world
     young = os.path.join(store.root, "blobs", "00", ".tmp-host-1-00000000000000aa")
+    os.makedirs(os.path.dirname(young), exist_ok=True)  # fan-out directories are made by the first write
     open(young, "wb").close()
     assert cas("check", *flags).returncode == 0  # a live writer's temp file is no problem
     stray = os.path.join(store.root, "blobs", "7f", ".tmp-host-1-00000000000000bb")
+    os.makedirs(os.path.dirname(stray), exist_ok=True)
     open(stray, "wb").close()
     old = time.time() - 2 * 3600
     os.utime(stray, (old, old))
@@ -122,7 +130,7 @@ def test_check_subsets_partition_the_blobs(world):
     total = json.loads(cas("check", "--read-data", "--json", *flags).stdout)["blobs_read"]
     parts = [json.loads(cas("check", "--read-data", "--subset", f"{n}/3", "--json", *flags).stdout)["blobs_read"]
              for n in (1, 2, 3)]
-    assert sum(parts) == total == 8  # 4 shared kernels + a.py + b.py + 2 manifest blobs
+    assert sum(parts) == total == 4  # a's pack (shared kernels + a.py), b's pack (b.py) + 2 manifest blobs
     assert cas("check", "--read-data", "--subset", "4/3", *flags).returncode == 2
 
 
@@ -183,7 +191,7 @@ def test_gc_command_prints_what_it_did(world):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["collected"] and res["roots_live"] == 1 and res["roots_dead"] == 1
-    assert res["blobs_trashed"] == 3  # orphan, b.py and b's manifest blob; the shared kernels stay for a
+    assert res["blobs_trashed"] == 3  # orphan, b's pack (b.py) and b's manifest blob; a's pack stays for a
     assert os.path.exists(store.trash_path(orphan))
     assert cas("check", *flags).returncode == 0
 
