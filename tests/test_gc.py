@@ -12,6 +12,7 @@ import pytest
 from cas import BlobStore, LockTimeout, Scope, load_tree, save_tree
 from cas.gc import GcRefused, collect
 from cas.lock import LockFile
+from cas.pack import PACK_FILE_MAX
 from cas.roots import iter_roots, root_path
 
 FRESHEN = 1
@@ -139,15 +140,32 @@ def test_trashed_blob_comes_back_for_a_load_and_for_a_save(env):
     assert not res.misses and res.restored == 2
     assert wanted <= present(store)
 
-    # A save elsewhere that needs a trashed blob takes it back instead of uploading it.
-    z = store.put_bytes(b"z" * 5000)
-    assert z  # id of the raw content b"z"*5000
+    # A save elsewhere that needs a trashed blob takes it back instead of uploading it: a large file's own blob ...
+    big = b"z" * (PACK_FILE_MAX + 5000)
+    z = store.put_bytes(big)
+    assert z  # id of the raw content, as a loose blob of a file above PACK_FILE_MAX has
     age_all(store, 10 * GRACE)
     collect(store, scope=a, grace=GRACE)
     assert z in in_trash(store)
-    res = save_tree(write_tree(tmp / "ta", {"a/z.bin": b"z" * 5000}), store, a, "gpu1")
-    assert res.blobs_present == 1 and res.blobs_uploaded == 0
+    res = save_tree(write_tree(tmp / "ta", {"a/z.bin": big}), store, a, "gpu1")
+    assert res.blobs_present == 1 and res.blobs_uploaded == 0 and res.bytes_uploaded == 0
+    assert res.packs_written == 0
     assert z in present(store) and z not in in_trash(store)
+
+    # ... and a pack: small files whose concatenation is a trashed pack's content make the same pack id, so the
+    # save brings that pack back and writes nothing.
+    (b_pack,) = wanted
+    age_all(store, 10 * GRACE)
+    if os.path.exists(root_path(store, b.scope_id, "gpu1")):
+        age(root_path(store, b.scope_id, "gpu1"), 31 * DAY)
+    collect(store, scope=a, grace=GRACE, root_ttl=30 * DAY)
+    assert b_pack in in_trash(store) and z in present(store)  # a's root keeps its blob
+    res = save_tree(tmp / "tb", store, a, "gpu1")
+    assert res.packs_written == 1 and res.bytes_uploaded == 0
+    assert {e.pack for p, e in a.read_manifest("gpu1").entries.items() if p.startswith("b/")} == {b_pack}
+    assert b_pack in present(store) and b_pack not in in_trash(store)
+    res = load_tree(tmp / "restore-b-from-a", store, a, "gpu1")
+    assert not res.misses and res.restored == 3
 
 
 def test_live_blob_found_in_trash_is_put_back_not_deleted(env):
@@ -235,6 +253,7 @@ def test_old_temp_and_lock_files_go_young_ones_stay(env):
     young_tmp = os.path.join(store.root, "blobs", "cd", ".tmp-host-2-0123456789abcdef")
     old_scope_tmp = os.path.join(a.manifests, ".tmp-host-3-0123456789abcdef")
     for p in (old_tmp, young_tmp, old_scope_tmp):
+        os.makedirs(os.path.dirname(p), exist_ok=True)  # blobs/<xx> are made by the first write into each
         open(p, "wb").close()
     age(old_tmp, 2 * 3600)
     age(old_scope_tmp, 2 * 3600)
