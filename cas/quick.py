@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import stat
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable
 
 import blake3
@@ -53,7 +54,7 @@ _last_scope_id: dict[tuple[str, str], str] = {}
 _manifests: dict[str, tuple[str, Manifest]] = {}
 _MANIFESTS_KEPT = 16
 _last_lock = threading.Lock()
-_POOL: ThreadPoolExecutor | None = None
+_POOL: _Readers | None = None
 _POOL_PID = 0
 
 
@@ -97,19 +98,45 @@ def nothing_new(
         return None
 
 
-def _pool() -> ThreadPoolExecutor:
-    """A pool kept for the process: starting threads costs milliseconds on a busy machine, more than the reads. Its
-    tasks never wait for one another, so concurrent callers cannot deadlock it. A child after fork(2) makes its own
-    (the parent's threads do not exist there)."""
+def _pool() -> "_Readers":
+    """Reader threads kept for the process: starting threads costs milliseconds on a busy machine, more than the
+    reads themselves. A child after fork(2) starts its own (the parent's threads do not exist there)."""
     global _POOL, _POOL_PID
     with _last_lock:
         if _POOL is None or _POOL_PID != os.getpid():
-            _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="cas-quick")
+            _POOL = _Readers(THREADS)
             _POOL_PID = os.getpid()
         return _POOL
 
 
-def _gc_root(pool: ThreadPoolExecutor, store_root, scope_root: str, env_key: str) -> Future:
+class _Readers:
+    """A minimal executor of daemon threads. Daemon, unlike ThreadPoolExecutor's: a read hanging on a dead volume
+    must not keep the process from exiting (the companion gives its last save a deadline, then exits). Its tasks
+    never wait for one another (see _gc_root), so concurrent callers cannot deadlock it."""
+
+    def __init__(self, threads: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"cas-quick-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+            del future, fn, args
+
+
+def _gc_root(pool: _Readers, store_root, scope_root: str, env_key: str) -> Future:
     """A future of the parsed gc root of this scope and environment (None: absent or unreadable).
 
     `scope.id` and the store root are found concurrently, then the root is read. When this process read `scope.id`
@@ -147,7 +174,7 @@ def _gc_root(pool: ThreadPoolExecutor, store_root, scope_root: str, env_key: str
     return result
 
 
-def _store_and_guess(pool: ThreadPoolExecutor, store_root, scope_root: str, env_key: str):
+def _store_and_guess(pool: _Readers, store_root, scope_root: str, env_key: str):
     store = os.path.abspath(os.fspath(store_root() if callable(store_root) else store_root))
     guess = _last_scope_id.get((scope_root, store))
     return store, guess, pool.submit(_root, store, guess, env_key) if guess else None

@@ -306,3 +306,13 @@ def test_clear_resolved_paths(b10_env):
     read_settings()
     clear_resolved_paths()
     assert read_settings().b10fs_cache_dir == b10_env.scope.resolve()
+
+
+def test_reader_threads_are_daemons(saved):
+    """A read hanging on a dead volume must not keep the process from exiting."""
+    import threading
+
+    src, store, scope = saved
+    quick.nothing_new(src, store.root, scope, KEY)
+    readers = [t for t in threading.enumerate() if t.name.startswith("cas-quick")]
+    assert readers and all(t.daemon for t in readers)
