@@ -14,9 +14,10 @@ import random
 import shutil
 import time
 
-from cas import BlobStore, Scope, load_tree, save_tree
+from cas import BlobStore, Scope, limits, load_tree, save_tree
 from cas.errors import BlobCorrupt, BlobMissing
 from cas.gc import collect, read_root_manifest
+from cas.pack import PACK_FILE_MAX, PackEntryCorrupt, extract
 from cas.roots import iter_roots
 
 SECONDS = float(os.environ.get("CAS_STRESS_SECONDS", "20"))
@@ -34,7 +35,10 @@ def shared(i: int) -> bytes:
 
 
 def recycled(j: int) -> bytes:
-    return f"recycled artifact {j}\n".encode() * (40 + j)
+    # Above PACK_FILE_MAX: stored as its own (loose) blob, so an orphan upload of it is the very blob a later save
+    # relies on (small files go into packs, whose ids a later save would not reproduce).
+    line = f"recycled artifact {j}\n".encode()
+    return line * (PACK_FILE_MAX // len(line) + 1 + j)
 
 
 def _saver(wid: int, base: str, deadline: float, out: mp.Queue) -> None:
@@ -112,18 +116,29 @@ def _final_violations(base: str) -> tuple[list[str], dict]:
         for key in scope.env_keys():
             manifests.append((scope.manifest_path(key), scope.read_manifest(key)))
     violations, checked = [], set()
+    packs: dict[str, bytes | None] = {}  # pack id -> its verified content (None: unreadable, already reported)
     for where, manifest in manifests:
         for path, entry in manifest.entries.items():
-            if entry.blob_id in checked:
-                continue
-            checked.add(entry.blob_id)
-            if store.stat(entry.blob_id) is None:  # in neither blobs/ nor trash/
-                violations.append(f"{where}: {path}: blob {entry.blob_id} deleted")
-                continue
-            try:
-                store.verify(entry.blob_id)
-            except (BlobMissing, BlobCorrupt) as exc:
-                violations.append(f"{where}: {path}: {exc}")
+            stored = entry.stored_id  # the pack of a small file, else the file's own blob
+            if stored not in checked:
+                checked.add(stored)
+                if store.stat(stored) is None:  # in neither blobs/ nor trash/
+                    violations.append(f"{where}: {path}: blob {stored} deleted")
+                    packs[stored] = None
+                    continue
+                try:
+                    if entry.pack is None:
+                        store.verify(stored)
+                    else:
+                        packs[stored] = store.get_bytes(stored, limits.MAX_PACK_BYTES)
+                except (BlobMissing, BlobCorrupt) as exc:
+                    violations.append(f"{where}: {path}: {exc}")
+                    packs[stored] = None
+            if entry.pack is not None and packs.get(stored) is not None:
+                try:
+                    extract(packs[stored], entry.blob_id, entry.size, entry.offset)
+                except PackEntryCorrupt as exc:
+                    violations.append(f"{where}: {path}: {exc}")
     return violations, {"manifests": len(manifests), "blobs_checked": len(checked)}
 
 
