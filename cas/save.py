@@ -16,7 +16,7 @@ import blake3
 
 from . import _faults, limits, pack
 from .blobstore import BlobStore, SourceChanged, hash_file
-from .index import INDEX_NAME, Index
+from .index import Index
 from .errors import BlobCorrupt, BlobMissing, ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
 from .manifest import Entry, Manifest, loads
 from .roots import parse_root, root_path, write_root
@@ -149,41 +149,6 @@ def save_tree(
     result.seconds = time.monotonic() - started
     log.debug("save %s: %s", env_key, result)
     return result
-
-
-def nothing_new(
-    src_dir: str | os.PathLike,
-    store_root: str | os.PathLike,
-    scope: Scope,
-    env_key: str,
-) -> int | None:
-    """The cheap answer to "would save_tree record anything?" for the common save of a replica that compiled
-    nothing new: from the local stat index alone (no hashing) and one manifest read. Returns the number of files
-    (all recorded identically, and the gc root names the manifest), or None for "maybe": any
-    file without a matching index entry, no manifest, no store, or an entry that differs. The caller then runs
-    save_tree. Lets the caller skip what only a real save needs (a save slot, scope and store set-up, free-space
-    checks): 95 -> 67 requests to the volume for a no-op save of 680 files (slowfs)."""
-    check_env_key(env_key)
-    if not os.path.exists(os.path.join(os.fspath(src_dir), INDEX_NAME)):
-        return None
-    index = Index(src_dir)
-    files = scan(src_dir)
-    entries: dict[str, Entry] = {}
-    for f in files:
-        blob_id = index.lookup(f.rel, f.stat)
-        if blob_id is None:
-            return None
-        entries[f.rel] = Entry(blob_id, f.size, f.mode)
-    data, current = _read_current(scope, env_key)
-    if current is None or current.changes_from(entries):
-        return None
-    try:
-        store = BlobStore(store_root, create=False)
-    except Exception:  # noqa: BLE001 - no store or not readable: let save_tree say what is wrong
-        return None
-    if _needs_audit(store, scope, env_key, data):
-        return None  # save_tree audits the manifest
-    return len(files)
 
 
 def _hash_all(
