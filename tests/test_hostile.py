@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import msgpack
 import pytest
 import zstandard
@@ -132,7 +133,11 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and not p.is_symlink() and p.name != ".cas-index"}
 
 
-CACHE = {"ab/cabc.py": b"# kernel\n" * 200, "fxgraph/xy/key/0": os.urandom(3000), "triton/0/h/k.cubin": b"\x7fELF" * 500}
+# Three small files, stored together in one pack (FORMAT §2), and one above cas.pack.PACK_FILE_MAX (1 MiB), stored as
+# its own loose blob: the store tests damage either kind of stored blob.
+BIG = "triton/1/big/k.cubin"
+CACHE = {"ab/cabc.py": b"# kernel\n" * 200, "fxgraph/xy/key/0": os.urandom(3000), "triton/0/h/k.cubin": b"\x7fELF" * 500,
+         BIG: os.urandom((1 << 20) + 3000)}
 
 
 @pytest.fixture(scope="module")
@@ -380,11 +385,27 @@ def _quarantined(world) -> list[str]:
     return sorted(os.listdir(world.store / "quarantine"))
 
 
+def _lost_with(world, rel: str) -> set[str]:
+    """The entries whose content goes with `rel`'s stored blob: its pack's files, or `rel` alone if loose."""
+    entries = world.manifest_entries()
+    return {p for p, x in entries.items() if x.stored_id == entries[rel].stored_id}
+
+
+def test_cache_is_one_pack_and_one_loose_blob(world):
+    entries = world.manifest_entries()
+    assert entries[BIG].pack is None
+    assert _lost_with(world, "fxgraph/xy/key/0") == set(CACHE) - {BIG}
+    manifest_blob = blake3.blake3(world.manifest_path.read_bytes()).hexdigest()
+    assert set(world.store_blobs()) == {e.stored_id for e in entries.values()} | {manifest_blob}
+
+
+@pytest.mark.parametrize("victim", ["fxgraph/xy/key/0", BIG], ids=["pack", "loose"])
 @pytest.mark.parametrize("kind", ["symlink-outside-right-content", "symlink-outside-secret", "hardlink-outside",
                                   "wrong-content", "zstd-bomb-header"])
-def test_planted_or_corrupt_blob_is_a_quarantined_miss(world, kind):
-    e = _entry(world, "fxgraph/xy/key/0")
-    path = _blob_path(world, e.blob_id)
+def test_planted_or_corrupt_blob_is_a_quarantined_miss(world, kind, victim):
+    e = _entry(world, victim)
+    lost = _lost_with(world, victim)
+    path = _blob_path(world, e.stored_id)
     good = path.read_bytes()
     path.unlink()
     if kind == "symlink-outside-right-content":
@@ -394,17 +415,18 @@ def test_planted_or_corrupt_blob_is_a_quarantined_miss(world, kind):
         path.symlink_to(world.outside / "secret")
     elif kind == "hardlink-outside":
         os.link(world.outside / "secret", path)
-    elif kind == "wrong-content":
-        path.write_bytes(zstandard.ZstdCompressor(write_content_size=True).compress(os.urandom(3000)))
+    elif kind == "wrong-content":  # the right size, other bytes
+        size = len(zstandard.ZstdDecompressor().decompress(good))
+        path.write_bytes(zstandard.ZstdCompressor(write_content_size=True).compress(os.urandom(size)))
     else:  # a tiny frame claiming 1 TiB
         sink = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=1 << 40)
         path.write_bytes(sink.compress(b"\0" * 10000) + sink.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
     fresh = world.tmp / "fresh"
     results, log = world.api("load", local=fresh)
     status, reason = status_of(results, "load")
-    assert status == "SUCCESS" and "1 entries not restored" in reason, reason
+    assert status == "SUCCESS" and f"{len(lost)} entries not restored" in reason, reason
     assert "quarantined" in reason or "symlink" in reason, reason
-    assert tree(fresh) == {k: v for k, v in CACHE.items() if k != "fxgraph/xy/key/0"}
+    assert tree(fresh) == {k: v for k, v in CACHE.items() if k not in lost}
     assert not path.exists() and not path.is_symlink(), "the bad blob is still where readers look"
     assert len(_quarantined(world)) == 1
     if kind == "symlink-outside-right-content":
@@ -417,11 +439,13 @@ def test_planted_or_corrupt_blob_is_a_quarantined_miss(world, kind):
     world.verify_store()
 
 
-def test_quarantined_blob_is_uploaded_again_by_the_next_save(world):
-    e = _entry(world, "fxgraph/xy/key/0")
-    _blob_path(world, e.blob_id).write_bytes(b"garbage")
+@pytest.mark.parametrize("victim", ["fxgraph/xy/key/0", BIG], ids=["pack", "loose"])
+def test_quarantined_blob_is_uploaded_again_by_the_next_save(world, victim):
+    e = _entry(world, victim)
+    _blob_path(world, e.stored_id).write_bytes(b"garbage")
     fresh, fresh2 = world.tmp / "fresh", world.tmp / "fresh2"
     results, _ = world.api(f"load:{fresh}", f"save:{world.local}", f"load:{fresh2}")
+    assert tree(fresh) == {k: v for k, v in CACHE.items() if k not in _lost_with(world, victim)}
     assert tree(fresh2) == CACHE
 
 
@@ -445,6 +469,7 @@ def test_zstd_bomb_with_a_matching_manifest_entry_streams_in_bounded_memory(worl
     bomb = _zeros_frame(size)
     assert len(bomb) < 1 << 20
     fake_id = "cd" * 32
+    _blob_path(world, fake_id).parent.mkdir(exist_ok=True)  # fan-out directories are made by the first write
     _blob_path(world, fake_id).write_bytes(bomb)
     m = world.manifest_entries()
     doc = msgpack.unpackb(world.manifest_path.read_bytes(), raw=False)
@@ -456,13 +481,14 @@ def test_zstd_bomb_with_a_matching_manifest_entry_streams_in_bounded_memory(worl
     assert status == "SUCCESS" and "1 entries not restored" in reason and "bomb" in reason, reason
     assert tree(fresh) == CACHE
     assert not any(p.name.startswith(".tmp-") for p in fresh.rglob("*")), "temp file of the bomb left behind"
-    assert len(_quarantined(world)) == 1 and len(m) == 3
+    assert len(_quarantined(world)) == 1 and len(m) == len(CACHE)
 
 
 def test_zstd_bomb_larger_than_the_local_disk_is_refused_up_front(world):
     """An entry claiming 60 GiB: refused before writing anything (free-space check), an ERROR naming the need."""
     fake_id = "ef" * 32
     sink = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=60 << 30)
+    _blob_path(world, fake_id).parent.mkdir(exist_ok=True)
     _blob_path(world, fake_id).write_bytes(sink.compress(b"\0" * 1000) + sink.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
     doc = msgpack.unpackb(world.manifest_path.read_bytes(), raw=False)
     doc["entries"]["fxgraph/huge/0"] = [bytes.fromhex(fake_id), 60 << 30, 0o644]
@@ -482,22 +508,24 @@ def test_symlinked_fanout_directory_in_the_store(world):
     from cas.gc import collect
 
     e = _entry(world, "ab/cabc.py")
-    fan = world.store / "blobs" / e.blob_id[:2]
+    prefix = e.stored_id[:2]  # the fan-out directory of the small files' pack
+    lost = {p for p, x in world.manifest_entries().items() if x.stored_id[:2] == prefix}
+    fan = world.store / "blobs" / prefix
     os.rename(fan, world.tmp / "moved-fan")
     fan.symlink_to(world.outside)
     fresh = world.tmp / "fresh"
     results, log = world.api("load", local=fresh)
     status, reason = status_of(results, "load")
-    assert status == "SUCCESS" and "1 entries not restored" in reason, reason
+    assert status == "SUCCESS" and f"{len(lost)} entries not restored" in reason, reason
+    assert tree(fresh) == {k: v for k, v in CACHE.items() if k not in lost}
     world.outside_intact()
 
-    # A new file whose blob falls in that fan-out directory.
+    # A new file whose blob falls in that fan-out directory: large, so that it is stored as its own blob (the
+    # re-packed small files make the same pack, in that directory too).
     n = 0
     while True:
-        data = b"new artifact %d" % n
-        import blake3
-
-        if blake3.blake3(data).hexdigest()[:2] == e.blob_id[:2]:
+        data = b"new artifact %d " % n + bytes(1 << 20)
+        if blake3.blake3(data).hexdigest()[:2] == prefix:
             break
         n += 1
     (world.local / "fxgraph" / "new").write_bytes(data)
@@ -507,10 +535,10 @@ def test_symlinked_fanout_directory_in_the_store(world):
     world.outside_intact()
 
     # gc: an outside file named like a garbage blob of that fan-out, old, under a symlinked trash fan-out too.
-    victim_id = e.blob_id[:2] + "0" * 62
+    victim_id = prefix + "0" * 62
     (world.outside / victim_id).write_bytes(b"not ours")
     os.utime(world.outside / victim_id, (1, 1))
-    tfan = world.store / "trash" / e.blob_id[:2]
+    tfan = world.store / "trash" / prefix
     if tfan.exists():  # trash fan-out directories are made by gc on first use
         tfan.rmdir()
     tfan.symlink_to(world.outside)
