@@ -87,22 +87,30 @@ def test_api_save_into_a_full_volume_fails_cleanly_then_heals(tmp_path):
     """Through the public API with CAS_RESERVE_MB=0 (the reserve that would refuse up front lowered, so the real
     ENOSPC path runs): an ERROR naming the full store, no temp file on the volume, nothing previously stored lost;
     with room again the same save succeeds and a load is complete."""
+    import secrets
+
     from test_hostile import World, tree, write
 
     mnt = str(tmp_path / "mnt")
     try:
         with faults.tmpfs(mnt, "24m"):
             w = World(Path(mnt))
-            # Every up-front check passes (1 MiB needed by the API, the raw bytes by cas) while the blobs, at one
-            # 8 KiB tmpfs allocation each, do not fit: the save meets ENOSPC for real.
+            # The replica's cache is local disk, not the volume: only the store and scope are on the full tmpfs.
+            w.local = tmp_path / "local" / "inductor"
+            w.environ["TORCHINDUCTOR_CACHE_DIR"] = str(w.local)
+            # Every up-front check passes (1 MiB needed by the API, the raw bytes by cas). Small files go into one
+            # pack (FORMAT §2), which takes about their raw size and fits; the manifest does not: 400 entries with
+            # 240-byte names (about 130 KB, and its copy in the store) meet ENOSPC for real.
             w.environ.update(CAS_RESERVE_MB="0", MIN_B10FS_SPACE_MB="0", MAX_CONCURRENT_SAVES="1",
                              MAX_CACHE_SIZE_MB="1")
             write(w.local, {"a/first": b"first " * 1000})
             (out,), _ = w.api("save")
             assert out["status"] == "SUCCESS", out
             before = w.store_blobs()
-            write(w.local, {f"b/{i}": os.urandom(4200) for i in range(200)})  # 840 KB raw, incompressible
-            filler = faults._fill(mnt, 1_150_000)
+            manifest_before = w.manifest_path.read_bytes()
+            # 1,000,000 bytes raw, incompressible
+            write(w.local, {f"b/{secrets.token_hex(120)}": os.urandom(2500) for i in range(400)})
+            filler = faults._fill(mnt, 1_100_000)
             results, log = w.api("save")
             status, reason = results[-1]["status"], results[-1]["stats"]["reason"]
             assert status == "ERROR" and "NoSpace" in reason and "full" in reason, reason
@@ -110,11 +118,13 @@ def test_api_save_into_a_full_volume_fails_cleanly_then_heals(tmp_path):
             assert not temps, temps
             after = w.store_blobs()
             assert all(after.get(k) == v for k, v in before.items()), "a failed save lost stored blobs"
+            assert w.manifest_path.read_bytes() == manifest_before  # the old manifest, whole
             os.unlink(filler)
             fresh = Path(mnt) / "fresh"
             results, _ = w.api("save", f"load:{fresh}")
             assert [r["status"] for r in results] == ["SUCCESS", "SUCCESS"], results
             assert tree(fresh) == tree(w.local)
+            assert len(w.manifest_entries()) == 401
     except faults.Skip as exc:
         pytest.skip(str(exc))
 

@@ -522,20 +522,26 @@ def clock_skew(base: str) -> dict:
     grace = 60.0  # the four gc runs below must all start within it of the in-flight upload, even on a loaded host
     w.save(keys("a", 20))
     want = w.entries()
-    # Live blobs with mtimes a year in the past or a day in the future.
-    ids = sorted({e.blob_id for e in want.values()})
+    # Live blobs with mtimes a year in the past or a day in the future: the packs of the entries (small files are
+    # stored in packs, FORMAT §2) and the manifest's own blob, which the root names.
+    import blake3
+
+    ids = sorted({e.stored_id for e in want.values()} | {blake3.blake3(w.scope.read_manifest_bytes(KEY)).hexdigest()})
     for i, bid in enumerate(ids):
         t = time.time() + (-365 * 86400 if i % 2 else 86400)
         os.utime(w.store.blob_path(bid), (t, t))
-    # A save in flight: uploaded its blobs, not yet committed (killed at the `uploaded` point).
-    src = w.tree(keys("inflight", 8))
+    # A save in flight: uploaded its blobs, not yet committed (killed at the `uploaded` point). Its small files make
+    # a pack; the big one is a loose blob, which a later save relies on through ensure_fresh and the server's clock.
+    src = w.tree(keys("inflight", 8) + ["big-inflight"])
+    stored_before = {b.id for b in w.store.iter_blobs()}
     p = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
                         "from cas import BlobStore, Scope, save_tree;"
                         "save_tree(sys.argv[2], BlobStore(sys.argv[3]), Scope(sys.argv[4]), 'env-a')",
                         REPO, src, w.org, w.scope_dir], env={**os.environ, "CAS_KILL_AT": "uploaded"})
     assert p.returncode == -signal.SIGKILL, p.returncode
     uploaded_at = time.monotonic()
-    inflight = {e.blob_id for e in _entries_of(src).values()}
+    inflight = {b.id for b in w.store.iter_blobs()} - stored_before  # what the killed save had stored
+    assert blake3.blake3(content("big-inflight")).hexdigest() in inflight and len(inflight) >= 2, inflight
     trashed = {}
     for skew in (86400.0, 3600.0, -3600.0, -86400.0):
         out = subprocess.run([sys.executable, "-c", _SKEWED_GC, REPO, w.org, w.scope_dir, str(skew), str(grace)],
@@ -608,19 +614,27 @@ def kill_points(base: str, per_point: int = 3, seed: int = 0) -> dict:
                 # gc runs with work to do: orphans of a save killed after uploading, aged past the grace period
                 # (and, for gc-deleted, already in trash and aged again).
                 orphans = w.tree([f"g{point}{rep}-{i}" for i in range(150)])
+                stored_before = {b.id for b in w.store.iter_blobs()}
                 subprocess.run([sys.executable, "-c", _KILLED, REPO, "save", w.org, w.scope_dir, orphans],
                                env={**os.environ, "CAS_KILL_AT": "uploaded"}, stdout=subprocess.DEVNULL)
+                # Its files went into a pack or a few (FORMAT §2): gc trashes at least these, and the manifest blobs
+                # earlier follow-up saves superseded.
+                garbage = len({b.id for b in w.store.iter_blobs()} - stored_before)
+                assert garbage >= 1
                 _age(w.store, "blobs")
                 if point == "gc-deleted":
                     collect(w.store, scope=w.scope, grace=2)
                     _age(w.store, "trash")
+                    garbage = sum(1 for _ in w.store.iter_blobs("trash"))
                 op, arg = "gc", "2"
                 if point == "gc-random":  # no checkpoint: a random moment of the run
                     env, delay = {}, rng.uniform(0.0, 0.12)
                 else:
-                    env, delay = {"CAS_KILL_AT": f"{point}:{rng.randint(1, 20)}"}, None
+                    env, delay = {"CAS_KILL_AT": f"{point}:{rng.randint(1, min(20, garbage))}"}, None
             else:
                 n = rng.randint(1, 6) if most > 4 else 1  # one save per process passes these once
+                if point == "blob-written":  # this save's small files make one pack; then the manifest's own blob
+                    n = rng.randint(1, 2)
                 env = {"CAS_KILL_AT": f"{point}:{n}"}
                 delay = None
                 if point == "restored-temp":

@@ -18,7 +18,8 @@ from .worker import ENV_KEYS, FAKE_ENV, OPS, layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # cas/_faults.py checkpoints: (point, how many passes a process may make before the kill is drawn from).
-KILL_POINTS = [("hashed", 4), ("uploaded", 4), ("locked", 4), ("manifest-renamed", 4), ("blob-written", 40),
+# blob-written: a save writes a pack of its new small files, a loose blob per new big one and the manifest's blob.
+KILL_POINTS = [("hashed", 4), ("uploaded", 4), ("locked", 4), ("manifest-renamed", 4), ("blob-written", 12),
                ("restored-temp", 60), ("gc-trashed", 20), ("gc-deleted", 20)]
 # Errors a healthy store still gives under this load: a gc finding another gc running, a save slot or lock busy.
 EXPECTED_ERRORS = {"LockTimeout", "status-SKIPPED"}
