@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from cas import BlobStore, Scope, load_tree, save_tree
 from cas.paths import check_entry_path, is_transient
 
-from cas_helpers import ENV_KEY, blob_id, expected_entries, manifest_entries, open_store, read_tree, temp_files, \
-    verify_all_blobs, write_tree
+from cas_helpers import ENV_KEY, blob_id, entry_bytes, expected_entries, manifest_entries, open_store, read_tree, \
+    temp_files, verify_all_blobs, write_tree
 
 _counter = itertools.count()
 
@@ -316,8 +316,9 @@ def test_file_changed_while_saving_is_not_published(tmp_path, monkeypatch):
     entries = manifest_entries(scope)
     assert set(entries) == {"stable"}
     for e in entries.values():
-        store.verify(e.blob_id)
-    assert verify_all_blobs(store) == 2  # 'stable' and the manifest: no blob under a wrong id
+        assert blob_id(entry_bytes(store, e)) == e.blob_id  # through its pack
+    assert {e.stored_id for e in entries.values()} == {entries["stable"].pack}
+    assert verify_all_blobs(store) == 2  # the pack of 'stable' and the manifest: no blob under a wrong id
     monkeypatch.setattr(save_mod, "hash_file", real_hash)
     save_tree(src, store, scope, ENV_KEY, use_index=False)
     assert manifest_entries(scope)["moving.py"].blob_id == blob_id(b"version 2" * 100)
