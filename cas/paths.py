@@ -65,14 +65,15 @@ class TargetDir:
             current = os.path.join(current, part)
             if current in self._checked:
                 continue
+            # mkdir first: in a fresh target nearly every parent is new (an Inductor cache has about one directory
+            # per file), and a directory mkdir just created is ours. Anything already there is checked.
             try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(current, 0o755)
-                except FileExistsError:
-                    pass  # a concurrent loader created it; check it below like any other
-                st = os.lstat(current)
+                os.mkdir(current, 0o755)
+                self._checked.add(current)
+                continue
+            except FileExistsError:
+                pass
+            st = os.lstat(current)
             if stat.S_ISLNK(st.st_mode):
                 raise UnsafePath(f"{rel!r}: parent {current!r} is a symlink")
             if not stat.S_ISDIR(st.st_mode):
