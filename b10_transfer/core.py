@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
@@ -210,10 +211,16 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
 
     store_root = s.store_root()
     wait = s.cleanup_lock_timeout_s + SLOT_WAIT_MARGIN_S
-    for where in (s.b10fs_cache_dir, store_root):
-        require_free(where, s.required_b10fs_space_bytes, "saving to the volume")
-    store = BlobStore(store_root, create=True)
-    scope = Scope(s.b10fs_cache_dir, create=True)
+    # Four independent chains of round trips on the volume (two free-space checks, the store's format file, the
+    # scope's directories): concurrently, they cost one chain.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="b10-save-setup") as pool:
+        checks = [pool.submit(require_free, where, s.required_b10fs_space_bytes, "saving to the volume")
+                  for where in (s.b10fs_cache_dir, store_root)]
+        opened_store = pool.submit(BlobStore, store_root, create=True)
+        opened_scope = pool.submit(Scope, s.b10fs_cache_dir, create=True)
+        for check in checks:
+            check.result()
+        store, scope = opened_store.result(), opened_scope.result()
     try:
         slot = acquire_slot(
             scope.slots,  # a subdirectory: the peer's cleanup (top-level *.lock by age) cannot touch live slots

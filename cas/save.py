@@ -85,11 +85,16 @@ def save_tree(
         index.retain(set(entries))
         index.write()
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-save") as pool:
-        data, current = _read_current(scope, env_key)
+        # Three independent reads (each a few round trips): the manifest, the audit marker, the gc root.
+        read = pool.submit(_read_current, scope, env_key)
+        marker = pool.submit(scope.audit_requested, env_key)
+        rooted = pool.submit(_root_manifest_id, store, scope, env_key)
+        data, current = read.result()
         # A manifest whose gc root is missing or names another manifest may reference blobs gc has collected
         # (its root died, or a save died between manifest and root), and a loader that missed a blob asks for
         # an audit: re-check every entry instead of trusting the manifest.
-        audit = current is not None and _needs_audit(store, scope, env_key, data)
+        audit = current is not None and (
+            marker.result() or rooted.result() != blake3.blake3(data).hexdigest())
         delta = dict(entries) if audit or current is None else current.changes_from(entries)
         if not delta and not audit:
             result.seconds = time.monotonic() - started
@@ -302,17 +307,22 @@ def _needs_audit(store: BlobStore, scope: Scope, env_key: str, data: bytes | Non
 
 def _root_names(store: BlobStore, scope: Scope, env_key: str, data: bytes | None) -> bool:
     """True if the gc root of this manifest exists and names exactly these manifest bytes (FORMAT §4)."""
-    if data is None:
-        return True
-    path = root_path(store, scope.scope_id, env_key)
+    return data is None or _root_manifest_id(store, scope, env_key) == blake3.blake3(data).hexdigest()
+
+
+def _root_manifest_id(store: BlobStore, scope: Scope, env_key: str) -> str | None:
+    """The manifest blob this deployment's gc root names; None if it is absent or unreadable."""
     try:
+        scope_id = scope.existing_scope_id()  # a reader: no scope.id means no root, and it is not made here
+        if scope_id is None:
+            return None
+        path = root_path(store, scope_id, env_key)
         with open(path, "rb") as fh:
-            root = parse_root(path, fh.read(limits.MAX_SMALL_FILE_BYTES + 1), 0.0)
-    except (OSError, ValueError):
-        return False
+            return parse_root(path, fh.read(limits.MAX_SMALL_FILE_BYTES + 1), 0.0).manifest
+    except (OSError, ValueError, StoreUnavailable):
+        return None
     except Exception:  # msgpack's assorted errors on a garbage root: replace it
-        return False
-    return root.manifest == blake3.blake3(data).hexdigest()
+        return None
 
 
 def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS):

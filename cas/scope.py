@@ -27,6 +27,7 @@ class Scope:
         self.root = os.path.abspath(os.fspath(root))
         self.manifests = os.path.join(self.root, "manifests")
         self.slots = os.path.join(self.root, "slots")
+        self._scope_id: str | None = None
         if create:
             try:
                 if not os.path.isdir(os.path.dirname(self.root)):
@@ -43,7 +44,20 @@ class Scope:
 
     @property
     def scope_id(self) -> str:
-        """This deployment's identity in the org store, created by the first writer."""
+        """This deployment's identity in the org store, created by the first writer. Read once per Scope object (a
+        Scope is one operation's view of the deployment): it never changes once written, and a save needs it
+        several times, a few round trips each."""
+        if self._scope_id is None:
+            self._scope_id = self._read_or_create_id()
+        return self._scope_id
+
+    def existing_scope_id(self) -> str | None:
+        """The id if scope.id exists and is well formed; never creates it (for readers)."""
+        if self._scope_id is None:
+            self._scope_id = self._read_id(os.path.join(self.root, "scope.id"))
+        return self._scope_id
+
+    def _read_or_create_id(self) -> str:
         path = os.path.join(self.root, "scope.id")
         value = self._read_id(path)
         if value is None:

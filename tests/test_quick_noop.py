@@ -162,7 +162,8 @@ def test_changed_scope_id_is_not_answered_from_the_old_one(saved):
     assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)  # remembers the id as a guess
     (Path(scope.root) / "scope.id").write_text("ab" * 16 + "\n")
     assert quick.nothing_new(src, store.root, scope, KEY) is None
-    save_tree(src, store, scope, KEY)  # audits and writes the root under the new id
+    save_tree(src, store, Scope(scope.root), KEY)  # audits and writes the root under the new id (a Scope
+    # object reads scope.id once: one operation's view)
     assert os.path.exists(root_path(store, "ab" * 16, KEY))
     assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)
 
