@@ -359,16 +359,14 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         data = merged.dumps()
         if len(data) > limits.MAX_MANIFEST_BYTES:
             raise TooLarge(f"manifest would be {len(data)} bytes, over the {limits.MAX_MANIFEST_BYTES} byte limit")
-        # The manifest's copy in the store is written while the manifest itself is: both are a few serial round
-        # trips, and the root, which must come after both, names the copy.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-commit") as one:
-            copy = one.submit(store.put_bytes, data)
-            try:
-                scope.write_manifest(data, env_key)
-                _faults.checkpoint("manifest-renamed")
-                manifest_id = copy.result()
-            except OSError as exc:
-                raise _store_error(exc, store) from exc
+        # The manifest's copy in the store first: if the volume is full there, the save fails with the old manifest
+        # untouched (a copy nobody names is garbage for gc). Then the manifest, then the root naming the copy.
+        try:
+            manifest_id = store.put_bytes(data)
+            scope.write_manifest(data, env_key)
+            _faults.checkpoint("manifest-renamed")
+        except OSError as exc:
+            raise _store_error(exc, store) from exc
         _write_root(store, scope, env_key, data, manifest_id)
         if audit:
             scope.clear_audit(env_key)

@@ -105,10 +105,11 @@ def _age_temp_files_and_collect(store, scope):
 
 
 # blob-written fires four times in a save of NEW (see _new_tree): 1 and 3 are uploads (the first, and the last but
-# one, with blobs already at final names), 4 is the manifest's own blob, stored after the manifest's rename.
+# one, with blobs already at final names), 4 is the manifest's own blob, stored under the lock before the manifest's
+# rename (FORMAT §3), so a save killed there leaves the old manifest and a stale lock.
 SAVE_POINTS = [("hashed", 1, "old"), ("blob-written", 1, "old"), ("blob-written", 3, "old"),
                ("uploaded", 1, "old"), ("locked", 1, "old"), ("manifest-renamed", 1, "new"),
-               ("blob-written", 4, "new")]
+               ("blob-written", 4, "old")]
 
 
 @pytest.mark.parametrize("point,nth,expect", SAVE_POINTS, ids=[f"{p}:{n}" for p, n, _ in SAVE_POINTS])
@@ -123,14 +124,14 @@ def test_saver_killed_at_fault_point(tmp_path, point, nth, expect):
     if expect == "old":
         assert scope.read_manifest_bytes(ENV_KEY) == old_bytes  # not rewritten at all
     lock = os.path.join(scope.manifests, ENV_KEY + ".lock")
-    if point in ("locked", "manifest-renamed") or expect == "new":
+    if point in ("locked", "manifest-renamed") or expect == "new" or (point, nth) == ("blob-written", 4):
         holder = msgpack.unpackb(open(lock, "rb").read())
         assert holder["host"] == _HOST and holder["pid"] != os.getpid()  # the dead saver's, left stale
     else:
         assert not os.path.exists(lock)
     if point == "blob-written":
         assert temp_files(os.path.join(store.root, "blobs"))  # the interrupted upload's temp file
-    if point == "manifest-renamed" or (point, nth) == ("blob-written", 4):
+    if point == "manifest-renamed":
         # Crash between manifest rename and root: the root still names the old manifest (FORMAT §8).
         from cas.roots import iter_roots
 

@@ -197,3 +197,21 @@ def test_version_1_manifests_are_still_read():
     assert m.entries["a"].pack is None and m.entries["a"].stored_id == (b"\1" * 32).hex()
     last = loads(_manifest_bytes([b"\1" * 32, 10, 0o644, b"\2" * 32, limits.MAX_PACK_BYTES - 10]))
     assert last.entries["a"].stored_id == (b"\2" * 32).hex()
+
+
+def test_manifest_file_is_one_bounded_zstd_frame():
+    """FORMAT §3: written as a zstd frame of the msgpack map; a plain map is read too; a frame with bytes after it,
+    cut short, without a recorded size or claiming more than the manifest limit is a corrupt manifest."""
+    from cas.manifest import ZSTD_MAGIC, Entry, Manifest
+
+    m = Manifest(ENV_KEY, {}, {f"p{i}": Entry(blob_id(b"%d" % i), i, 0o644) for i in range(100)}, 1.0, 2.0)
+    data = m.dumps()
+    assert data[:4] == ZSTD_MAGIC and len(data) < len(m.dumps_plain())
+    assert loads(data).entries == loads(m.dumps_plain()).entries == m.entries
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(m.dumps_plain())
+    too_big = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(limits.MAX_MANIFEST_BYTES + 1))
+    nested = zstandard.ZstdCompressor(write_content_size=True).compress(data)
+    for bad, why in [(data + b"\0", "after it"), (data[:-3], "truncated"), (no_size, "size"),
+                     (too_big, "over the"), (nested, "one msgpack")]:
+        with pytest.raises(ManifestError, match=why):
+            loads(bad)

@@ -472,7 +472,7 @@ def test_zstd_bomb_with_a_matching_manifest_entry_streams_in_bounded_memory(worl
     _blob_path(world, fake_id).parent.mkdir(exist_ok=True)  # fan-out directories are made by the first write
     _blob_path(world, fake_id).write_bytes(bomb)
     m = world.manifest_entries()
-    doc = msgpack.unpackb(world.manifest_path.read_bytes(), raw=False)
+    doc = msgpack.unpackb(_plain(world.manifest_path.read_bytes()), raw=False)
     doc["entries"]["fxgraph/bomb/0"] = [bytes.fromhex(fake_id), size, 0o644]
     world.manifest_path.write_bytes(msgpack.packb(doc, use_bin_type=True))
     fresh = world.tmp / "fresh"
@@ -484,13 +484,18 @@ def test_zstd_bomb_with_a_matching_manifest_entry_streams_in_bounded_memory(worl
     assert len(_quarantined(world)) == 1 and len(m) == len(CACHE)
 
 
+def _plain(manifest: bytes) -> bytes:
+    """A manifest file's msgpack (written as a zstd frame, FORMAT §3); edited manifests are written back plain."""
+    return zstandard.ZstdDecompressor().decompress(manifest) if manifest[:4] == b"\x28\xb5\x2f\xfd" else manifest
+
+
 def test_zstd_bomb_larger_than_the_local_disk_is_refused_up_front(world):
     """An entry claiming 60 GiB: refused before writing anything (free-space check), an ERROR naming the need."""
     fake_id = "ef" * 32
     sink = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=60 << 30)
     _blob_path(world, fake_id).parent.mkdir(exist_ok=True)
     _blob_path(world, fake_id).write_bytes(sink.compress(b"\0" * 1000) + sink.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
-    doc = msgpack.unpackb(world.manifest_path.read_bytes(), raw=False)
+    doc = msgpack.unpackb(_plain(world.manifest_path.read_bytes()), raw=False)
     doc["entries"]["fxgraph/huge/0"] = [bytes.fromhex(fake_id), 60 << 30, 0o644]
     world.manifest_path.write_bytes(msgpack.packb(doc, use_bin_type=True))
     fresh = world.tmp / "fresh"

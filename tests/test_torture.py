@@ -99,8 +99,9 @@ def test_api_save_into_a_full_volume_fails_cleanly_then_heals(tmp_path):
             w.local = tmp_path / "local" / "inductor"
             w.environ["TORCHINDUCTOR_CACHE_DIR"] = str(w.local)
             # Every up-front check passes (1 MiB needed by the API, the raw bytes by cas). Small files go into one
-            # pack (FORMAT §2), which takes about their raw size and fits; the manifest does not: 400 entries with
-            # 240-byte names (about 130 KB, and its copy in the store) meet ENOSPC for real.
+            # pack (FORMAT §2), which takes about their raw size and fits; the manifest's copy in the store or the
+            # manifest does not: 400 entries with 240-byte random names (~130 KB, ~70 KB compressed, written
+            # twice) meet ENOSPC for real, and the copy is written first so the old manifest stays whole.
             w.environ.update(CAS_RESERVE_MB="0", MIN_B10FS_SPACE_MB="0", MAX_CONCURRENT_SAVES="1",
                              MAX_CACHE_SIZE_MB="1")
             write(w.local, {"a/first": b"first " * 1000})
