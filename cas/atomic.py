@@ -21,15 +21,19 @@ def temp_path_beside(path: str) -> str:
     return os.path.join(os.path.dirname(path), temp_name())
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_file(path: str, data: bytes, *, fsync: bool = True, exclusive: bool = True) -> None:
     """Write `data` to a new file at `path` (a temp name), optionally fsynced. Unlinks it on any failure."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, data)
         if fsync:
             os.fsync(fd)
     except BaseException:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import _faults, limits, pack
-from .atomic import temp_name
+from .atomic import temp_name, write_all
 from .blobstore import BlobStore, hash_file
 from .index import Index
 from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
@@ -230,13 +230,18 @@ def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry, da
     except OSError as exc:
         raise _local_error(exc, parent) from exc
     try:
-        with open(fd, "wb") as out:
-            if data is None:
+        if data is None:
+            with open(fd, "wb") as out:
                 store.get_into(entry.blob_id, entry.size, out)
-            else:
-                out.write(data)
-            _faults.checkpoint("restored-temp")
-            os.fchmod(out.fileno(), safe_mode(entry.mode))
+                _faults.checkpoint("restored-temp")
+                os.fchmod(out.fileno(), safe_mode(entry.mode))
+        else:  # a packed file, in memory already: plain syscalls, no file object per file
+            try:
+                write_all(fd, data)
+                _faults.checkpoint("restored-temp")
+                os.fchmod(fd, safe_mode(entry.mode))
+            finally:
+                os.close(fd)
         # No fsync: a pod whose machine crashes loses its local /tmp; a torn file after a power cut would fail
         # Inductor's own checks and be recompiled. The rename keeps other processes from ever seeing it partial.
         os.rename(tmp, final)
