@@ -342,35 +342,18 @@ class BlobStore:
     def get_into(self, blob_id: str, size: int, out: BinaryIO) -> None:
         """Decompress blob `blob_id` (claimed `size` bytes) into `out`, verified. Raises BlobMissing, or BlobCorrupt
         after moving the blob to quarantine. On error `out` may hold partial data: the caller discards it."""
-        path = self.blob_path(blob_id)
         try:
-            fh = _open_blob(path)
-        except FileNotFoundError:
-            if self.stat(blob_id) is None:  # maybe in trash
-                raise BlobMissing(f"blob {blob_id} not in store") from None
-            fh = _open_blob(path)
+            with self._open_stored(blob_id) as fh:
+                self._decode(fh, blob_id, size, out)
         except _Invalid as exc:
             self.quarantine(blob_id)
             raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
-        with fh:
-            try:
-                self._decode(fh, blob_id, size, out)
-            except _Invalid as exc:
-                self.quarantine(blob_id)
-                raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
 
     def get_bytes(self, blob_id: str, max_size: int) -> bytes:
         """A whole blob in memory, verified (a pack, FORMAT §2): as get_into, with the size taken from the frame and
         refused above `max_size`. Raises BlobMissing, or BlobCorrupt after moving the blob to quarantine."""
-        path = self.blob_path(blob_id)
         try:
-            try:
-                fh = _open_blob(path)
-            except FileNotFoundError:
-                if self.stat(blob_id) is None:  # maybe in trash
-                    raise BlobMissing(f"blob {blob_id} not in store") from None
-                fh = _open_blob(path)
-            with fh:
+            with self._open_stored(blob_id) as fh:
                 # One bounded read: a frame of at most max_size bytes cannot take more than compress_bound of them.
                 data = fh.read(compress_bound(max_size) + 1)
             claimed = _frame_size(data)
@@ -380,6 +363,17 @@ class BlobStore:
         except _Invalid as exc:
             self.quarantine(blob_id)
             raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
+
+    def _open_stored(self, blob_id: str) -> BinaryIO:
+        """Open a blob for a reader that needs it (FORMAT §2: one found in trash is brought back first). Raises
+        BlobMissing, or _Invalid for a planted symlink or directory."""
+        path = self.blob_path(blob_id)
+        try:
+            return _open_blob(path)
+        except FileNotFoundError:
+            if self.stat(blob_id) is None:  # maybe in trash
+                raise BlobMissing(f"blob {blob_id} not in store") from None
+            return _open_blob(path)
 
     def read_bytes(self, blob_id: str, max_size: int) -> bytes:
         """Whole blob in memory, verified; for manifests and other small blobs."""
