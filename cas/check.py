@@ -22,7 +22,7 @@ from .gc import LOCK_EXPIRY, Progress, find_old_temp, find_stale_locks, lock_fil
 from .load import TEMP_EXPIRY
 from .manifest import Manifest, loads
 from .paths import TEMP_PREFIX
-from .roots import DEFAULT_ROOT_TTL, iter_roots, parse_root, root_path
+from .roots import DEFAULT_ROOT_TTL, iter_roots, read_root, root_path
 from .scan import Listing, scan_area
 from .scope import Scope
 
@@ -200,8 +200,7 @@ def _unrooted(store: BlobStore, scope_id: str | None, env_key: str, data: bytes,
         return "scope.id is missing or unreadable, so no root can name this manifest"
     rpath = root_path(store, scope_id, env_key)
     try:
-        with open(rpath, "rb") as fh:
-            root = parse_root(rpath, fh.read(limits.MAX_SMALL_FILE_BYTES), os.fstat(fh.fileno()).st_mtime)
+        root = read_root(rpath)
     except FileNotFoundError:
         return (f"no root {rpath} (gc removed it as dead or retired, or a save died before writing it): gc does not "
                 f"protect this manifest's blobs")

@@ -76,6 +76,20 @@ def parse_root(path: str, data: bytes, mtime: float) -> Root:
     return Root(path, fields["scope_id"], fields["env_key"], manifest.hex(), fields["scope_path"], float(updated), mtime)
 
 
+def read_root(path: str) -> Root:
+    """One root record, its mtime being its last use. Raises OSError (FileNotFoundError: none) or, for anything
+    that is not a root record, ValueError or msgpack's own errors."""
+    with open(path, "rb") as fh:
+        mtime = os.fstat(fh.fileno()).st_mtime
+        data = fh.read(limits.MAX_SMALL_FILE_BYTES + 1)
+    if len(data) > limits.MAX_SMALL_FILE_BYTES:
+        raise ValueError("oversized root record")
+    root = parse_root(path, data, mtime)
+    if not is_blob_id(root.manifest):
+        raise ValueError("bad manifest id")
+    return root
+
+
 def iter_roots(store: BlobStore) -> Iterator[Root | tuple[str, str]]:
     """Every root record; an unreadable one is yielded as (path, reason) so gc can refuse to collect."""
     base = os.path.join(store.root, "roots")
@@ -95,15 +109,7 @@ def iter_roots(store: BlobStore) -> Iterator[Root | tuple[str, str]]:
                 continue
             path = os.path.join(base, scope, name)
             try:
-                with open(path, "rb") as fh:
-                    mtime = os.fstat(fh.fileno()).st_mtime
-                    data = fh.read(limits.MAX_SMALL_FILE_BYTES + 1)
-                if len(data) > limits.MAX_SMALL_FILE_BYTES:
-                    raise ValueError("oversized root record")
-                root = parse_root(path, data, mtime)
-                if not is_blob_id(root.manifest):
-                    raise ValueError("bad manifest id")
-                yield root
+                yield read_root(path)
             except FileNotFoundError:
                 continue
             except Exception as exc:

@@ -19,7 +19,7 @@ from .blobstore import BlobStore, SourceChanged, hash_file
 from .index import Index
 from .errors import BlobCorrupt, BlobMissing, ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
 from .manifest import Entry, Manifest, loads
-from .roots import parse_root, root_path, write_root
+from .roots import read_root, root_path, write_root
 from .scope import Scope, check_env_key
 from .space import require_free
 from .tree import LocalFile, scan
@@ -228,12 +228,8 @@ def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPo
         return []
 
     def root(name: str):
-        path = root_path(store, name, env_key)
         try:
-            with open(path, "rb") as fh:
-                mtime = os.fstat(fh.fileno()).st_mtime
-                data = fh.read(limits.MAX_SMALL_FILE_BYTES + 1)
-            return parse_root(path, data, mtime) if len(data) <= limits.MAX_SMALL_FILE_BYTES else None
+            return read_root(root_path(store, name, env_key))
         except Exception:  # noqa: BLE001 - absent (another environment), unreadable or garbage: no dedup from it
             return None
 
@@ -316,9 +312,7 @@ def _root_manifest_id(store: BlobStore, scope: Scope, env_key: str) -> str | Non
         scope_id = scope.existing_scope_id()  # a reader: no scope.id means no root, and it is not made here
         if scope_id is None:
             return None
-        path = root_path(store, scope_id, env_key)
-        with open(path, "rb") as fh:
-            return parse_root(path, fh.read(limits.MAX_SMALL_FILE_BYTES + 1), 0.0).manifest
+        return read_root(root_path(store, scope_id, env_key)).manifest
     except (OSError, ValueError, StoreUnavailable):
         return None
     except Exception:  # msgpack's assorted errors on a garbage root: replace it
