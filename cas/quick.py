@@ -36,9 +36,10 @@ from . import limits
 from .errors import UnsafePath
 from .index import INDEX_NAME, Index
 from .manifest import Entry, Manifest, loads
-from .paths import check_entry_path, is_transient
+from .paths import check_entry_path
 from .roots import ROOT_SUFFIX, parse_root
 from .scope import MANIFEST_SUFFIX, Scope, check_env_key
+from .tree import Unreadable, walk
 
 log = logging.getLogger("cas.quick")
 
@@ -191,43 +192,21 @@ def _copy(source: Future, target: Future) -> None:
 def _local_entries(src: str) -> dict[str, Entry] | None:
     """path -> Entry of every file `tree.scan(src)` would return, from the index alone; None at the first file the
     index does not vouch for (new, changed, or modified too recently to trust its stat)."""
-    index = Index(src)
-    lookup = index.lookup
+    lookup = Index(src).lookup
     entries: dict[str, Entry] = {}
-    stack = [("", src)]
-    while stack:
-        prefix, directory = stack.pop()
-        try:
-            with os.scandir(directory) as it:
-                listing = list(it)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # as scan: gone since its parent was listed
-        except PermissionError:
-            return None  # scan skips it with a warning: let save_tree say so
-        for entry in listing:
-            name = entry.name
-            if is_transient(name):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):  # the listing's d_type: no stat for a directory
-                    stack.append((prefix + name + "/", entry.path))
-                    continue
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):  # d_type was unknown or stale
-                stack.append((prefix + name + "/", entry.path))
-            elif stat.S_ISREG(mode):
-                rel = prefix + name
-                blob_id = lookup(rel, st)
-                if blob_id is None:
-                    try:
-                        check_entry_path(rel)
-                    except UnsafePath:
-                        continue  # scan never takes it (and says why): not a change
-                    return None
-                entries[rel] = Entry(blob_id, st.st_size, stat.S_IMODE(mode) & 0o777)
+    try:
+        # Names are checked only on an index miss: the index records only files a save took, so a hit is valid.
+        for rel, _, st in walk(src, validate=False, strict=True):
+            blob_id = lookup(rel, st)
+            if blob_id is None:
+                try:
+                    check_entry_path(rel)
+                except UnsafePath:
+                    continue  # scan never takes it (and says why): not a change
+                return None
+            entries[rel] = Entry(blob_id, st.st_size, stat.S_IMODE(st.st_mode) & 0o777)
+    except Unreadable:
+        return None  # scan skips it with a warning: let save_tree say so
     return entries
 
 
