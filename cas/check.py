@@ -149,7 +149,7 @@ def check(
     report("roots", len(roots), len(roots))
 
     if scope is not None and scope.exists():
-        scope_id = _read_scope_id(scope)
+        scope_id = scope.existing_scope_id()
         for env_key in scope.env_keys():
             path = scope.manifest_path(env_key)
             try:
@@ -178,15 +178,6 @@ def check(
     res.problems.sort(key=lambda p: (p.kind, p.path))
     res.seconds = time.monotonic() - started
     return res
-
-
-def _read_scope_id(scope: Scope) -> str | None:
-    try:
-        with open(os.path.join(scope.root, "scope.id"), "rb") as fh:
-            value = fh.read(256).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return value if len(value) == 32 and set(value) <= set("0123456789abcdef") else None
 
 
 def _unrooted(store: BlobStore, scope_id: str | None, env_key: str, data: bytes, path: str, now: float) -> str:

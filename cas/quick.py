@@ -38,7 +38,7 @@ from .index import INDEX_NAME, Index
 from .manifest import Entry, Manifest, loads
 from .paths import check_entry_path
 from .roots import ROOT_SUFFIX, parse_root
-from .scope import MANIFEST_SUFFIX, Scope, check_env_key
+from .scope import MANIFEST_SUFFIX, Scope, check_env_key, read_scope_id
 from .tree import Unreadable, walk
 
 log = logging.getLogger("cas.quick")
@@ -144,7 +144,7 @@ def _gc_root(pool: _Readers, store_root, scope_root: str, env_key: str) -> Futur
     before, the root under that id is read at the same time as `scope.id` (parallel round trips instead of serial
     ones) and used only if the id read now is the same."""
     result: Future = Future()
-    scope_id_f = pool.submit(_scope_id, scope_root)
+    scope_id_f = pool.submit(read_scope_id, scope_root)
     store_f = pool.submit(_store_and_guess, pool, store_root, scope_root, env_key)
     pending = [2]
     lock = threading.Lock()
@@ -244,24 +244,6 @@ def _exists(path: str) -> bool:
     except OSError:
         return True  # unknown: treat as present, so the answer is "maybe"
     return True
-
-
-def _scope_id(scope_root: str) -> str | None:
-    """As Scope.scope_id reads it (its first 256 bytes, stripped, 32 hex digits), but never creates it."""
-    try:
-        fd = os.open(os.path.join(scope_root, "scope.id"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 256)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    value = data.decode("ascii", "replace").strip()
-    if len(value) != 32 or not all(c in "0123456789abcdef" for c in value):
-        return None
-    return value
 
 
 def _root(store: str, scope_id: str, env_key: str):

@@ -22,6 +22,22 @@ def check_env_key(env_key: str) -> str:
     return env_key
 
 
+def read_scope_id(scope_root: str) -> str | None:
+    """The id in `<scope>/scope.id` (its first 256 bytes, stripped, 32 lowercase hex digits); None if absent,
+    unreadable or malformed. Never creates it. One open and one read: no fstat, a request on the volume."""
+    try:
+        fd = os.open(os.path.join(scope_root, "scope.id"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        value = os.read(fd, 256).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return value if re.fullmatch(r"[0-9a-f]{32}", value) else None
+
+
 class Scope:
     def __init__(self, root: str | os.PathLike, *, create: bool = False):
         self.root = os.path.abspath(os.fspath(root))
@@ -54,27 +70,18 @@ class Scope:
     def existing_scope_id(self) -> str | None:
         """The id if scope.id exists and is well formed; never creates it (for readers)."""
         if self._scope_id is None:
-            self._scope_id = self._read_id(os.path.join(self.root, "scope.id"))
+            self._scope_id = read_scope_id(self.root)
         return self._scope_id
 
     def _read_or_create_id(self) -> str:
         path = os.path.join(self.root, "scope.id")
-        value = self._read_id(path)
+        value = read_scope_id(self.root)
         if value is None:
             create_once(path, (secrets.token_hex(16) + "\n").encode())
-            value = self._read_id(path)
+            value = read_scope_id(self.root)
         if value is None:
             raise StoreUnavailable(f"{path} is unreadable or not 32 hex digits")
         return value
-
-    @staticmethod
-    def _read_id(path: str) -> str | None:
-        try:
-            with open(path, "rb") as fh:
-                value = fh.read(256).decode("ascii", "replace").strip()
-        except FileNotFoundError:
-            return None
-        return value if re.fullmatch(r"[0-9a-f]{32}", value) else None
 
     def manifest_path(self, env_key: str) -> str:
         return os.path.join(self.manifests, check_env_key(env_key) + MANIFEST_SUFFIX)
