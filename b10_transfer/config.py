@@ -53,6 +53,11 @@ DEFAULT_LOCAL_SPACE_MULTIPLIER = 5.0  # peer's slack factor on the bytes a load 
 # file descriptors and threads one call may hold.
 DEFAULT_IO_THREADS = 32
 IO_THREADS_CAP = 256
+# Ours: how long a process waits for another process of this pod that holds the local lock of the same cache
+# directory (b10_transfer.pod). Long enough for a large load on a slow volume; a waiter that gives up only repeats
+# the load's reads, so the bound costs volume reads, never correctness. 0 turns the coordination off.
+DEFAULT_POD_LOCK_TIMEOUT_S = 300
+POD_LOCK_TIMEOUT_CAP_S = 3600
 
 # Values BASETEN_FS_ENABLED may take (as the peer); only the first three enable the volume.
 _TRUE_VALUES = ("1", "true", "True")
@@ -80,6 +85,7 @@ class Settings:
     min_b10fs_space_mb: int
     local_space_multiplier: float
     io_threads: int
+    pod_lock_timeout_s: int = DEFAULT_POD_LOCK_TIMEOUT_S
 
     @property
     def model_mount(self) -> Path:
@@ -179,6 +185,9 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
         min_b10fs_space_mb=_int(env, "MIN_B10FS_SPACE_MB", DEFAULT_MIN_B10FS_SPACE_MB, minimum=0),
         local_space_multiplier=_float(env, "LOCAL_SPACE_ARCHIVE_MULTIPLIER", DEFAULT_LOCAL_SPACE_MULTIPLIER),
         io_threads=_int(env, "B10_TRANSFER_IO_THREADS", DEFAULT_IO_THREADS, minimum=1, cap=IO_THREADS_CAP),
+        pod_lock_timeout_s=_int(
+            env, "B10_TRANSFER_POD_LOCK_TIMEOUT_S", DEFAULT_POD_LOCK_TIMEOUT_S, minimum=0, cap=POD_LOCK_TIMEOUT_CAP_S
+        ),
     )
 
 

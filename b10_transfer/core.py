@@ -26,6 +26,7 @@ from cas.quick import nothing_new
 from cas.errors import CasError, LockTimeout
 from cas.lock import acquire_slot
 
+from . import pod, side_trees
 from .config import Settings, is_dir, read_settings
 from .environment import environment, environment_key
 from .errors import CacheError, VolumeUnavailable
@@ -58,7 +59,9 @@ def load(
     SKIPPED: every file the manifest lists was already present locally.
     DOES_NOT_EXIST: no manifest for this environment.
     ERROR: b10fs disabled or not mounted, invalid settings, unreadable manifest, no local space, nothing restorable.
+    Processes of one pod on one directory load it once (pod.py); a TRITON_CACHE_DIR outside it is a second tree.
     """
+    _side_trees("load", _load, cache_dir, label, settings, environ, env)
     return _run("load", _load, cache_dir, label, settings, environ, env)
 
 
@@ -74,7 +77,9 @@ def save(
 
     SUCCESS: new or changed entries were recorded. SKIPPED: nothing new, no local cache, or every save slot stayed
     busy. ERROR: b10fs disabled or not mounted, invalid settings, over MAX_CACHE_SIZE_MB, no space, write failure.
+    Saves of one directory by processes of one pod run one after the other (pod.py).
     """
+    _side_trees("save", _save, cache_dir, label, settings, environ, env)
     return _run("save", _save, cache_dir, label, settings, environ, env)
 
 
@@ -94,7 +99,9 @@ def _run(operation, body, cache_dir, label, settings, environ, env) -> tuple[Ope
     try:
         s = settings if settings is not None else read_settings(environ)
         target = Path(cache_dir).absolute() if cache_dir is not None else s.torch_cache_dir
-        stats.status = body(target, s, label, env if env is not None else environment(), stats)
+        env = env if env is not None else environment()
+        stats.status = pod.serialized(operation, target, key_for(label, env), s.volume_root, s.pod_lock_timeout_s,
+                                      stats, lambda: body(target, s, label, env, stats))
     except (CacheError, CasError) as exc:
         stats.status = OperationStatus.ERROR
         stats.reason = f"{type(exc).__name__}: {exc}"
@@ -112,6 +119,18 @@ def _run(operation, body, cache_dir, label, settings, environ, env) -> tuple[Ope
         logger.warning("%s failed: %s", operation, stats.reason)
     emit(stats)
     return stats.status, stats
+
+
+def _side_trees(operation, body, cache_dir, label, settings, environ, env) -> None:
+    """Load/save the caches the directory does not contain (TRITON_CACHE_DIR outside it, side_trees.py): each its
+    own manifest and summary line, before the main tree's so that the main line is the call's last."""
+    try:
+        s = settings if settings is not None else read_settings(environ)
+    except CacheError:
+        return  # the main call reports the invalid setting
+    target = Path(cache_dir).absolute() if cache_dir is not None else s.torch_cache_dir
+    for side in side_trees.outside_trees(target, label, s, environ):
+        _run(operation, body, side.directory, side.label, s, environ, env)
 
 
 def _remember_paths(environ: Mapping[str, str] | None) -> None:

@@ -35,6 +35,8 @@ class OperationStats:
     corrupt: int = 0
     seconds: float = 0.0
     reason: str = ""
+    waited_s: float = 0.0  # time spent waiting for another process of this pod on the same directory (pod.py)
+    shared_from: int | None = None  # load: pid whose load this call's result is (it read nothing from the volume)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -59,6 +61,10 @@ def emit(stats: OperationStats) -> None:
     else:
         line += f" misses={stats.misses}"
     line += f" seconds={stats.seconds:.2f} env={stats.env_key or '-'}"
+    if stats.waited_s >= 0.005:
+        line += f" waited={stats.waited_s:.2f}"
+    if stats.shared_from is not None:
+        line += f" shared_from=pid:{stats.shared_from}"
     if stats.reason:
         line += f" reason={stats.reason}"
     logger.info(line)
