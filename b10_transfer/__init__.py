@@ -2,7 +2,7 @@
 
     from b10_transfer import load_compile_cache, save_compile_cache, OperationStatus
 
-Same public names as `b10-transfer`; `b10_transfer.core` holds the directory-parametrised engine for other callers.
+Same public names as `b10-transfer`, plus `compile` (opt-in Dynamo warm start, b10_transfer/precompile.py); `b10_transfer.core` holds the directory-parametrised engine for other callers.
 """
 
 from .cache import clear_local_cache, load_compile_cache, save_compile_cache
@@ -10,6 +10,7 @@ from .cli import save_vllm_compile_cache
 from .errors import CacheError, CacheOperationInterrupted, CacheValidationError
 from .file_transfer import transfer
 from .info import get_cache_info, list_available_caches
+from .precompile import compile
 from .report import get_b10_logger
 from .status import OperationStatus
 
@@ -22,6 +23,7 @@ __all__ = [
     "OperationStatus",
     "__version__",
     "clear_local_cache",
+    "compile",
     "get_b10_logger",
     "get_cache_info",
     "list_available_caches",

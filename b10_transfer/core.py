@@ -27,6 +27,7 @@ from cas.errors import CasError, LockTimeout
 from cas.lock import acquire_slot
 
 from . import pod, side_trees
+from . import precompile
 from .config import Settings, is_dir, read_settings
 from .environment import environment, environment_key
 from .errors import CacheError, VolumeUnavailable
@@ -215,6 +216,8 @@ def _incoming_bytes(target: Path, manifest) -> int:
 def _save(target: Path, s: Settings, label: str | None, env: dict, stats: OperationStats) -> OperationStatus:
     _require_enabled(s)
     stats.env_key = key = key_for(label, env)
+    if label is None:  # B10_TRANSFER_PRECOMPILE: torch writes Dynamo entries only when asked; good ones only
+        precompile.write_entries(target)
     # Most saves (every replica after the first) have nothing new: settle that with a few concurrent reads before
     # anything else touches the volume (a save slot, directories, free space). "Nothing new" means this scope's
     # manifest was just read, so the volume is mounted: _require_volume is implied and only runs otherwise.
