@@ -17,7 +17,7 @@ import blake3
 import msgpack
 import zstandard
 
-from . import _faults, limits
+from . import _faults, limits, localfs
 from .atomic import create_once, temp_path_beside, write_file
 from .errors import BlobCorrupt, BlobMissing, FormatError, StoreReadOnly, StoreUnavailable
 
@@ -239,7 +239,7 @@ class BlobStore:
             os.makedirs(os.path.dirname(final), exist_ok=True)  # first blob under this prefix
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with open(fd, "wb", closefd=False) as out, open(src, "rb", buffering=0) as inp:
+            with open(fd, "wb", closefd=False) as out, localfs.open_source(src) as inp:
                 digest, read = self._compress_into(inp, out, size)
                 out.flush()
                 _faults.checkpoint("blob-written")
@@ -331,7 +331,7 @@ class BlobStore:
 
     def compressed_size(self, src: str) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""
-        with open(src, "rb") as fh:
+        with localfs.open_source(src) as fh:
             counter = self._cctx.stream_writer(_Counter(), closefd=False)
             while chunk := fh.read(CHUNK):
                 counter.write(chunk)

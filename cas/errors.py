@@ -49,3 +49,7 @@ class NoSpace(CasError):
 
 class TooLarge(CasError):
     """The tree to save exceeds the configured size cap."""
+
+
+class OverlappingDirs(CasError):
+    """The local cache directory is, contains or lies inside the deployment scope or the store (FORMAT §7)."""

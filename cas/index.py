@@ -10,7 +10,7 @@ import time
 
 import msgpack
 
-from . import limits
+from . import limits, localfs
 from .atomic import replace_atomically
 
 log = logging.getLogger("cas.index")
@@ -36,14 +36,14 @@ class Index:
 
     def _read(self) -> None:
         try:
-            with open(self.path, "rb") as fh:
-                data = fh.read(limits.MAX_MANIFEST_BYTES + 1)
+            # Not followed if a symlink, never a FIFO (no wait for a writer), bounded: it is only an optimisation.
+            data = localfs.read_regular(self.path, limits.MAX_MANIFEST_BYTES)
+            if data is None:
+                return
             doc = msgpack.unpackb(data, raw=False, max_array_len=5, max_bin_len=32, max_str_len=limits.MAX_PATH_BYTES,
                                   max_map_len=limits.MAX_ENTRIES)
             for rel, (size, mtime, ino, ctime, blob) in doc["entries"].items():
                 self._entries[rel] = ((size, mtime, ino, ctime), blob.hex())
-        except FileNotFoundError:
-            pass
         except Exception as exc:  # an optimisation only: start over
             log.debug("ignoring unreadable index %s: %s", self.path, exc)
             self._entries.clear()

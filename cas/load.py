@@ -15,13 +15,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import _faults, limits, pack
+from . import _faults, limits, localfs, pack
 from .atomic import temp_name, write_all
-from .blobstore import BlobStore, hash_file
+from .blobstore import BlobStore
 from .index import Index
 from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
+from .localfs import TargetDir
 from .manifest import Entry, Manifest
-from .paths import TEMP_PREFIX, TargetDir
+from .paths import TEMP_PREFIX
 from .roots import refresh_root
 from .save import DEFAULT_THREADS
 from .scope import Scope, check_env_key
@@ -69,6 +70,8 @@ def load_tree(
     """`manifest`: the manifest of `env_key` if the caller has just read it (spares a second read).
     `temp_expiry`: temp files in the target older than this many seconds are a dead load's leftovers."""
     check_env_key(env_key)
+    dst = os.fspath(dst_dir)
+    localfs.refuse_overlap(dst, scope=scope.root, store=store.root)  # before anything is read or written
     started = time.monotonic()
     result = LoadResult()
     if manifest is None:
@@ -79,14 +82,23 @@ def load_tree(
     result.manifest_found = True
     result.files = len(manifest.entries)
 
-    dst = os.fspath(dst_dir)
     try:
         os.makedirs(dst, exist_ok=True)
+        target = TargetDir(dst)
     except OSError as exc:
         raise _local_error(exc, dst) from exc
-    _remove_old_temp_files(dst, temp_expiry)
-    target = TargetDir(dst)
+    with target:
+        _remove_old_temp_files(target, temp_expiry)
+        _restore_all(target, store, scope, env_key, manifest, result, threads, verify)
+    result.seconds = time.monotonic() - started
+    log.debug("load %s: restored %d, present %d, misses %d", env_key, result.restored, result.present,
+              len(result.misses))
+    return result
 
+
+def _restore_all(target: TargetDir, store: BlobStore, scope: Scope, env_key: str, manifest: Manifest,
+                 result: LoadResult, threads: int, verify: bool) -> None:
+    """Restore every entry of `manifest` missing from `target` (the body of load_tree, fds open)."""
     todo = [(p, e) for p, e in manifest.entries.items() if not _already_there(target.root, p, e, verify)]
     result.present = result.files - len(todo)
     require_free(target.root, sum(e.size for _, e in todo), "restoring the cache")
@@ -161,11 +173,6 @@ def load_tree(
             index.record(path, st, blob_id, trusted=True)  # we wrote exactly this content
         index.write()
 
-    result.seconds = time.monotonic() - started
-    log.debug("load %s: restored %d, present %d, misses %d", env_key, result.restored, result.present,
-              len(result.misses))
-    return result
-
 
 def _refresh_root(store: BlobStore, scope: Scope, env_key: str) -> None:
     try:
@@ -203,8 +210,9 @@ class _LocalMiss(Exception):
 
 
 def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
+    path = os.path.join(root, rel)
     try:
-        st = os.lstat(os.path.join(root, rel))
+        st = os.lstat(path)
     except OSError:  # absent, a parent is a file, or the path is too long for this target (ENAMETOOLONG)
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
@@ -212,47 +220,48 @@ def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
     if not verify:
         return True
     try:
-        return hash_file(os.path.join(root, rel))[0] == entry.blob_id
-    except OSError:
+        return localfs.hash_verified(path, st)[0] == entry.blob_id
+    except (OSError, localfs.FileChanged):
         return False
 
 
 def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry, data: bytes | None) -> os.stat_result:
-    """Write one file: `data` (already verified, from a pack) or the entry's own blob, fetched and verified here."""
+    """Write one file: `data` (already verified, from a pack) or the entry's own blob, fetched and verified here.
+    Everything goes through the parent directory's fd (localfs.TargetDir): a parent swapped for a symlink is a miss,
+    never a write outside the target."""
+    localfs.before("restore", rel)
+    if len(rel.encode()) + target.root_bytes >= limits.MAX_PATH_BYTES:  # PATH_MAX counts the NUL
+        raise _LocalMiss(f"{rel[:80]!r}...: path too long for this target ({limits.MAX_PATH_BYTES} bytes)")
     try:
-        parent = target.parent_for(rel)
+        with target.parent(rel) as (dir_fd, name):
+            return _write_into(store, dir_fd, name, entry, data)
     except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise _LocalMiss(f"{os.path.join(target.root, rel)} is a directory") from None
         raise _local_error(exc, os.path.join(target.root, rel)) from exc
-    final = os.path.join(parent, rel.rsplit("/", 1)[-1])
-    tmp = os.path.join(parent, temp_name())
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise _local_error(exc, parent) from exc
+
+
+def _write_into(store: BlobStore, dir_fd: int, name: str, entry: Entry, data: bytes | None) -> os.stat_result:
+    """Create a temp file in `dir_fd`, fill it, rename it to `name`; the stat of the result (for the index)."""
+    tmp = temp_name()
+    fd = os.open(tmp, localfs.CREATE_FLAGS, 0o600, dir_fd=dir_fd)
     try:
         if data is None:
-            with open(fd, "wb") as out:
+            with open(fd, "wb", closefd=False) as out:
                 store.get_into(entry.blob_id, entry.size, out)
-                _faults.checkpoint("restored-temp")
-                os.fchmod(out.fileno(), safe_mode(entry.mode))
         else:  # a packed file, in memory already: plain syscalls, no file object per file
-            try:
-                write_all(fd, data)
-                _faults.checkpoint("restored-temp")
-                os.fchmod(fd, safe_mode(entry.mode))
-            finally:
-                os.close(fd)
+            write_all(fd, data)
+        _faults.checkpoint("restored-temp")
+        os.fchmod(fd, safe_mode(entry.mode))
         # No fsync: a pod whose machine crashes loses its local /tmp; a torn file after a power cut would fail
         # Inductor's own checks and be recompiled. The rename keeps other processes from ever seeing it partial.
-        os.rename(tmp, final)
-        return os.stat(final)
-    except BaseException as exc:
-        _unlink(tmp)
-        if isinstance(exc, OSError):
-            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR):
-                raise _LocalMiss(f"{final} is a directory") from None
-            raise _local_error(exc, parent) from exc
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return os.fstat(fd)  # after the rename: it changes ctime, which the index keys on
+    except BaseException:
+        _unlink(tmp, dir_fd)
         raise
+    finally:
+        os.close(fd)
 
 
 def _local_error(exc: OSError, where: str) -> Exception:
@@ -263,21 +272,13 @@ def _local_error(exc: OSError, where: str) -> Exception:
     return StoreUnavailable(f"{where}: {exc.strerror or exc}")
 
 
-def _remove_old_temp_files(root: str, expiry: float) -> None:
-    cutoff = time.time() - expiry
-    for directory, dirs, names in os.walk(root):
-        for name in names:
-            if name.startswith(TEMP_PREFIX):
-                path = os.path.join(directory, name)
-                try:
-                    if os.lstat(path).st_mtime < cutoff:
-                        os.unlink(path)
-                except OSError:
-                    pass
+def _remove_old_temp_files(target: TargetDir, expiry: float) -> None:
+    """Temp files a killed load left in the target (FORMAT §7), by age; through dir fds, never following a link."""
+    localfs.remove_old_temp_files(target.root_fd, TEMP_PREFIX, time.time() - expiry)
 
 
-def _unlink(path: str) -> None:
+def _unlink(name: str, dir_fd: int) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from . import limits
+from . import limits, localfs
 from .blobstore import BlobStore
 from .tree import LocalFile
 
@@ -54,16 +54,16 @@ def plan(files: list[tuple[str, LocalFile]]) -> list[list[tuple[str, LocalFile]]
 
 
 def write(store: BlobStore, group: list[tuple[str, LocalFile]]) -> WrittenPack:
-    """Read the group's files, keep those that still hash to their id, and store their concatenation as one blob.
-    Each file is read once more here (it may have changed since it was hashed), so what is stored is checked."""
+    """Read the group's files, keep those that are still the files the scan saw and still hash to their id, and
+    store their concatenation as one blob. Each file is read once more here (it may have changed, or been swapped
+    for a symlink, since it was hashed), so what is stored is checked."""
     out = WrittenPack()
     parts: list[bytes] = []
     offset = 0
     for blob_id, f in group:
         try:
-            with open(f.path, "rb", buffering=0) as fh:
-                data = fh.read(f.size + 1)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            data = localfs.read_verified(f.path, f.stat)  # the file the scan saw, or FileChanged
+        except (OSError, localfs.FileChanged):
             out.changed.append(blob_id)
             continue
         if len(data) != f.size or blake3.blake3(data).hexdigest() != blob_id:

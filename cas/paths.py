@@ -1,8 +1,6 @@
-"""Entry paths: what a legal relative path is, and how to place one inside a target directory without escaping it."""
+"""Entry paths: what a legal relative path is, and which names a save never takes. Writing one inside a target
+directory without escaping it is localfs.TargetDir's job."""
 from __future__ import annotations
-
-import os
-import stat
 
 from . import limits
 from .errors import UnsafePath
@@ -46,37 +44,3 @@ def check_entry_path(path: object) -> str:
         if len(part.encode("utf-8")) > limits.MAX_COMPONENT_BYTES:
             raise UnsafePath(f"entry path component longer than {limits.MAX_COMPONENT_BYTES} bytes: {path[:80]!r}")
     return path
-
-
-class TargetDir:
-    """A directory files are restored into. Creates parent directories on demand and refuses any parent that is a
-    symlink or not a directory, so a planted link in the target can never redirect a write outside it."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = os.path.realpath(os.fspath(root))
-        self._checked: set[str] = {self.root}
-
-    def parent_for(self, rel: str) -> str:
-        """Return the absolute parent directory of entry `rel`, creating it if needed; raise UnsafePath if a
-        component on the way is a symlink or a non-directory."""
-        parts = rel.split("/")[:-1]
-        current = self.root
-        for part in parts:
-            current = os.path.join(current, part)
-            if current in self._checked:
-                continue
-            # mkdir first: in a fresh target nearly every parent is new (an Inductor cache has about one directory
-            # per file), and a directory mkdir just created is ours. Anything already there is checked.
-            try:
-                os.mkdir(current, 0o755)
-                self._checked.add(current)
-                continue
-            except FileExistsError:
-                pass
-            st = os.lstat(current)
-            if stat.S_ISLNK(st.st_mode):
-                raise UnsafePath(f"{rel!r}: parent {current!r} is a symlink")
-            if not stat.S_ISDIR(st.st_mode):
-                raise UnsafePath(f"{rel!r}: parent {current!r} is not a directory")
-            self._checked.add(current)
-        return current

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import blake3
 
-from . import _faults, limits, pack
-from .blobstore import BlobStore, SourceChanged, hash_file
+from . import _faults, limits, localfs, pack
+from .blobstore import BlobStore, SourceChanged
 from .index import Index
 from .errors import BlobCorrupt, BlobMissing, ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
 from .manifest import Entry, Manifest, loads
@@ -73,6 +73,7 @@ def save_tree(
     """Save the files of `src_dir` (FORMAT §3). `use_index` keeps a local stat cache in `src_dir/.cas-index` so
     unchanged files are not re-hashed."""
     check_env_key(env_key)
+    localfs.refuse_overlap(src_dir, scope=scope.root, store=store.root)  # before anything is read or written
     started = time.monotonic()
     result = SaveResult()
     files = scan(src_dir)
@@ -80,7 +81,7 @@ def save_tree(
 
     index = Index(src_dir) if use_index else None
     with ThreadPoolExecutor(max_workers=min(max(1, threads), HASH_THREADS), thread_name_prefix="cas-hash") as hashers:
-        entries, by_id = _hash_all(files, hashers, index)
+        entries, by_id, result.skipped_changed = _hash_all(files, hashers, index)
     if index is not None:
         index.retain(set(entries))
         index.write()
@@ -139,7 +140,7 @@ def save_tree(
                 result.bytes_uploaded += written_pack.stored_bytes
                 result.packs_written += written_pack.pack_id is not None
         # A file that changed under us is left for the next save: drop every entry that expected that content.
-        result.skipped_changed = len(changed)
+        result.skipped_changed += len(changed)
         delta = {
             p: e.located(*located[e.blob_id]) if e.blob_id in located else e
             for p, e in delta.items()
@@ -158,15 +159,20 @@ def save_tree(
 
 def _hash_all(
     files: list[LocalFile], pool: ThreadPoolExecutor, index: Index | None
-) -> tuple[dict[str, Entry], dict[str, LocalFile]]:
+) -> tuple[dict[str, Entry], dict[str, LocalFile], int]:
+    """path -> Entry and blob id -> file for every file that is still the one the scan saw, and how many were not
+    (replaced, swapped for a symlink, modified: left for the next save)."""
     def one(f: LocalFile):
         cached = index.lookup(f.rel, f.stat) if index is not None else None
         if cached is not None:
             return f, cached, f.size
         try:
-            blob_id, size = hash_file(f.path)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            log.warning("not saving %s: %s", f.path, exc.strerror)
+            blob_id, size = localfs.hash_verified(f.path, f.stat)
+        except localfs.FileChanged as exc:
+            log.info("%s; it will be saved next time", exc)
+            return f
+        except OSError as exc:  # gone, unreadable, a path too long to open: not saved, and said so
+            log.warning("not saving %s: %s", f.path, exc.strerror or exc)
             return None
         if index is not None and size == f.size:
             index.record(f.rel, f.stat, blob_id)
@@ -174,13 +180,17 @@ def _hash_all(
 
     entries: dict[str, Entry] = {}
     by_id: dict[str, LocalFile] = {}
+    changed = 0
     for item in pool.map(one, files):
         if item is None:
+            continue
+        if isinstance(item, LocalFile):
+            changed += 1
             continue
         f, blob_id, size = item
         entries[f.rel] = Entry(blob_id, size, f.mode)
         by_id[blob_id] = LocalFile(f.rel, f.path, size, f.mode, f.stat)
-    return entries, by_id
+    return entries, by_id, changed
 
 
 def _located(
@@ -259,21 +269,44 @@ def _check_cap(files, entries, store: BlobStore, cap: int, pool: ThreadPoolExecu
     # zstd never expands by more than a few bytes per block, so a raw total well under the cap needs no counting.
     if raw + (raw >> 7) + 1024 * len(unique) <= cap:
         return
-    stored = sum(pool.map(lambda f: store.compressed_size(f.path), unique.values()))
+    stored = sum(pool.map(lambda f: _compressed_size(store, f), unique.values()))
     if stored > cap:
         raise TooLarge(f"cache is {stored / 1e6:.1f} MB compressed, over the {cap / 1e6:.1f} MB cap")
 
 
-def _upload(store: BlobStore, blob_id: str, f: LocalFile) -> int | None:
+def _compressed_size(store: BlobStore, f: LocalFile) -> int:
+    """What `f` would take in the store; a file no longer the scan's counts its scanned size (it is not saved)."""
     try:
-        return store.put_file(f.path, blob_id, f.size)
-    except SourceChanged as exc:
+        fd = localfs.verified_fd(f.path, f.stat)
+    except (OSError, localfs.FileChanged):
+        return f.size
+    try:
+        return store.compressed_size(fd)
+    finally:
+        os.close(fd)
+
+
+def _upload(store: BlobStore, blob_id: str, f: LocalFile) -> int | None:
+    """Store `f` as a loose blob from an fd checked against the scan (localfs.verified_fd); None if it changed."""
+    try:
+        fd = localfs.verified_fd(f.path, f.stat)
+    except localfs.FileChanged as exc:
         log.info("%s; it will be saved next time", exc)
         return None
     except FileNotFoundError:
         return None  # deleted locally since hashing
     except OSError as exc:
+        log.warning("not saving %s: %s", f.path, exc.strerror or exc)
+        return None
+    try:
+        return store.put_file(fd, blob_id, f.size)
+    except SourceChanged:
+        log.info("%s changed while being saved; it will be saved next time", f.path)
+        return None
+    except OSError as exc:
         raise _store_error(exc, store) from exc
+    finally:
+        os.close(fd)
 
 
 def _store_error(exc: OSError, store: BlobStore) -> Exception:

@@ -7,6 +7,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import limits
 from .errors import UnsafePath
 from .paths import check_entry_path, is_transient
 
@@ -23,27 +24,31 @@ class LocalFile:
 
 
 class Unreadable(Exception):
-    """A directory under the tree could not be listed (raised only if the caller asks, see walk)."""
+    """A directory under the tree could not be listed, or is too deep to save (raised only if the caller asks, see
+    walk)."""
 
 
 def walk(root: str | os.PathLike, *, validate: bool = True,
          strict: bool = False) -> Iterator[tuple[str, str, os.stat_result]]:
     """(rel, absolute path, lstat) of each regular file a save takes under `root`: transient names
     (paths.is_transient) skipped, symlinks never followed (one in a cache directory points somewhere we must not
-    publish), and with `validate` names no reader accepts (backslash, not UTF-8) left out with a warning. An
-    unreadable directory is skipped with a warning, or with `strict` raises Unreadable. Order is unspecified."""
+    publish), and with `validate` names no reader accepts (backslash, not UTF-8) left out with a warning. A directory
+    that cannot be listed (permissions, I/O error, a path the kernel refuses as too long) or whose relative path is
+    over limits.MAX_PATH_BYTES (no entry below it is legal) is skipped whole with one warning, or with `strict`
+    raises Unreadable: one bad subtree must not fail the save of the rest. Order is unspecified."""
     stack = [("", os.fspath(root))]
     while stack:
         prefix, directory = stack.pop()
+        if len(prefix.encode("utf-8", "surrogateescape")) > limits.MAX_PATH_BYTES:
+            _skip(directory, f"deeper than {limits.MAX_PATH_BYTES} bytes", strict)
+            continue
         try:
             with os.scandir(directory) as it:
                 entries = list(it)
         except (FileNotFoundError, NotADirectoryError):
             continue  # gone since its parent was listed
-        except PermissionError as exc:
-            if strict:
-                raise Unreadable(directory) from exc
-            log.warning("skipping unreadable directory %s: %s", directory, exc.strerror)
+        except OSError as exc:  # EACCES, EIO, ENAMETOOLONG, ELOOP (swapped for a symlink since it was listed)
+            _skip(directory, exc.strerror or str(exc), strict)
             continue
         for entry in entries:
             if is_transient(entry.name):
@@ -55,6 +60,9 @@ def walk(root: str | os.PathLike, *, validate: bool = True,
                     continue
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
+                continue
+            except OSError as exc:  # e.g. ENAMETOOLONG: the directory's path fits, this one does not
+                log.warning("not saving %s: %s", entry.path[:200], exc.strerror or exc)
                 continue
             if stat.S_ISDIR(st.st_mode):  # d_type was unknown
                 stack.append((rel + "/", entry.path))
@@ -68,6 +76,12 @@ def walk(root: str | os.PathLike, *, validate: bool = True,
                 yield rel, entry.path, st
             elif stat.S_ISLNK(st.st_mode):
                 log.debug("not saving symlink %s", entry.path)
+
+
+def _skip(directory: str, why: str, strict: bool) -> None:
+    if strict:
+        raise Unreadable(f"{directory[:200]}: {why}")
+    log.warning("skipping directory %s and everything below it: %s", directory[:200], why)
 
 
 def scan(root: str | os.PathLike) -> list[LocalFile]:

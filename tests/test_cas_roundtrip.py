@@ -296,21 +296,20 @@ def test_load_without_manifest_is_a_miss(tmp_path):
 def test_file_changed_while_saving_is_not_published(tmp_path, monkeypatch):
     """A file modified between hashing and uploading: its upload is discarded, its entry is left for the next save,
     and the manifest never names a blob that does not hold the entry's content."""
-    import cas.save as save_mod
+    from cas import localfs
 
     store, scope = open_store(tmp_path)
     src = tmp_path / "src"
     write_tree(src, {"stable": b"stable", "moving.py": b"version 1" * 100})
-    real_hash = save_mod.hash_file
+    reads: list[str] = []
 
-    def hash_then_modify(path):
-        result = real_hash(path)
-        if path.endswith("moving.py"):
+    def modify_before_second_read(event, path):  # the test seam: runs before each local read of a save
+        reads.append(path)
+        if path.endswith("moving.py") and reads.count(path) == 2:  # hashed once; now about to be packed
             with open(path, "wb") as fh:
                 fh.write(b"version 2" * 100)  # same size, different content
-        return result
 
-    monkeypatch.setattr(save_mod, "hash_file", hash_then_modify)
+    monkeypatch.setattr(localfs, "hook", modify_before_second_read)
     res = save_tree(src, store, scope, ENV_KEY, use_index=False)
     assert res.skipped_changed == 1
     entries = manifest_entries(scope)
@@ -319,6 +318,6 @@ def test_file_changed_while_saving_is_not_published(tmp_path, monkeypatch):
         assert blob_id(entry_bytes(store, e)) == e.blob_id  # through its pack
     assert {e.stored_id for e in entries.values()} == {entries["stable"].pack}
     assert verify_all_blobs(store) == 2  # the pack of 'stable' and the manifest: no blob under a wrong id
-    monkeypatch.setattr(save_mod, "hash_file", real_hash)
+    monkeypatch.setattr(localfs, "hook", None)
     save_tree(src, store, scope, ENV_KEY, use_index=False)
     assert manifest_entries(scope)["moving.py"].blob_id == blob_id(b"version 2" * 100)

@@ -1,0 +1,349 @@
+"""The local side's file access (docs/FORMAT.md §7): the cache directory a save reads and the target a load writes.
+
+Both directories belong to a pod whose other processes (the model server, Inductor, anything else in the image) may
+change them while we work, so nothing here trusts a path twice:
+
+- a save opens every local file `O_NOFOLLOW | O_NONBLOCK` and compares its `fstat` (device, inode, size, mtime) with
+  what the scan saw (`verified_fd`): a file swapped for a symlink or for another file after the scan is
+  `FileChanged`, skipped like a file modified mid-save, never read into the store;
+- a load writes through directory descriptors opened one component at a time from the target root with
+  `O_NOFOLLOW | O_DIRECTORY` (`TargetDir`): a parent swapped for a symlink mid-load makes that entry a miss instead
+  of redirecting the write;
+- small local files we own (`.cas-index`) are read with `read_regular`: never a FIFO, device or symlink, bounded.
+
+`hook` is the test seam: tests set it to a callable that runs before each local read of a save and each restored
+file of a load, to drive a race at an exact point (tests/test_local_hardening.py).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator
+
+import blake3
+
+from .errors import OverlappingDirs, UnsafePath
+
+log = logging.getLogger("cas.localfs")
+
+# O_NONBLOCK: opening a FIFO planted at a local path must not wait for a writer (reads of regular files ignore it).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_EXCL never follows a symlink at the temp name; O_NOFOLLOW says so explicitly.
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Directory descriptors a TargetDir keeps open. An Inductor cache has about one directory per file: keeping one fd
+# per directory would hit the process's fd limit (often 1024) on a 20,000-file cache, so the least recently used
+# are closed and reopened from their nearest open ancestor when needed again. Loads write files of one directory
+# together (packs are in path order), so a small cache hits almost always.
+MAX_OPEN_DIRS = 128
+CHUNK = 1 << 20
+
+# Test seam: called as hook(event, path) before each local file a save opens ("read", its absolute path) and before
+# each file a load restores ("restore", the entry path). None in production.
+hook: Callable[[str, str], None] | None = None
+
+
+class FileChanged(Exception):
+    """A local file is not the one the scan saw (replaced, swapped for a symlink or non-regular file, resized or
+    modified): a save leaves it for the next save."""
+
+
+def before(event: str, path: str) -> None:
+    """Run the test seam, if set."""
+    if hook is not None:
+        hook(event, path)
+
+
+# -- save: reading local files -----------------------------------------------------------------------------------------
+def same_file(st: os.stat_result, seen: os.stat_result) -> bool:
+    """True if `st` is the file `seen` describes, unchanged: same inode of the same device, same size and mtime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+        seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns)
+
+
+def verified_fd(path: str, seen: os.stat_result) -> int:
+    """An fd of the regular file at `path`, checked to be the file the scan saw (`seen`, its lstat). Raises
+    FileChanged if it is now a symlink, a non-regular file or another file; FileNotFoundError if it is gone."""
+    before("read", path)
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR):  # symlink, socket, dir, parent
+            raise FileChanged(f"{path} is no longer the regular file the scan saw") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode) or not same_file(st, seen):
+        os.close(fd)
+        raise FileChanged(f"{path} changed since the scan")
+    return fd
+
+
+def hash_verified(path: str, seen: os.stat_result) -> tuple[str, int]:
+    """blake3 hex digest and size of the local file the scan saw at `path` (verified_fd's checks)."""
+    fd = verified_fd(path, seen)
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int) -> tuple[str, int]:
+    """blake3 hex digest and size of what `fd` reads from its current offset to the end."""
+    hasher = blake3.blake3()
+    size = 0
+    while chunk := os.read(fd, CHUNK):
+        hasher.update(chunk)
+        size += len(chunk)
+    return hasher.hexdigest(), size
+
+
+def read_verified(path: str, seen: os.stat_result) -> bytes:
+    """The content of the local file the scan saw at `path`, read once; at most its scanned size plus one byte (so a
+    file that grew is seen to differ). For files small enough to hold in memory (packs)."""
+    fd = verified_fd(path, seen)
+    try:
+        return _read_upto(fd, seen.st_size + 1)
+    finally:
+        os.close(fd)
+
+
+def open_source(src: str | int) -> BinaryIO:
+    """A binary reader of a local file to upload: `src` is an fd from verified_fd (not closed with the reader) or a
+    path, opened O_NOFOLLOW|O_NONBLOCK and refused unless a regular file. The caller still checks the content hash."""
+    if isinstance(src, int):
+        os.lseek(src, 0, os.SEEK_SET)  # from the start each time: a writer may retry with the same fd
+        return open(src, "rb", buffering=0, closefd=False)
+    fd = os.open(src, READ_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileChanged(f"{src} is not a regular file")
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str, limit: int) -> bytes | None:
+    """The bytes of the regular file at `path` (a symlink there is not followed), or None if absent. Raises
+    OSError if it is not a regular file (a FIFO: no wait) or unreadable, ValueError if over `limit` bytes."""
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file: {path}")
+        data = _read_upto(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit} bytes")
+    return data
+
+
+def _read_upto(fd: int, limit: int) -> bytes:
+    """At most `limit` bytes from `fd`: one read for a regular file, more only if reads come back short."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# -- load: writing into the target ---------------------------------------------------------------------------------------
+class TargetDir:
+    """A directory files are restored into, reached only through directory descriptors.
+
+    `parent(rel)` yields the fd of entry `rel`'s parent directory, creating missing directories on the way. Each
+    component is opened O_NOFOLLOW|O_DIRECTORY relative to the fd of the one above it, so a symlink or non-directory
+    anywhere on the way is UnsafePath (the entry is a miss) and a directory swapped for a symlink after we opened it
+    cannot redirect anything: we keep writing into the directory we opened. Up to `max_open` directory fds stay
+    open (least recently used closed first; one in use by a thread is never closed). Thread-safe."""
+
+    def __init__(self, root: str | os.PathLike, *, max_open: int = MAX_OPEN_DIRS):
+        self.root = os.path.realpath(os.fspath(root))
+        self.root_bytes = len(os.fsencode(self.root)) + 1  # with the '/' before an entry path
+        self.root_fd = os.open(self.root, DIR_FLAGS)  # realpath'd: the root itself is the caller's choice
+        self._max_open = max(1, max_open)
+        self._open: OrderedDict[str, list[int]] = OrderedDict()  # rel dir -> [fd, users], least recent first
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._open.values():
+                os.close(fd)
+            self._open.clear()
+            if self.root_fd >= 0:
+                os.close(self.root_fd)
+                self.root_fd = -1
+
+    def __enter__(self) -> "TargetDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open_count(self) -> int:
+        """Directory fds held besides the root's (for tests)."""
+        with self._lock:
+            return len(self._open)
+
+    @contextmanager
+    def parent(self, rel: str) -> Iterator[tuple[int, str]]:
+        """(fd of the directory holding entry `rel`, `rel`'s last component), valid inside the with block."""
+        head, _, name = rel.rpartition("/")
+        if not head:
+            yield self.root_fd, name
+            return
+        fd = self._acquire(head, rel)
+        try:
+            yield fd, name
+        finally:
+            with self._lock:
+                slot = self._open.get(head)
+                if slot is not None:
+                    slot[1] -= 1
+                self._trim()
+
+    def _acquire(self, head: str, rel: str) -> int:
+        # Under the lock: opening is a few syscalls per new directory, and holding it keeps any fd in use from being
+        # closed by another thread's eviction.
+        with self._lock:
+            slot = self._open.get(head)
+            if slot is None:
+                slot = self._open_dirs(head, rel)
+            slot[1] += 1
+            self._open.move_to_end(head)
+            self._trim()
+            return slot[0]
+
+    def _open_dirs(self, head: str, rel: str) -> list[int]:
+        """Open (creating as needed) `head` from its nearest open ancestor, caching every directory on the way."""
+        parts = head.split("/")
+        start = len(parts) - 1
+        while start > 0 and "/".join(parts[:start]) not in self._open:
+            start -= 1
+        fd = self.root_fd if start == 0 else self._open["/".join(parts[:start])][0]
+        slot: list[int] = [fd, 0]
+        for i in range(start, len(parts)):
+            fd = _open_child(fd, parts[i], rel)
+            slot = [fd, 0]
+            self._open["/".join(parts[:i + 1])] = slot
+        return slot
+
+    def _trim(self) -> None:
+        """Close least recently used directory fds no thread is using, down to max_open."""
+        if len(self._open) <= self._max_open:
+            return
+        for key in [k for k, (_, users) in self._open.items() if users == 0][:len(self._open) - self._max_open]:
+            os.close(self._open.pop(key)[0])
+
+
+def _open_child(parent_fd: int, name: str, rel: str) -> int:
+    """Open directory `name` under `parent_fd` without following a symlink, creating it if absent."""
+    # mkdir first: in a fresh target nearly every parent is new (about one directory per file in an Inductor cache).
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePath(f"{rel!r}: parent {name!r} is a symlink or not a directory") from None
+        raise
+
+
+def remove_old_temp_files(root_fd: int, prefix: str, cutoff: float, max_depth: int = 256) -> int:
+    """Unlink files named `prefix`* whose mtime is before `cutoff` anywhere under the directory `root_fd`, walking
+    through directory fds (O_NOFOLLOW): a symlink or a directory swapped for one is never followed. One fd per level
+    of the current path is open; deeper than `max_depth` is not visited. Returns the number removed."""
+    removed = 0
+    stack: list[tuple[int, Iterator[os.DirEntry]]] = []
+
+    def enter(fd: int) -> None:
+        try:
+            stack.append((fd, iter(list(os.scandir(fd)))))
+        except OSError:
+            os.close(fd)
+
+    enter(os.dup(root_fd))
+    while stack:
+        fd, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            os.close(fd)
+            stack.pop()
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if len(stack) < max_depth:
+                    enter(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
+            elif entry.name.startswith(prefix) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.name, dir_fd=fd)
+                removed += 1
+        except OSError:
+            continue  # gone, swapped for a symlink (ELOOP), unreadable: not ours to clean this time
+    return removed
+
+
+# -- both: the cache directory must not overlap the volume's directories ------------------------------------------------
+def refuse_overlap(local: str | os.PathLike, **volume_dirs: str | os.PathLike) -> None:
+    """Raise OverlappingDirs if the local cache directory `local` is, contains or lies inside any of `volume_dirs`
+    (name=path, e.g. scope=..., store=...), comparing real paths (symlinks resolved). A save from such a directory
+    would record the store's own files as cache entries, and a load into it would overwrite them. A location that is
+    not an absolute path (an object store's URL) cannot overlap a local directory."""
+    here = os.path.realpath(os.fspath(local))
+    for label, path in volume_dirs.items():
+        if not os.path.isabs(os.fspath(path)):
+            continue
+        there = _real_volume_dir(os.fspath(path))
+        if here == there:
+            raise OverlappingDirs(f"cache directory {here} is the {label} directory")
+        if _inside(here, there):
+            raise OverlappingDirs(f"cache directory {here} lies inside the {label} directory {there}")
+        if _inside(there, here):
+            raise OverlappingDirs(f"cache directory {here} contains the {label} directory {there}")
+
+
+# Real paths of volume directories, per process: on a network volume realpath costs a request per component, and
+# the scope and store of a process do not move (b10_transfer's config keeps its resolved paths the same way).
+_real_dirs: dict[str, str] = {}
+_REAL_DIRS_KEPT = 64
+
+
+def _real_volume_dir(path: str) -> str:
+    hit = _real_dirs.get(path)
+    if hit is not None:
+        return hit
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError:  # absent (not created yet) or unreadable: resolved again next time
+        return os.path.realpath(path)
+    if len(_real_dirs) >= _REAL_DIRS_KEPT:
+        _real_dirs.clear()
+    _real_dirs[path] = real
+    return real
+
+
+def forget_real_paths() -> None:
+    """Drop the remembered real paths (a test that swaps a volume directory for a symlink within one process)."""
+    _real_dirs.clear()
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return path.startswith(ancestor.rstrip("/") + "/")
