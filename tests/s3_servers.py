@@ -221,7 +221,7 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 1.0) -> None:
     """SIGTERM the server's process group, SIGKILL it if it has not exited within `grace` seconds (test data is
     throwaway, so a slow shutdown is not worth waiting for)."""
     if proc.poll() is not None:
