@@ -4,10 +4,8 @@ Storage verbs only (put, get, stat, freshen, quarantine, list); which blobs a tr
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat as stat_mod
 import threading
 import time
 from dataclasses import dataclass
@@ -17,16 +15,15 @@ import blake3
 import msgpack
 import zstandard
 
-from . import _faults, limits, localfs
-from .atomic import create_once, temp_path_beside, write_file
-from .errors import BlobCorrupt, BlobMissing, FormatError, StoreReadOnly, StoreUnavailable
+from . import _faults, layout, limits, localfs
+from .errors import BlobCorrupt, BlobMissing, CasError, FormatError, StoreUnavailable
+from .posix import PosixBackend
+from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectInfo, ObjectTooLarge, Payload
 
 log = logging.getLogger("cas.blobstore")
 
 FORMAT_LINE = b"cas-store 1\n"
-ID_HEX_LEN = 64
-_HEX = frozenset("0123456789abcdef")
-FANOUT = [f"{i:02x}" for i in range(256)]
+FANOUT = list(layout.FANOUT)
 
 # zstd level 3 compresses Inductor's text artifacts ~4-6x at several hundred MB/s per core: the volume, not the
 # CPU, stays the bottleneck. Higher levels cost seconds for a few percent.
@@ -39,8 +36,7 @@ CHUNK = 1 << 20
 DEFAULT_FRESHEN_AFTER = 3600
 
 
-def is_blob_id(value: str) -> bool:
-    return len(value) == ID_HEX_LEN and set(value) <= _HEX
+is_blob_id = layout.is_blob_id
 
 
 def hash_file(path: str) -> tuple[str, int]:
@@ -66,58 +62,60 @@ class SourceChanged(Exception):
 @dataclass(frozen=True)
 class BlobInfo:
     id: str
-    path: str
+    key: str
     stored_size: int
     mtime: float
+    version: str = ""
 
 
 class BlobStore:
-    """The org store root. Creates its layout on first write use; refuses other format versions."""
+    """The org store: blobs, trash and quarantine over a storage backend (a directory path is a POSIX volume).
+    Creates the format file on first write use; refuses other format versions."""
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike | Backend,
         *,
         create: bool = True,
         freshen_after: float | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.root = os.path.abspath(os.fspath(root))
+        self.backend: Backend = root if isinstance(root, Backend) else PosixBackend(root, create=create)
+        self.root = self.backend.location
         self._clock = clock
-        self._clock_offset: float | None = None
         self._local = threading.local()  # zstd contexts are not thread-safe: one per thread
-        self._dirs_ok: set[str] = set()  # store directories seen to be real directories, not planted symlinks
         self.freshen_after = float(self._open(create, freshen_after))
 
     # -- layout ------------------------------------------------------------------------------------------------
     def _open(self, create: bool, freshen_after: float | None) -> float:
-        fmt = os.path.join(self.root, "CAS-FORMAT")
-        config = self._read_format(fmt)
+        config = self._read_format()
         if config is None:
             if not create:
                 raise StoreUnavailable(f"no store at {self.root}")
-            self._create_layout()
             body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER)}
             try:
-                create_once(fmt, FORMAT_LINE + msgpack.packb(body))
-            except OSError as exc:
-                raise self._os_error("cannot initialise store", exc) from exc
-            config = self._read_format(fmt) or body
+                # The areas first, the format file last: a store with a format file has its whole layout. The
+                # fan-out prefixes blobs/<xx> and trash/<xx> are made by the first write into each (FORMAT §2).
+                for area in layout.STORE_AREAS:
+                    self.backend.make_prefix(area + "/")
+                self.backend.put(layout.FORMAT, FORMAT_LINE + msgpack.packb(body), if_absent=True)
+            except AlreadyExists:
+                pass  # a concurrent first writer: its file wins, read below
+            except BadObject as exc:
+                raise StoreUnavailable(f"cannot initialise store at {self.root}: {exc}") from None
+            config = self._read_format() or body
         value = config.get("freshen_after", DEFAULT_FRESHEN_AFTER)
-        if not isinstance(value, (int, float)) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise FormatError(f"store {self.root}: bad freshen_after {value!r} in CAS-FORMAT")
         return value
 
-    def _read_format(self, fmt: str) -> dict | None:
+    def _read_format(self) -> dict | None:
         try:
-            with open(fmt, "rb") as fh:
-                data = fh.read(limits.MAX_SMALL_FILE_BYTES)
-        except FileNotFoundError:
-            if not os.path.isdir(self.root) and not os.path.isdir(os.path.dirname(self.root)):
-                raise StoreUnavailable(f"store root {self.root} and its parent do not exist (volume not mounted?)")
+            data = self.backend.get(layout.FORMAT, limit=limits.MAX_SMALL_FILE_BYTES)
+        except NotFound:
             return None
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot read {fmt}: {exc.strerror}") from exc
+        except (BadObject, ObjectTooLarge) as exc:
+            raise FormatError(f"store {self.root}: CAS-FORMAT is unusable: {exc}") from None
         if not data.startswith(FORMAT_LINE):
             first = data.split(b"\n", 1)[0][:80]
             raise FormatError(f"store {self.root} has format {first!r}; this code speaks {FORMAT_LINE.strip()!r}")
@@ -130,28 +128,12 @@ class BlobStore:
             raise FormatError(f"store {self.root}: unreadable CAS-FORMAT config: {exc}") from exc
         return config if isinstance(config, dict) else {}
 
-    def _create_layout(self) -> None:
-        # Top-level directories first, format file last: a store with a format file has its whole layout. The
-        # fan-out directories blobs/<xx> and trash/<xx> are made by the first write into each (FORMAT §2): with
-        # small files in packs a save writes a handful of blobs, and 256 mkdirs up front (serialised by the kernel
-        # under one parent) were most of a first save on a 2 ms volume.
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            for top in ("blobs", "trash", "quarantine", "roots", "locks"):
-                os.makedirs(os.path.join(self.root, top), exist_ok=True)
-        except OSError as exc:
-            raise self._os_error("cannot create store layout", exc) from exc
-
-    def _os_error(self, what: str, exc: OSError) -> StoreUnavailable:
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return StoreReadOnly(f"{what} at {self.root}: {exc.strerror}")
-        return StoreUnavailable(f"{what} at {self.root}: {exc.strerror or exc}")
-
     def blob_path(self, blob_id: str) -> str:
-        return os.path.join(self.root, "blobs", blob_id[:2], blob_id)
+        """The blob's path on a POSIX volume (tests and tools; `cas` itself goes through the backend)."""
+        return os.path.join(self.root, layout.blob(blob_id))
 
     def trash_path(self, blob_id: str) -> str:
-        return os.path.join(self.root, "trash", blob_id[:2], blob_id)
+        return os.path.join(self.root, layout.trash(blob_id))
 
     @property
     def _cctx(self) -> zstandard.ZstdCompressor:
@@ -162,108 +144,71 @@ class BlobStore:
 
     # -- clock -------------------------------------------------------------------------------------------------
     def server_now(self) -> float:
-        """Now by the volume's clock (FORMAT §1): our clock plus the offset seen on a file we wrote, measured once."""
-        if self._clock_offset is None:
-            probe = temp_path_beside(os.path.join(self.root, "locks", "x"))
-            try:
-                write_file(probe, b"", fsync=False)
-                try:
-                    self._clock_offset = os.stat(probe).st_mtime - self._clock()
-                finally:
-                    os.unlink(probe)
-            except OSError:
-                self._clock_offset = 0.0  # read-only store: nothing will be freshened anyway
-        return self._clock() + self._clock_offset
+        """Now by the store's clock (FORMAT §1)."""
+        return self.backend.now()
 
     # -- existence ---------------------------------------------------------------------------------------------
-    def stat(self, blob_id: str) -> os.stat_result | None:
-        """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2). None if absent."""
-        path = self.blob_path(blob_id)
+    def stat(self, blob_id: str) -> ObjectInfo | None:
+        """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2). None if absent (something that is
+        not a plain object at its key counts as absent: a save replaces it)."""
+        key = layout.blob(blob_id)
         try:
-            st = os.lstat(path)
-            # Only a regular file is a blob: a planted symlink, FIFO or directory is absent (a save replaces it).
-            return st if stat_mod.S_ISREG(st.st_mode) else None
-        except FileNotFoundError:
+            return self.backend.stat(key)
+        except NotFound:
             pass
+        except BadObject:
+            return None
         if not self.untrash(blob_id):
             return None
         log.info("restored blob %s from trash", blob_id)
         try:
-            os.utime(path, None)
-            return os.stat(path)
-        except OSError:
+            self.backend.touch(key)
+            return self.backend.stat(key)
+        except CasError:
             return None
 
     def untrash(self, blob_id: str) -> bool:
-        """Rename a blob from trash back into blobs/ (its fan-out directory may not exist yet). False if it is not
-        in trash."""
-        src, dest = self.trash_path(blob_id), self.blob_path(blob_id)
+        """Move a blob from trash back into blobs/. False if it is not in trash (or cannot be moved)."""
         try:
-            os.rename(src, dest)
+            self.backend.move(layout.trash(blob_id), layout.blob(blob_id))
             return True
-        except FileNotFoundError:
-            if not os.path.lexists(src):
-                return False
-        except OSError:
-            return False
-        try:
-            self._refuse_planted_dir(os.path.dirname(dest))
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.rename(src, dest)
-            return True
-        except (OSError, StoreUnavailable):
+        except CasError:
             return False
 
     def ensure_fresh(self, blob_id: str) -> bool:
         """True if the blob is stored; freshens its mtime if older than freshen_after (a save relies on it)."""
-        st = self.stat(blob_id)
-        if st is None:
+        info = self.stat(blob_id)
+        if info is None:
             return False
-        if self.server_now() - st.st_mtime > self.freshen_after:
+        if self.server_now() - info.mtime > self.freshen_after:
             try:
-                os.utime(self.blob_path(blob_id), None)
-            except FileNotFoundError:
-                return False  # collected between stat and utime (only possible past the grace assumption)
+                self.backend.touch(layout.blob(blob_id))
+            except NotFound:
+                return False  # collected between stat and touch (only possible past the grace assumption)
         return True
 
     # -- writing -----------------------------------------------------------------------------------------------
     def put_file(self, src: str, blob_id: str, size: int) -> int:
         """Store local file `src`, which hashed to `blob_id`. Returns bytes written. Raises SourceChanged if the
         file no longer hashes to `blob_id`; the blob is then not stored."""
-        final = self.blob_path(blob_id)
-        self._refuse_planted_dir(os.path.dirname(final))
-        tmp = temp_path_beside(final)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(final), exist_ok=True)  # first blob under this prefix
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            with open(fd, "wb", closefd=False) as out, localfs.open_source(src) as inp:
+
+        def fill(out: BinaryIO) -> None:
+            with localfs.open_source(src) as inp:  # an fd checked against the scan, or a path: no symlink, no FIFO
                 digest, read = self._compress_into(inp, out, size)
-                out.flush()
-                _faults.checkpoint("blob-written")
-                os.fsync(fd)
-                written = out.tell()
+            _faults.checkpoint("blob-written")
             if digest != blob_id or read != size:
                 raise SourceChanged(f"{src} changed while being saved")
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
-            raise
-        os.close(fd)
+
+        return self._put(blob_id, fill).size
+
+    def _put(self, blob_id: str, data: Payload) -> ObjectInfo:
+        key = layout.blob(blob_id)
         try:
-            try:
-                os.rename(tmp, final)
-            except (IsADirectoryError, NotADirectoryError, OSError) as exc:
-                if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                self.quarantine(blob_id)  # something planted at the blob's name: set it aside, store the real one
-                os.rename(tmp, final)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        return written
+            return self.backend.put(key, data)
+        except BadObject:
+            # Something planted at the blob's name (a directory): set it aside, store the real one.
+            self.quarantine(blob_id)
+            return self.backend.put(key, data)
 
     def _compress_into(self, inp: BinaryIO, out: BinaryIO, size: int) -> tuple[str, int]:
         if size <= WHOLE_FILE_LIMIT:
@@ -286,21 +231,6 @@ class BlobStore:
             # the frame's declared size no longer matches the file: it changed; the caller discards the temp file
         return hasher.hexdigest(), read
 
-    def _refuse_planted_dir(self, fan_dir: str) -> None:
-        """Never write through `blobs/` or `blobs/<xx>` if someone with write access to the store replaced it by a
-        symlink (or a file): that would put our files wherever it points, outside the store. One lstat per directory
-        per process: the layout never changes once created."""
-        for path in (os.path.dirname(fan_dir), fan_dir):
-            if path in self._dirs_ok:
-                continue
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue  # put_file recreates a missing fan-out directory
-            if not stat_mod.S_ISDIR(st.st_mode):
-                raise StoreUnavailable(f"{path} is not a directory (a planted symlink?): refusing to write through it")
-            self._dirs_ok.add(path)
-
     def put_bytes(self, data: bytes) -> str:
         """Store an in-memory blob (a manifest). Returns its id."""
         return self.put_bytes_sized(data)[0]
@@ -310,24 +240,18 @@ class BlobStore:
         now freshened)."""
         blob_id = blake3.blake3(data).hexdigest()
         if self.stat(blob_id) is not None:
-            os.utime(self.blob_path(blob_id), None)
-            return blob_id, 0
-        final = self.blob_path(blob_id)
-        self._refuse_planted_dir(os.path.dirname(final))
-        tmp = temp_path_beside(final)
-        try:
-            frame = self._cctx.compress(data)
-            write_file(tmp, frame)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(final), exist_ok=True)  # first blob under this prefix
-            write_file(tmp, frame)
-        try:
+            try:
+                self.backend.touch(layout.blob(blob_id))
+                return blob_id, 0
+            except NotFound:
+                pass  # collected meanwhile: write it
+        frame = self._cctx.compress(data)
+
+        def fill(out: BinaryIO) -> None:
+            out.write(frame)
             _faults.checkpoint("blob-written")
-            os.rename(tmp, final)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        return blob_id, len(frame)
+
+        return blob_id, self._put(blob_id, fill).size
 
     def compressed_size(self, src: str) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""
@@ -343,8 +267,11 @@ class BlobStore:
         """Decompress blob `blob_id` (claimed `size` bytes) into `out`, verified. Raises BlobMissing, or BlobCorrupt
         after moving the blob to quarantine. On error `out` may hold partial data: the caller discards it."""
         try:
-            with self._open_stored(blob_id) as fh:
-                self._decode(fh, blob_id, size, out)
+            if size <= WHOLE_FILE_LIMIT:
+                out.write(_decode_whole(self._get_stored(blob_id, compress_bound(size)), blob_id, size))
+                return
+            with self._open_stored(blob_id, compress_bound(size)) as fh:
+                self._decode_stream(fh, blob_id, size, out)
         except _Invalid as exc:
             self.quarantine(blob_id)
             raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
@@ -353,65 +280,70 @@ class BlobStore:
         """A whole blob in memory, verified (a pack, FORMAT §2): as get_into, with the size taken from the frame and
         refused above `max_size`. Raises BlobMissing, or BlobCorrupt after moving the blob to quarantine."""
         try:
-            with self._open_stored(blob_id) as fh:
-                # One bounded read: a frame of at most max_size bytes cannot take more than compress_bound of them.
-                data = fh.read(compress_bound(max_size) + 1)
-            claimed = _frame_size(data)
-            if claimed > max_size:
-                raise _Invalid(f"claims {claimed} bytes, limit {max_size}")
-            return _decode_whole(data, blob_id, claimed)
+            return self._decode_bounded(self._get_stored(blob_id, compress_bound(max_size)), blob_id, max_size)
         except _Invalid as exc:
             self.quarantine(blob_id)
             raise BlobCorrupt(f"blob {blob_id}: {exc}; quarantined") from None
 
-    def _open_stored(self, blob_id: str) -> BinaryIO:
-        """Open a blob for a reader that needs it (FORMAT §2: one found in trash is brought back first). Raises
-        BlobMissing, or _Invalid for a planted symlink or directory."""
-        path = self.blob_path(blob_id)
-        try:
-            return _open_blob(path)
-        except FileNotFoundError:
-            if self.stat(blob_id) is None:  # maybe in trash
-                raise BlobMissing(f"blob {blob_id} not in store") from None
-            return _open_blob(path)
+    def _get_stored(self, blob_id: str, limit: int) -> bytes:
+        """A stored blob's bytes for a reader that needs it (FORMAT §2: one found in trash is brought back first).
+        Raises BlobMissing, or _Invalid for something that is not a blob (planted, or too large to be one)."""
+        key = layout.blob(blob_id)
+        for attempt in (0, 1):
+            try:
+                return self.backend.get(key, limit=limit)
+            except NotFound:
+                if attempt or self.stat(blob_id) is None:  # maybe in trash
+                    raise BlobMissing(f"blob {blob_id} not in store") from None
+            except ObjectTooLarge as exc:
+                raise _Invalid(f"too large to be this blob ({exc})") from None
+            except BadObject as exc:
+                raise _Invalid(str(exc)) from None
+        raise BlobMissing(f"blob {blob_id} not in store")
+
+    def _open_stored(self, blob_id: str, limit: int) -> BinaryIO:
+        key = layout.blob(blob_id)
+        for attempt in (0, 1):
+            try:
+                return self.backend.open(key, limit=limit)
+            except NotFound:
+                if attempt or self.stat(blob_id) is None:
+                    raise BlobMissing(f"blob {blob_id} not in store") from None
+            except ObjectTooLarge as exc:
+                raise _Invalid(f"too large to be this blob ({exc})") from None
+            except BadObject as exc:
+                raise _Invalid(str(exc)) from None
+        raise BlobMissing(f"blob {blob_id} not in store")
 
     def read_bytes(self, blob_id: str, max_size: int) -> bytes:
-        """Whole blob in memory, verified; for manifests and other small blobs."""
-        import io
-
-        path = self.blob_path(blob_id)
+        """Whole blob in memory, verified; for manifests and other small blobs. Never moves anything (gc, check and
+        peers read with it). Raises BlobMissing or BlobCorrupt."""
         try:
-            with _open_blob(path) as fh:
-                header = fh.read(18)
-                fh.seek(0)
-                claimed = _frame_size(header)
-                if claimed > max_size:
-                    raise BlobCorrupt(f"blob {blob_id} claims {claimed} bytes, limit {max_size}")
-                buf = io.BytesIO()
-                self._decode(fh, blob_id, claimed, buf)
-                return buf.getvalue()
-        except FileNotFoundError:
+            data = self.backend.get(layout.blob(blob_id), limit=compress_bound(max_size))
+            return self._decode_bounded(data, blob_id, max_size)
+        except NotFound:
             raise BlobMissing(f"blob {blob_id} not in store") from None
+        except (ObjectTooLarge, BadObject) as exc:
+            raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
         except _Invalid as exc:
             raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
 
-    def _decode(self, fh: BinaryIO, blob_id: str, size: int, out: BinaryIO) -> None:
-        st = os.fstat(fh.fileno())
-        if not stat_mod.S_ISREG(st.st_mode):
-            raise _Invalid("not a regular file")
-        if st.st_size > compress_bound(size):
-            raise _Invalid(f"{st.st_size} stored bytes cannot encode {size} bytes")
-        hasher = blake3.blake3()
-        if st.st_size <= WHOLE_FILE_LIMIT and size <= WHOLE_FILE_LIMIT:  # a small blob can claim a huge size
-            out.write(_decode_whole(fh.read(st.st_size + 1), blob_id, size))
-            return
+    @staticmethod
+    def _decode_bounded(data: bytes, blob_id: str, max_size: int) -> bytes:
+        claimed = _frame_size(data)
+        if claimed > max_size:
+            raise _Invalid(f"claims {claimed} bytes, limit {max_size}")
+        return _decode_whole(data, blob_id, claimed)
+
+    def _decode_stream(self, fh: BinaryIO, blob_id: str, size: int, out: BinaryIO) -> None:
         header = fh.read(18)
         if _frame_size(header) != size:
             raise _Invalid(f"frame claims {_frame_size(header)} bytes, manifest says {size}")
-        fh.seek(0)
+        hasher = blake3.blake3()
         written = 0
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=False, closefd=False)
+            reader = zstandard.ZstdDecompressor().stream_reader(_Prefixed(header, fh), read_across_frames=False,
+                                                                closefd=False)
             while chunk := reader.read(CHUNK):
                 written += len(chunk)
                 if written > size:
@@ -425,54 +357,67 @@ class BlobStore:
         if hasher.hexdigest() != blob_id:
             raise _Invalid("content does not match id")
 
-    def verify(self, blob_id: str) -> None:
+    def verify(self, blob_id: str, max_size: int = limits.MAX_ENTRY_SIZE) -> None:
         """Re-hash one stored blob (`cas check --read-data`). Raises BlobMissing or BlobCorrupt (not quarantined:
         checking never changes the store)."""
-        path = self.blob_path(blob_id)
         try:
-            with _open_blob(path) as fh:
-                claimed = _frame_size(fh.read(18))
-                fh.seek(0)
-                self._decode(fh, blob_id, claimed, _Counter())
-        except FileNotFoundError:
+            with self.backend.open(layout.blob(blob_id), limit=compress_bound(max_size)) as fh:
+                header = fh.read(18)
+                claimed = _frame_size(header)
+                self._decode_stream(_Prefixed(header, fh), blob_id, claimed, _Counter())  # type: ignore[arg-type]
+        except NotFound:
             raise BlobMissing(f"blob {blob_id} not in store") from None
+        except (ObjectTooLarge, BadObject) as exc:
+            raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
         except _Invalid as exc:
             raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
 
     def quarantine(self, blob_id: str) -> None:
-        dest = os.path.join(self.root, "quarantine", f"{blob_id}.{time.time_ns()}")
         try:
-            os.rename(self.blob_path(blob_id), dest)
+            self.backend.move(layout.blob(blob_id), layout.quarantine(blob_id, time.time_ns()))
             log.warning("quarantined corrupt blob %s", blob_id)
-        except OSError as exc:
-            log.warning("corrupt blob %s could not be quarantined: %s", blob_id, exc.strerror)
+        except CasError as exc:
+            log.warning("corrupt blob %s could not be quarantined: %s", blob_id, exc)
 
     # -- listing -----------------------------------------------------------------------------------------------
     def iter_blobs(self, area: str = "blobs") -> Iterator[BlobInfo]:
-        """Every blob in `blobs/` (or `trash/`), skipping temp files and foreign names."""
-        base = os.path.join(self.root, area)
-        if os.path.islink(base):
-            return  # planted: what it points to is not ours to list, trash or delete
+        """Every blob in `blobs/` (or `trash/`), skipping temp files, foreign names and anything planted."""
         for fan in FANOUT:
-            if os.path.islink(os.path.join(base, fan)):
-                continue
-            try:
-                entries = os.scandir(os.path.join(base, fan))
-            except FileNotFoundError:
-                continue
-            with entries:
-                for entry in entries:
-                    if not is_blob_id(entry.name) or entry.name[:2] != fan:
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    yield BlobInfo(entry.name, entry.path, st.st_size, st.st_mtime)
+            yield from self.iter_fan(area, fan)
+
+    def iter_fan(self, area: str, fan: str) -> Iterator[BlobInfo]:
+        """The blobs of one fan-out prefix. A planted symlink at the prefix lists nothing (never followed)."""
+        prefix = layout.fan_prefix(area + "/", fan)
+        try:
+            for info in self.backend.list(prefix):
+                name = layout.name_of(info.key)
+                if info.kind == "object" and is_blob_id(name) and name[:2] == fan:
+                    yield BlobInfo(name, info.key, info.size, info.mtime, info.version)
+        except BadObject:
+            return
 
 
 class _Invalid(Exception):
     pass
+
+
+class _Prefixed:
+    """A reader that yields `head` (bytes already read to inspect a frame header) and then the rest of `fh`: lets
+    a stream be checked before decoding without seeking, which an object-store stream cannot."""
+
+    def __init__(self, head: bytes, fh: BinaryIO):
+        self._head = head
+        self._fh = fh
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n < 0 or n >= len(self._head):
+                head, self._head = self._head, b""
+                rest = self._fh.read(-1 if n < 0 else n - len(head))
+                return head + rest
+            head, self._head = self._head[:n], self._head[n:]
+            return head
+        return self._fh.read(n)
 
 
 class _Counter:
@@ -490,21 +435,6 @@ class _Counter:
 
     def flush(self) -> None:
         pass
-
-
-def _open_blob(path: str) -> BinaryIO:
-    """Open a blob for reading without following a planted symlink and without blocking on a planted FIFO."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _Invalid("is a symlink") from None
-        raise
-    try:
-        return open(fd, "rb", buffering=0)
-    except IsADirectoryError:  # FileIO refuses directories: a planted directory is a bad blob, not a crash
-        os.close(fd)
-        raise _Invalid("is a directory") from None
 
 
 def _decode_whole(data: bytes, blob_id: str, size: int) -> bytes:
@@ -530,10 +460,3 @@ def _frame_size(header: bytes) -> int:
     if size < 0:
         raise _Invalid("zstd frame does not record its content size")
     return size
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -1,13 +1,13 @@
-"""Lock files that work on network filesystems (docs/FORMAT.md §6).
+"""Locks that work on network filesystems and object stores (docs/FORMAT.md §6), in the storage seam's verbs.
 
-`flock` is not reliable over NFS, so a lock is a file created with O_EXCL that names its holder. A lock whose holder
+`flock` is not reliable over NFS and does not exist on S3, so a lock is an object created with `put(if_absent=True)`
+(a hard link on a volume, `If-None-Match: *` on S3) that names its holder. A lock whose holder
 died is broken by the next waiter: at once if the holder was a process of this host that no longer exists, otherwise
 once the waiter itself has seen the lock unchanged for `stale_after` seconds of its own monotonic clock. The second
 rule never trusts another host's clock, so a live foreign holder is never robbed early.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -19,9 +19,10 @@ from typing import Callable
 
 import msgpack
 
-from . import limits
-from .atomic import temp_path_beside
-from .errors import LockTimeout, StoreReadOnly, StoreUnavailable
+from . import layout, limits
+from .errors import CasError, LockTimeout
+from .posix import PosixBackend
+from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectTooLarge, PreconditionFailed
 
 log = logging.getLogger("cas.lock")
 
@@ -48,12 +49,24 @@ def _pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def _at(target: "str | os.PathLike | Backend", key: str | None) -> tuple[Backend, str]:
+    """(backend, key) of a lock given either both or a plain path on a volume (its directory is the backend)."""
+    if isinstance(target, Backend):
+        if key is None:
+            raise ValueError("a lock on a backend needs its key")
+        return target, key
+    path = os.path.abspath(os.fspath(target))
+    return PosixBackend(os.path.dirname(path)), os.path.basename(path)
+
+
 class LockFile:
-    """An O_EXCL lock file. Use as a context manager, or acquire()/release()."""
+    """A lock object. Use as a context manager, or acquire()/release(). `LockFile(backend, key)`, or
+    `LockFile(path)` for a lock file in an existing directory."""
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        target: "str | os.PathLike | Backend",
+        key: str | None = None,
         *,
         stale_after: float = 30.0,
         timeout: float = 60.0,
@@ -62,7 +75,8 @@ class LockFile:
         sleep: Callable[[float], None] = time.sleep,
         is_guard: bool = False,
     ):
-        self.path = os.fspath(path)
+        self.backend, self.key = _at(target, key)
+        self.path = os.path.join(self.backend.location, self.key)  # for messages
         self._is_guard = is_guard
         self._guard: LockFile | None = None
         self.stale_after = stale_after
@@ -84,8 +98,11 @@ class LockFile:
         info = self._read()
         if info is None:
             return self._create()  # vanished between our create and read
-        if self._is_stale(*info):
-            (self._break_guard if self._is_guard else self._break)(info[0])
+        if self._is_stale(info[0], info[1]):
+            if self._is_guard:
+                self._break_guard(info)
+            else:
+                self._break(info[0])
             return self._create()
         return False
 
@@ -102,37 +119,14 @@ class LockFile:
     def _create(self) -> bool:
         token = secrets.token_hex(8)
         body = msgpack.packb({"host": _HOST, "pid": os.getpid(), "time": time.time(), "token": token})
-        # The holder record is written under a temp name and linked into place, so the lock never exists empty: a
-        # process killed between an O_EXCL create and its write left a lock nobody could attribute, which every
-        # waiter then had to age for stale_after instead of breaking it at once by the dead-pid rule.
-        tmp = temp_path_beside(self.path)
+        # Created complete (temp + link on a volume, one PUT on S3): the lock never exists empty, so a holder killed
+        # while creating it left either nothing or a record the dead-pid rule breaks at once.
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError as exc:
-            raise StoreUnavailable(f"cannot create lock {self.path}: {exc.strerror}") from exc
-        except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise StoreReadOnly(f"cannot create lock {self.path}: {exc.strerror}") from exc
-            raise
-        try:
-            try:
-                os.write(fd, body)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, self.path)  # atomic, fails if the lock exists (also on NFS)
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-                    raise
-                if not self._create_excl(body):  # no hard links on this filesystem
-                    return False
-        finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            self.backend.put(self.key, body, if_absent=True)
+        except AlreadyExists:
+            return False
+        except BadObject:
+            return False  # something planted at the lock's name: held by nobody we can break; wait, then time out
         self._token = token
         self._seen.clear()
         if self.heartbeat:
@@ -141,25 +135,17 @@ class LockFile:
             self._beat.start()
         return True
 
-    def _create_excl(self, body: bytes) -> bool:
+    def _read(self) -> tuple[bytes, float, str] | None:
+        """(content, mtime, version) of the lock, None if there is none. A planted non-lock reads as an unknown
+        holder that never changes, so it goes stale by rule (b) and is then reported, never followed."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, body)
-        finally:
-            os.close(fd)
-        return True
-
-    def _read(self) -> tuple[bytes, float] | None:
-        try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                content = fh.read(limits.MAX_SMALL_FILE_BYTES)
-        except FileNotFoundError:
+            info = self.backend.stat(self.key)
+            content = self.backend.get(self.key, limit=limits.MAX_SMALL_FILE_BYTES)
+        except NotFound:
             return None
-        return content, st.st_mtime
+        except (BadObject, ObjectTooLarge):
+            return b"", 0.0, "planted"
+        return content, info.mtime, info.version
 
     def _is_stale(self, content: bytes, mtime: float) -> bool:
         holder = _parse(content)
@@ -179,44 +165,32 @@ class LockFile:
         """Remove a stale lock without ever removing a fresh one taken meanwhile by someone else.
 
         Breakers serialise on a guard lock (`<name>.break.lock`, held for microseconds) and delete the lock only if
-        it still holds the content judged stale. Without the guard, two waiters that both judged the same lock
+        it still holds the content judged stale. Without the guard, two waiters that judged the same lock
         stale can each remove one: the second removes the lock the first just took."""
         if self._guard is None:
-            base = self.path[:-5] if self.path.endswith(".lock") else self.path
-            self._guard = LockFile(base + ".break.lock", stale_after=self.stale_after, timeout=0,
+            base = self.key[:-5] if self.key.endswith(".lock") else self.key
+            self._guard = LockFile(self.backend, base + ".break.lock", stale_after=self.stale_after, timeout=0,
                                    clock=self._clock, sleep=self._sleep, is_guard=True)
         if not self._guard.try_acquire():
             return  # another waiter is breaking it; our caller tries again
         try:
             info = self._read()
             if info is not None and info[0] == stale_content:
-                os.unlink(self.path)
-        except FileNotFoundError:
+                self.backend.delete(self.key, if_version=info[2])
+        except (NotFound, PreconditionFailed, BadObject):
             pass
         finally:
             self._guard.release()
 
-    def _break_guard(self, stale_content: bytes) -> None:
-        """A guard is stale only if a breaker died inside its microsecond critical section: rename it aside,
-        and put it back if it turns out to be a fresh one."""
-        aside = temp_path_beside(self.path)
+    def _break_guard(self, stale: tuple[bytes, float, str]) -> None:
+        """A guard is stale only if a breaker died inside its microsecond critical section: delete it only in the
+        version judged stale (a volume renames it aside and links it back if it turns out to be a fresh one)."""
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            with open(aside, "rb") as fh:
-                moved = fh.read(limits.MAX_SMALL_FILE_BYTES)
-            if moved != stale_content:
-                try:
-                    os.link(aside, self.path)
-                except OSError:
-                    log.warning("guard %s changed hands while being broken", self.path)
-        finally:
-            try:
-                os.unlink(aside)
-            except OSError:
-                pass
+            self.backend.delete(self.key, if_version=stale[2])
+        except PreconditionFailed:
+            log.warning("guard %s changed hands while being broken", self.path)
+        except (NotFound, BadObject):
+            pass
 
     # -- holding -----------------------------------------------------------------------------------------------
     def _refresh_loop(self) -> None:
@@ -226,8 +200,8 @@ class LockFile:
                 if not self.still_held():  # broken by a waiter who judged us stale: never freshen their lock
                     log.warning("lock %s was taken over; no longer refreshing it", self.path)
                     return
-                os.utime(self.path, None)
-            except OSError:
+                self.backend.touch(self.key)
+            except CasError:
                 return
 
     def still_held(self) -> bool:
@@ -243,9 +217,11 @@ class LockFile:
         if self._token is None:
             return
         try:
-            if self.still_held():
-                os.unlink(self.path)
-        except OSError as exc:
+            info = self._read()
+            parsed = _parse(info[0]) if info else None
+            if info is not None and parsed and parsed.get("token") == self._token:
+                self.backend.delete(self.key, if_version=info[2])
+        except CasError as exc:
             log.debug("releasing %s: %s", self.path, exc)
         self._token = None
 
@@ -275,26 +251,27 @@ def _describe(holder: dict | None) -> str:
 
 
 def acquire_slot(
-    directory: str | os.PathLike,
+    target: "str | os.PathLike | Backend",
     slots: int,
     *,
     timeout: float,
     stale_after: float = 30.0,
+    prefix: str = layout.SLOTS,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> LockFile:
-    """Take one of `slots` lock files `slot-<n>.lock` in `directory`, refreshed while held, so at most `slots`
-    holders run at once across every host. Raises LockTimeout when all stay busy for `timeout` seconds."""
-    directory = os.fspath(directory)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot create slot directory {directory}: {exc.strerror}") from exc
-    locks = [
-        LockFile(os.path.join(directory, f"slot-{n}.lock"), stale_after=stale_after, heartbeat=True,
-                 clock=clock, sleep=sleep)
-        for n in range(slots)
-    ]
+    """Take one of `slots` locks `<prefix>slot-<n>.lock` of a scope backend (or of a plain directory, which then
+    holds the slot files), refreshed while held, so at most `slots` holders run at once across every host. Raises
+    LockTimeout when all stay busy for `timeout` seconds."""
+    if isinstance(target, Backend):
+        backend, keys = target, [layout.slot(n) if prefix == layout.SLOTS else f"{prefix}slot-{n}.lock"
+                                 for n in range(slots)]
+    else:
+        path = os.path.abspath(os.fspath(target))
+        backend = PosixBackend(os.path.dirname(path))
+        keys = [f"{os.path.basename(path)}/slot-{n}.lock" for n in range(slots)]
+    locks = [LockFile(backend, key, stale_after=stale_after, heartbeat=True, clock=clock, sleep=sleep)
+             for key in keys]
     deadline = clock() + timeout
     delay = _POLL_MIN_S
     while True:
@@ -302,6 +279,6 @@ def acquire_slot(
             if lock.try_acquire():
                 return lock
         if clock() >= deadline:
-            raise LockTimeout(f"all {slots} save slots in {directory} busy for {timeout:.0f}s")
+            raise LockTimeout(f"all {slots} save slots in {backend.location} busy for {timeout:.0f}s")
         sleep(delay * random.uniform(0.5, 1.5))
         delay = min(delay * 2, _POLL_MAX_S)

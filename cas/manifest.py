@@ -12,7 +12,7 @@ import msgpack
 import zstandard
 
 from . import limits
-from .errors import ManifestError, UnsafePath
+from .errors import ManifestError, TooLarge, UnsafePath
 from .paths import check_entry_path
 
 # 2 added the pack location of small files (entries of five elements). Version 1 manifests are still read.
@@ -80,9 +80,16 @@ class Manifest:
         return Manifest(self.env_key, dict(env or self.env), entries, self.created or now, now)
 
     def dumps(self) -> bytes:
-        """The manifest file's bytes: one zstd frame (recording its size) of the msgpack map (FORMAT §3)."""
+        """The manifest file's bytes: one zstd frame (recording its size) of the msgpack map (FORMAT §3). Raises
+        TooLarge when a reader would refuse the result (FORMAT §3: writers enforce every reader limit), so no save
+        can leave a manifest that every load then reports as corrupt."""
+        if len(self.entries) > limits.MAX_ENTRIES:
+            raise TooLarge(f"manifest {self.env_key}: {len(self.entries)} entries, over the {limits.MAX_ENTRIES} limit")
+        plain = self.dumps_plain()
+        if len(plain) > limits.MAX_MANIFEST_BYTES:
+            raise TooLarge(f"manifest {self.env_key}: {len(plain)} bytes, over the {limits.MAX_MANIFEST_BYTES} limit")
         # A compressor per call: zstd contexts are not thread-safe, and a manifest is written once per save.
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(self.dumps_plain())
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(plain)
 
     def dumps_plain(self) -> bytes:
         return msgpack.packb(

@@ -24,8 +24,9 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator
 
+from . import _faults
 from .atomic import temp_name
-from .errors import StoreReadOnly, StoreUnavailable
+from .errors import NoSpace, StoreReadOnly, StoreUnavailable
 from .paths import TEMP_PREFIX
 from .storage import (
     AlreadyExists,
@@ -51,6 +52,37 @@ MAX_OPEN_DIRS = 1024
 _NO_LINK = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _PLANTED = (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _SinkError(Exception):
+    """An error of the backend's own temp file, told apart from what a payload function raises (a local read error
+    of the file being stored must reach the caller as it is, not as a volume error)."""
+
+    def __init__(self, exc: OSError):
+        self.exc = exc
+
+
+class _Sink:
+    """The writable handed to a payload function: the temp file, with its write errors marked as ours."""
+
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            raise _SinkError(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+        except OSError as exc:
+            raise _SinkError(exc) from exc
+
+    def tell(self) -> int:
+        return self._fh.tell()
 
 
 def version_of(st: os.stat_result) -> str:
@@ -225,8 +257,10 @@ class PosixBackend(Backend):
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key) if key else self.root
 
-    def _error(self, what: str, exc: OSError, key: str = "") -> StoreUnavailable:
+    def _error(self, what: str, exc: OSError, key: str = "") -> StoreUnavailable | NoSpace:
         where = self._path(key)
+        if exc.errno in _FULL:
+            return NoSpace(f"{what} {where}: volume full ({exc.strerror})")
         if exc.errno in _READ_ONLY:
             return StoreReadOnly(f"{what} {where}: {exc.strerror}")
         return StoreUnavailable(f"{what} {where}: {exc.strerror or exc}")
@@ -328,19 +362,26 @@ class PosixBackend(Backend):
         except OSError as exc:
             raise self._error("cannot write", exc, key) from exc
         try:
-            with open(fd, "wb", closefd=False) as out:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    out.write(data)
-                else:
-                    data(out)
-                out.flush()
-            os.fsync(fd)
-            st = os.fstat(fd)
-        except BaseException as exc:
+            try:
+                with open(fd, "wb", closefd=False) as out:
+                    sink = _Sink(out)
+                    if isinstance(data, (bytes, bytearray, memoryview)):
+                        sink.write(bytes(data))
+                    else:
+                        data(sink)  # type: ignore[arg-type]
+                    sink.flush()
+                _faults.checkpoint("temp-written")
+            except _SinkError as exc:
+                raise self._error("cannot write", exc.exc, key) from exc.exc
+            # (any other exception is the payload function's own, a local read error say: it propagates as it is)
+            try:
+                os.fsync(fd)
+                st = os.fstat(fd)
+            except OSError as exc:
+                raise self._error("cannot write", exc, key) from exc
+        except BaseException:
             os.close(fd)
             _unlink_at(d, tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError,)):
-                raise self._error("cannot write", exc, key) from exc
             raise
         os.close(fd)
         return tmp, st
@@ -474,6 +515,11 @@ class PosixBackend(Backend):
                         raise BadObject(f"{self._path(dst)} is a directory: cannot replace it") from None
                     raise self._error("cannot move", exc, src) from exc
 
+    def make_prefix(self, prefix: str) -> None:
+        check_prefix(prefix)
+        with self._dir(prefix[:-1], create=True):
+            pass
+
     # -- the server ------------------------------------------------------------------------------------------------
     def now(self) -> float:
         import time
@@ -502,6 +548,8 @@ class PosixBackend(Backend):
                 st = os.fstatvfs(d)
             except OSError as exc:
                 raise self._error("cannot statvfs", exc) from exc
+        if st.f_blocks == 0:
+            return None  # some FUSE mounts report no blocks at all: no limit we can see
         return st.f_bavail * st.f_frsize
 
     def exists(self) -> bool:

@@ -3,64 +3,71 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
 import msgpack
 
-from . import limits
-from .atomic import replace_atomically
-from .blobstore import BlobStore, is_blob_id
+from . import layout, limits
+from .blobstore import BlobStore
+from .errors import CasError
+from .storage import BadObject, NotFound, ObjectTooLarge
 
-ROOT_SUFFIX = ".root"
-# Loads and saves refresh a root at most hourly: enough resolution for a 30-day TTL, one utime per pod-hour.
+ROOT_SUFFIX = layout.ROOT_SUFFIX
+# Loads and saves refresh a root at most hourly: enough resolution for a 30-day TTL, one touch per pod-hour.
 ROOT_REFRESH = 3600
 DEFAULT_ROOT_TTL = 30 * 24 * 3600
+# Roots read at once by gc, check and stats: each is a stat and a read of a few hundred bytes, so on a 2 ms volume
+# or a 20 ms bucket the organisation's size, not bandwidth, sets the time; 32 in flight as elsewhere in `cas`.
+ROOT_READERS = 32
 
 
 @dataclass(frozen=True)
 class Root:
-    path: str
+    key: str
     scope_id: str
     env_key: str
     manifest: str  # blob id
     scope_path: str
     updated: float
     mtime: float
+    version: str = ""
+    path: str = ""  # for messages: where it lives
 
 
 def root_path(store: BlobStore, scope_id: str, env_key: str) -> str:
-    return os.path.join(store.root, "roots", scope_id, env_key + ROOT_SUFFIX)
+    return os.path.join(store.root, layout.root(scope_id, env_key))
 
 
-def write_root(store: BlobStore, scope_id: str, env_key: str, manifest_id: str, scope_path: str) -> None:
-    path = root_path(store, scope_id, env_key)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    body = {
+def encode_root(scope_id: str, env_key: str, manifest_id: str, scope_path: str) -> bytes:
+    return msgpack.packb({
         "format": 1,
         "manifest": bytes.fromhex(manifest_id),
         "scope_id": scope_id,
         "env_key": env_key,
         "scope_path": scope_path,
         "updated": time.time(),
-    }
-    replace_atomically(path, msgpack.packb(body, use_bin_type=True))
+    }, use_bin_type=True)
+
+
+def write_root(store: BlobStore, scope_id: str, env_key: str, manifest_id: str, scope_path: str) -> None:
+    store.backend.put(layout.root(scope_id, env_key), encode_root(scope_id, env_key, manifest_id, scope_path))
 
 
 def refresh_root(store: BlobStore, scope_id: str, env_key: str) -> bool:
     """Mark the root used, at most once per ROOT_REFRESH. Returns True if it wrote."""
-    path = root_path(store, scope_id, env_key)
+    key = layout.root(scope_id, env_key)
     try:
-        mtime = os.stat(path).st_mtime
-        if store.server_now() - mtime < ROOT_REFRESH:
+        if store.server_now() - store.backend.stat(key).mtime < ROOT_REFRESH:
             return False
-        os.utime(path, None)
+        store.backend.touch(key)
         return True
-    except OSError:
+    except CasError:
         return False  # no root yet (written by the next save) or read-only volume: a refresh is best effort
 
 
-def parse_root(path: str, data: bytes, mtime: float) -> Root:
+def parse_root(key: str, data: bytes, mtime: float, version: str = "", path: str = "") -> Root:
     doc = msgpack.unpackb(data, raw=False, max_str_len=4096, max_bin_len=32, max_map_len=16, max_array_len=0)
     if not isinstance(doc, dict) or doc.get("format") != 1:
         raise ValueError("not a format-1 root record")
@@ -73,44 +80,55 @@ def parse_root(path: str, data: bytes, mtime: float) -> Root:
     updated = doc.get("updated", 0.0)
     if not isinstance(updated, (int, float)):
         raise ValueError("updated must be a number")
-    return Root(path, fields["scope_id"], fields["env_key"], manifest.hex(), fields["scope_path"], float(updated), mtime)
+    return Root(key, str(fields["scope_id"]), str(fields["env_key"]), manifest.hex(), str(fields["scope_path"]),
+                float(updated), mtime, version, path or key)
 
 
-def read_root(path: str) -> Root:
-    """One root record, its mtime being its last use. Raises OSError (FileNotFoundError: none) or, for anything
-    that is not a root record, ValueError or msgpack's own errors."""
-    with open(path, "rb") as fh:
-        mtime = os.fstat(fh.fileno()).st_mtime
-        data = fh.read(limits.MAX_SMALL_FILE_BYTES + 1)
-    if len(data) > limits.MAX_SMALL_FILE_BYTES:
-        raise ValueError("oversized root record")
-    root = parse_root(path, data, mtime)
-    if not is_blob_id(root.manifest):
-        raise ValueError("bad manifest id")
-    return root
-
-
-def iter_roots(store: BlobStore) -> Iterator[Root | tuple[str, str]]:
-    """Every root record; an unreadable one is yielded as (path, reason) so gc can refuse to collect."""
-    base = os.path.join(store.root, "roots")
+def read_root(store: BlobStore, key: str) -> Root:
+    """One root record, its mtime being its last use. Raises NotFound when there is none, ValueError (or msgpack's
+    own errors) for anything that is not a root record, CasError when it cannot be read."""
+    path = os.path.join(store.root, key)
     try:
-        scopes = sorted(os.listdir(base))
-    except FileNotFoundError:
+        info = store.backend.stat(key)
+        data = store.backend.get(key, limit=limits.MAX_SMALL_FILE_BYTES)
+    except (BadObject, ObjectTooLarge) as exc:
+        raise ValueError(f"not a root record: {exc}") from None
+    return parse_root(key, data, info.mtime, info.version, path)
+
+
+def root_keys(store: BlobStore) -> Iterator[str]:
+    """The key of every root record, in sorted order. A planted link under roots/ is never followed."""
+    try:
+        scopes = sorted(i.key for i in store.backend.list(layout.ROOTS) if i.kind == "prefix")
+    except (BadObject, NotFound):
         return
-    for scope in scopes:
-        if scope.startswith("."):
+    for prefix in scopes:
+        if layout.name_of(prefix).startswith("."):
             continue
         try:
-            names = sorted(os.listdir(os.path.join(base, scope)))
-        except (NotADirectoryError, FileNotFoundError):
+            names = sorted(i.key for i in store.backend.list(prefix)
+                           if i.kind == "object" and i.key.endswith(ROOT_SUFFIX))
+        except (BadObject, NotFound):
             continue
-        for name in names:
-            if not name.endswith(ROOT_SUFFIX):
-                continue
-            path = os.path.join(base, scope, name)
-            try:
-                yield read_root(path)
-            except FileNotFoundError:
-                continue
-            except Exception as exc:
-                yield (path, f"{type(exc).__name__}: {exc}")
+        yield from names
+
+
+def iter_roots(store: BlobStore, threads: int = ROOT_READERS) -> Iterator[Root | tuple[str, str]]:
+    """Every root record, read `threads` at a time, in key order; an unreadable one is yielded as (path, reason) so
+    gc can refuse to collect. A root removed since the listing is skipped."""
+    keys = list(root_keys(store))
+
+    def one(key: str) -> Root | tuple[str, str] | None:
+        try:
+            return read_root(store, key)
+        except NotFound:
+            return None
+        except Exception as exc:  # noqa: BLE001 - every kind of unreadable root is reported, never raised
+            return (os.path.join(store.root, key), f"{type(exc).__name__}: {exc}")
+
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys))), thread_name_prefix="cas-roots") as pool:
+        for item in pool.map(one, keys):
+            if item is not None:
+                yield item

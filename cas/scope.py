@@ -1,62 +1,58 @@
 """A deployment scope: the manifests of one deployment, one per environment key, with their locks (FORMAT §3)."""
 from __future__ import annotations
 
-import errno
 import os
 import re
 import secrets
 
-from . import limits
-from .atomic import create_once, replace_atomically
-from .errors import ManifestError, StoreReadOnly, StoreUnavailable
+from . import layout, limits
+from .errors import CasError, ManifestError, StoreUnavailable
 from .lock import LockFile
 from .manifest import Manifest, loads
+from .posix import PosixBackend
+from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectTooLarge
 
-_ENV_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-MANIFEST_SUFFIX = ".manifest"
-
-
-def check_env_key(env_key: str) -> str:
-    if not isinstance(env_key, str) or not _ENV_KEY.fullmatch(env_key):
-        raise ValueError(f"invalid environment key {env_key!r}: must match [A-Za-z0-9._-]{{1,128}}, not start with '.'")
-    return env_key
+MANIFEST_SUFFIX = layout.MANIFEST_SUFFIX
+check_env_key = layout.check_env_key
+# scope.id is 32 hex digits and a newline; anything longer is not one.
+_SCOPE_ID_READ = 256
 
 
-def read_scope_id(scope_root: str) -> str | None:
+def read_scope_id(scope: "str | os.PathLike | Backend") -> str | None:
     """The id in `<scope>/scope.id` (its first 256 bytes, stripped, 32 lowercase hex digits); None if absent,
-    unreadable or malformed. Never creates it. One open and one read: no fstat, a request on the volume."""
+    unreadable or malformed. Never creates it."""
+    backend = scope if isinstance(scope, Backend) else PosixBackend(scope)
     try:
-        fd = os.open(os.path.join(scope_root, "scope.id"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        data = backend.get(layout.SCOPE_ID, limit=_SCOPE_ID_READ, length=_SCOPE_ID_READ)
+    except CasError:
         return None
-    try:
-        value = os.read(fd, 256).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    value = data.decode("ascii", "replace").strip()
     return value if re.fullmatch(r"[0-9a-f]{32}", value) else None
 
 
 class Scope:
-    def __init__(self, root: str | os.PathLike, *, create: bool = False):
-        self.root = os.path.abspath(os.fspath(root))
-        self.manifests = os.path.join(self.root, "manifests")
+    """One deployment's scope over a storage backend (a directory path is a POSIX volume). `create=True` makes the
+    scope's own directory (one level below an existing parent, never more: FORMAT §3)."""
+
+    def __init__(self, root: "str | os.PathLike | Backend", *, create: bool = False):
+        self.backend: Backend = root if isinstance(root, Backend) else PosixBackend(root, create=create)
+        self.root = self.backend.location
+        self.manifests = os.path.join(self.root, "manifests")  # paths for messages and tests
         self.slots = os.path.join(self.root, "slots")
         self._scope_id: str | None = None
         if create:
+            # Opens (and on a volume creates) the root and its areas now, so a missing volume fails here, clearly.
             try:
-                if not os.path.isdir(os.path.dirname(self.root)):
-                    raise StoreUnavailable(f"parent of deployment scope {self.root} does not exist (volume not mounted?)")
-                os.makedirs(self.manifests, exist_ok=True)
-                os.makedirs(self.slots, exist_ok=True)
-            except OSError as exc:
-                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                    raise StoreReadOnly(f"cannot create deployment scope {self.root}: {exc.strerror}") from exc
-                raise StoreUnavailable(f"cannot create deployment scope {self.root}: {exc.strerror}") from exc
+                for area in layout.SCOPE_AREAS:
+                    self.backend.make_prefix(area + "/")
+            except BadObject as exc:
+                raise StoreUnavailable(f"deployment scope {self.root}: {exc}") from None
 
     def exists(self) -> bool:
-        return os.path.isdir(self.manifests)
+        try:
+            return any(True for _ in self.backend.list(layout.MANIFESTS))
+        except CasError:
+            return False
 
     @property
     def scope_id(self) -> str:
@@ -70,71 +66,88 @@ class Scope:
     def existing_scope_id(self) -> str | None:
         """The id if scope.id exists and is well formed; never creates it (for readers)."""
         if self._scope_id is None:
-            self._scope_id = read_scope_id(self.root)
+            self._scope_id = read_scope_id(self.backend)
         return self._scope_id
 
     def _read_or_create_id(self) -> str:
-        path = os.path.join(self.root, "scope.id")
-        value = read_scope_id(self.root)
+        value = read_scope_id(self.backend)
         if value is None:
-            create_once(path, (secrets.token_hex(16) + "\n").encode())
-            value = read_scope_id(self.root)
+            try:
+                self.backend.put(layout.SCOPE_ID, (secrets.token_hex(16) + "\n").encode(), if_absent=True)
+            except (AlreadyExists, BadObject):
+                pass
+            value = read_scope_id(self.backend)
         if value is None:
-            raise StoreUnavailable(f"{path} is unreadable or not 32 hex digits")
+            raise StoreUnavailable(f"{self.root}/{layout.SCOPE_ID} is unreadable or not 32 hex digits")
         return value
 
+    def renew_scope_id(self, old: str) -> str:
+        """Give this scope a fresh identity (FORMAT §4: a scope whose id another scope also uses, a cloned volume).
+        Replaces scope.id only if it still holds `old`; returns the id now in force."""
+        new = secrets.token_hex(16)
+        try:
+            info = self.backend.stat(layout.SCOPE_ID)
+            if read_scope_id(self.backend) == old:
+                self.backend.put(layout.SCOPE_ID, (new + "\n").encode(), if_version=info.version)
+        except CasError:
+            pass
+        self._scope_id = None
+        return self.scope_id
+
     def manifest_path(self, env_key: str) -> str:
-        return os.path.join(self.manifests, check_env_key(env_key) + MANIFEST_SUFFIX)
+        return os.path.join(self.root, layout.manifest(env_key))
 
     def lock(self, env_key: str, *, timeout: float = 60.0, stale_after: float = 30.0) -> LockFile:
-        path = os.path.join(self.manifests, check_env_key(env_key) + ".lock")
-        return LockFile(path, timeout=timeout, stale_after=stale_after)
+        return LockFile(self.backend, layout.manifest_lock(env_key), timeout=timeout, stale_after=stale_after)
 
     def audit_path(self, env_key: str) -> str:
-        return os.path.join(self.manifests, check_env_key(env_key) + ".audit")
+        return os.path.join(self.root, layout.audit(env_key))
 
     def request_audit(self, env_key: str) -> None:
         """A reader found a blob this manifest references missing or corrupt: ask the next save to re-check every
         entry (FORMAT §3). Best effort: a read-only volume just keeps missing."""
         try:
-            os.close(os.open(self.audit_path(env_key), os.O_WRONLY | os.O_CREAT, 0o644))
-        except OSError:
+            self.backend.put(layout.audit(env_key), b"")
+        except CasError:
             pass
 
     def audit_requested(self, env_key: str) -> bool:
-        return os.path.exists(self.audit_path(env_key))
+        """True when the marker exists. Anything planted there counts as a request (an audit is always safe)."""
+        try:
+            self.backend.stat(layout.audit(env_key))
+            return True
+        except NotFound:
+            return False
+        except BadObject:
+            return True
 
     def clear_audit(self, env_key: str) -> None:
         try:
-            os.unlink(self.audit_path(env_key))
-        except FileNotFoundError:
+            self.backend.delete(layout.audit(env_key))
+        except (NotFound, BadObject):
             pass
 
     def env_keys(self) -> list[str]:
+        keys = []
         try:
-            names = os.listdir(self.manifests)
-        except FileNotFoundError:
+            for info in self.backend.list(layout.MANIFESTS):
+                key = layout.env_key_of_manifest(layout.name_of(info.key))
+                if info.kind == "object" and key is not None:
+                    keys.append(key)
+        except (BadObject, NotFound):
             return []
-        return sorted(n[: -len(MANIFEST_SUFFIX)] for n in names
-                      if n.endswith(MANIFEST_SUFFIX) and _ENV_KEY.fullmatch(n[: -len(MANIFEST_SUFFIX)]))
+        return sorted(keys)
 
-    def read_manifest_bytes(self, env_key: str) -> bytes | None:
+    def read_manifest_bytes(self, env_key: str, limit: int = limits.MAX_MANIFEST_BYTES) -> bytes | None:
         path = self.manifest_path(env_key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+            return self.backend.get(layout.manifest(env_key), limit=limit)
+        except NotFound:
             return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ManifestError(path, "is a symlink") from None
-            raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from exc
-        with open(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not _is_regular(st.st_mode):
-                raise ManifestError(path, "not a regular file")
-            if st.st_size > limits.MAX_MANIFEST_BYTES:
-                raise ManifestError(path, f"{st.st_size} bytes exceeds the {limits.MAX_MANIFEST_BYTES} byte limit")
-            return fh.read(limits.MAX_MANIFEST_BYTES + 1)
+        except BadObject:
+            raise ManifestError(path, "not a regular file (a symlink, FIFO or directory?)") from None
+        except ObjectTooLarge:
+            raise ManifestError(path, f"exceeds the {limit} byte limit") from None
 
     def read_manifest(self, env_key: str) -> Manifest | None:
         """The current manifest, or None if there is none. Raises ManifestError if it is corrupt."""
@@ -149,10 +162,4 @@ class Scope:
 
     def write_manifest(self, data: bytes, env_key: str) -> None:
         """Atomic replace; the caller holds the lock and made every referenced blob durable."""
-        replace_atomically(self.manifest_path(env_key), data)
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
+        self.backend.put(layout.manifest(env_key), data)

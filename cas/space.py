@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from .errors import NoSpace
+from .errors import CasError, NoSpace
+from .storage import Backend
 
 # Keep this much free after our writes: a model server still needs room for logs, temp files and its own caches.
 RESERVE_BYTES = int(os.environ.get("CAS_RESERVE_MB", "256")) << 20  # env override: a test seam for tiny tmpfs volumes
@@ -24,5 +25,22 @@ def require_free(directory: str, needed: int, what: str) -> None:
     if free - needed < RESERVE_BYTES:
         raise NoSpace(
             f"{what}: {needed / 1e6:.1f} MB needed at {directory}, {free / 1e6:.1f} MB free "
+            f"(keeping {RESERVE_BYTES >> 20} MiB in reserve)"
+        )
+
+
+def require_free_bytes(backend: Backend, needed: int, what: str) -> None:
+    """require_free for a storage backend: object stores report no limit and are never refused."""
+    if needed <= 0:
+        return
+    try:
+        free = backend.free_bytes()
+    except CasError:
+        return
+    if free is None:
+        return
+    if free - needed < RESERVE_BYTES:
+        raise NoSpace(
+            f"{what}: {needed / 1e6:.1f} MB needed at {backend.location}, {free / 1e6:.1f} MB free "
             f"(keeping {RESERVE_BYTES >> 20} MiB in reserve)"
         )

@@ -154,6 +154,10 @@ class Backend(ABC):
         on an object store a copy then a delete, so for an instant both keys exist (never neither), and the copy's
         mtime is the time of the move. Raises NotFound if `src` is absent."""
 
+    def make_prefix(self, prefix: str) -> None:
+        """Make `prefix` exist where the backend has directories (a volume: the store's and scope's own areas, made
+        once by their first writer, below the root only); nothing to do on an object store."""
+
     # -- the server ------------------------------------------------------------------------------------------------
     @abstractmethod
     def now(self) -> float:

@@ -564,10 +564,15 @@ def test_missing_store_root(tmp_path):
     scope = Scope(tmp_path / "scope", create=True)
     write_tree(tmp_path / "src", {"f": b"x"})
     save_tree(tmp_path / "src", store, scope, ENV_KEY)
-    # The volume goes away under a live process: a typed error or a miss, never an unrelated crash.
+    # The volume goes away under a live process: reads go on through the descriptors it opened (the real store,
+    # wherever it now is, verified as ever), and a save fails instead of re-creating a ghost store at the old path.
     os.rename(tmp_path / "store", tmp_path / "gone")
     res = load_tree(tmp_path / "dst", store, scope, ENV_KEY)
-    assert [p for p, _ in res.misses] == ["f"]
+    assert res.restored + len(res.misses) == 1
+    write_tree(tmp_path / "src", {"g": b"y"})
+    with pytest.raises(StoreUnavailable):
+        save_tree(tmp_path / "src", store, scope, ENV_KEY)
+    assert not (tmp_path / "store").exists()
 
 
 def test_store_of_another_format_version(tmp_path):

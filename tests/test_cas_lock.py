@@ -315,12 +315,9 @@ def test_three_way_break_race_keeps_one_holder(tmp_path, monkeypatch):
 
 
 _KILLED_WHILE_CREATING = """
-import os, signal, sys
+import sys
 from cas import LockFile
-def write(fd, data):
-    os.kill(os.getpid(), signal.SIGKILL)  # killed after creating the lock file, before writing the holder
-os.write = write
-LockFile(sys.argv[1], timeout=5).acquire()
+LockFile(sys.argv[1], timeout=5).acquire()  # CAS_KILL_AT=temp-written: killed with the record written, not linked
 """
 
 
@@ -328,7 +325,8 @@ def test_holder_killed_while_creating_the_lock_leaves_no_unattributable_lock(tmp
     """A lock file must never exist without its holder record: one left empty by a process killed between create
     and write could not be broken by the dead-pid rule, and every waiter would wait stale_after."""
     path = tmp_path / "m.lock"
-    proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_CREATING, str(path)], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_CREATING, str(path)], capture_output=True,
+                          env={**os.environ, "CAS_KILL_AT": "temp-written"})
     assert proc.returncode == -9, proc.stderr
     lock = LockFile(path, stale_after=3600, timeout=0, clock=FakeTime().clock, sleep=no_sleep)
     assert lock.try_acquire()  # at once
