@@ -66,6 +66,7 @@ class BlobInfo:
     stored_size: int
     mtime: float
     version: str = ""
+    path: str = ""  # on a volume, for tests and messages; `cas` itself uses `key`
 
 
 class BlobStore:
@@ -392,7 +393,8 @@ class BlobStore:
             for info in self.backend.list(prefix):
                 name = layout.name_of(info.key)
                 if info.kind == "object" and is_blob_id(name) and name[:2] == fan:
-                    yield BlobInfo(name, info.key, info.size, info.mtime, info.version)
+                    yield BlobInfo(name, info.key, info.size, info.mtime, info.version,
+                                   os.path.join(self.root, info.key))
         except BadObject:
             return
 

@@ -59,6 +59,9 @@ class Manifest:
     entries: dict[str, Entry] = field(default_factory=dict)
     created: float = 0.0
     updated: float = 0.0
+    # The blob id of the manifest bytes this one replaced ("" for the first, or one written before this field):
+    # lets a save tell its own stale gc root from a root another scope wrote under the same scope id (FORMAT §4).
+    parent: str = ""
 
     @property
     def total_size(self) -> int:
@@ -77,7 +80,7 @@ class Manifest:
         now = time.time() if now is None else now
         entries = dict(self.entries)
         entries.update(incoming)
-        return Manifest(self.env_key, dict(env or self.env), entries, self.created or now, now)
+        return Manifest(self.env_key, dict(env or self.env), entries, self.created or now, now, self.parent)
 
     def dumps(self) -> bytes:
         """The manifest file's bytes: one zstd frame (recording its size) of the msgpack map (FORMAT §3). Raises
@@ -100,6 +103,7 @@ class Manifest:
                 "created": float(self.created),
                 "updated": float(self.updated),
                 "entries": {p: e.pack_fields() for p, e in sorted(self.entries.items())},
+                **({"parent": bytes.fromhex(self.parent)} if self.parent else {}),
             },
             use_bin_type=True,
         )
@@ -162,7 +166,9 @@ def loads(data: bytes, source: object = "<manifest>") -> Manifest:
         except UnsafePath as exc:
             raise ManifestError(source, f"illegal entry: {exc}") from None
         entries[path] = _entry(value, path, source, version)
-    return Manifest(env_key, env, entries, float(created), float(updated))
+    parent = doc.get("parent", b"")
+    parent_id = parent.hex() if isinstance(parent, bytes) and len(parent) == _ID_BYTES else ""
+    return Manifest(env_key, env, entries, float(created), float(updated), parent_id)
 
 
 def _decompress(data: bytes, source: object) -> bytes:
