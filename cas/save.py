@@ -14,14 +14,23 @@ from dataclasses import dataclass
 
 import blake3
 
-from . import _faults, limits, localfs, pack
+from . import _faults, layout, limits, localfs, pack
 from .blobstore import BlobStore, SourceChanged
 from .index import Index
-from .errors import BlobCorrupt, BlobMissing, ManifestError, NoSpace, StoreReadOnly, StoreUnavailable, TooLarge
+from .errors import (
+    BlobCorrupt,
+    BlobMissing,
+    CasError,
+    ManifestError,
+    NoSpace,
+    StoreReadOnly,
+    StoreUnavailable,
+    TooLarge,
+)
 from .manifest import Entry, Manifest, loads
-from .roots import read_root, root_path, write_root
+from .roots import read_root, write_root
 from .scope import Scope, check_env_key
-from .space import require_free
+from .space import require_free_bytes
 from .tree import LocalFile, scan
 
 log = logging.getLogger("cas.save")
@@ -114,7 +123,7 @@ def save_tree(
         missing = [bid for bid, ok in zip(large, present) if not ok]
         to_pack = [b for b in small if b not in located]
         result.blobs_present = len(needed) - len(missing) - len(to_pack)
-        require_free(store.root, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
+        require_free_bytes(store.backend, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
 
         changed: set[str] = set()
         uploads = [pool.submit(_upload, store, bid, by_id[bid]) for bid in missing]
@@ -230,16 +239,16 @@ def _located(
 def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPoolExecutor) -> list[Manifest]:
     """The manifests of up to PEER_MANIFESTS other deployments with this environment, most recently used first
     (by their roots, FORMAT §4). Anything unreadable is skipped: dedup is an optimisation."""
-    base = os.path.join(store.root, "roots")
     try:
-        own = scope.scope_id
-        names = [n for n in os.listdir(base) if n != own and not n.startswith(".")]
-    except (OSError, ValueError):
+        own = scope.existing_scope_id()
+        names = [layout.name_of(i.key) for i in store.backend.list(layout.ROOTS) if i.kind == "prefix"]
+        names = [n for n in names if n != own and layout.is_scope_id(n)]
+    except (CasError, ValueError):
         return []
 
     def root(name: str):
         try:
-            return read_root(root_path(store, name, env_key))
+            return read_root(store, layout.root(name, env_key))
         except Exception:  # noqa: BLE001 - absent (another environment), unreadable or garbage: no dedup from it
             return None
 
@@ -345,11 +354,21 @@ def _root_manifest_id(store: BlobStore, scope: Scope, env_key: str) -> str | Non
         scope_id = scope.existing_scope_id()  # a reader: no scope.id means no root, and it is not made here
         if scope_id is None:
             return None
-        return read_root(root_path(store, scope_id, env_key)).manifest
-    except (OSError, ValueError, StoreUnavailable):
+        return read_root(store, layout.root(scope_id, env_key)).manifest
+    except (CasError, ValueError):
         return None
     except Exception:  # msgpack's assorted errors on a garbage root: replace it
         return None
+
+
+def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, current: Manifest) -> bool:
+    """True when this scope's gc root names a manifest that is neither the scope's current one nor the one it
+    replaced (a save killed between manifest and root leaves the latter): another scope with the same scope.id
+    wrote it (FORMAT §4, copied scopes). An absent or unreadable root is not foreign (a dead root, or gc)."""
+    named = _root_manifest_id(store, scope, env_key)
+    if named is None:
+        return False
+    return named not in (blake3.blake3(data).hexdigest(), current.parent)
 
 
 def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS):
@@ -362,6 +381,11 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         data, current = _read_current(scope, env_key)
         current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
         audit = audit and _needs_audit(store, scope, env_key, data)  # a concurrent save may have done it
+        if audit and data is not None and _root_is_foreign(store, scope, env_key, data, current):
+            old = scope.scope_id
+            log.warning("scope %s: gc root %s names a manifest this scope never wrote (a copied volume shares its "
+                        "scope.id): taking a fresh identity", scope.root, old)
+            scope.renew_scope_id(old)
         # An audit re-checked (and re-packed) every local file: its entries replace recorded ones even where the
         # content is the same, since the recorded location is what it distrusts.
         changes = dict(delta) if audit else current.changes_from(delta)
@@ -379,13 +403,15 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
                 scope.clear_audit(env_key)
             return 0, False  # a concurrent replica already recorded the same content
         merged = current.merged(changes, env)
+        merged.parent = blake3.blake3(data).hexdigest() if data is not None else ""
         for path in dropped:
             del merged.entries[path]
         if dropped:
             log.warning("manifest %s: dropped %d entries whose blobs the store no longer has", env_key, len(dropped))
-        data = merged.dumps()
-        if len(data) > limits.MAX_MANIFEST_BYTES:
-            raise TooLarge(f"manifest would be {len(data)} bytes, over the {limits.MAX_MANIFEST_BYTES} byte limit")
+        data = merged.dumps()  # refuses (TooLarge) a manifest any reader would refuse
+        # A store or scope unmounted or renamed mid-save must fail the save, not receive a manifest in its ghost.
+        store.backend.check_alive()
+        scope.backend.check_alive()
         # The manifest's copy in the store first: if the volume is full there, the save fails with the old manifest
         # untouched (a copy nobody names is garbage for gc). Then the manifest, then the root naming the copy.
         try:
