@@ -24,6 +24,7 @@ from typing import Mapping
 from cas import BlobStore, Scope, load_tree, save_tree
 from cas.quick import nothing_new
 from cas.errors import CasError, LockTimeout
+from cas.localfs import refuse_overlap
 from cas.lock import acquire_slot
 
 from . import pod, side_trees
@@ -160,6 +161,8 @@ def _require_volume(s: Settings) -> None:
 
 def _load(target: Path, s: Settings, label: str | None, env: dict, stats: OperationStats) -> OperationStatus:
     _require_volume(s)
+    store_root = s.store_root()
+    refuse_overlap(target, scope=s.b10fs_cache_dir, store=store_root)  # before the target is created or written
     stats.env_key = key = key_for(label, env)
     if not s.b10fs_cache_dir.is_dir():
         stats.reason = f"no cache directory {s.b10fs_cache_dir}"
@@ -172,7 +175,7 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     stats.files = len(manifest.entries)
 
     require_free(target, s.required_local_space_bytes(_incoming_bytes(target, manifest)), "restoring the cache")
-    store = BlobStore(s.store_root(), create=False)
+    store = BlobStore(store_root, create=False)
     target.mkdir(parents=True, exist_ok=True)
     res = load_tree(target, store, scope, key, threads=s.io_threads, manifest=manifest,
                     temp_expiry=s.cleanup_incomplete_timeout_s)
@@ -227,11 +230,12 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
         stats.reason = "nothing new to record"
         return OperationStatus.SKIPPED
     _require_volume(s)
+    store_root = s.store_root()
+    refuse_overlap(target, scope=s.b10fs_cache_dir, store=store_root)  # before the scope or store is created
     if not target.is_dir() or not any(target.iterdir()):
         stats.reason = f"no local cache at {target}"
         return OperationStatus.SKIPPED
 
-    store_root = s.store_root()
     wait = s.cleanup_lock_timeout_s + SLOT_WAIT_MARGIN_S
     # Four independent chains of round trips on the volume (two free-space checks, the store's format file, the
     # scope's directories): concurrently, they cost one chain.

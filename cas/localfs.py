@@ -174,11 +174,11 @@ class TargetDir:
     cannot redirect anything: we keep writing into the directory we opened. Up to `max_open` directory fds stay
     open (least recently used closed first; one in use by a thread is never closed). Thread-safe."""
 
-    def __init__(self, root: str | os.PathLike, *, max_open: int = MAX_OPEN_DIRS):
+    def __init__(self, root: str | os.PathLike, *, max_open: int | None = None):
         self.root = os.path.realpath(os.fspath(root))
         self.root_bytes = len(os.fsencode(self.root)) + 1  # with the '/' before an entry path
         self.root_fd = os.open(self.root, DIR_FLAGS)  # realpath'd: the root itself is the caller's choice
-        self._max_open = max(1, max_open)
+        self._max_open = max(1, MAX_OPEN_DIRS if max_open is None else max_open)
         self._open: OrderedDict[str, list[int]] = OrderedDict()  # rel dir -> [fd, users], least recent first
         self._lock = threading.Lock()
 

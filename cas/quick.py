@@ -74,6 +74,8 @@ def nothing_new(
     src = os.fspath(src_dir)
     if not os.path.isfile(os.path.join(src, INDEX_NAME)):  # no index: every file would be hashed anyway
         return None
+    if _overlaps_scope(src, scope.root):
+        return None  # save_tree refuses it and says why (FORMAT §7)
     manifest_path = scope.manifest_path(env_key)
     try:
         pool = _pool()
@@ -97,6 +99,13 @@ def nothing_new(
     except Exception as exc:  # noqa: BLE001 - any doubt is a "maybe"
         log.debug("no-op check inconclusive: %s: %s", type(exc).__name__, exc)
         return None
+
+
+def _overlaps_scope(src: str, scope_root: str) -> bool:
+    """The cache directory is, contains or lies inside the scope. Real path of the local side only: the scope's
+    resolution costs requests on the volume (save_tree checks both sides, and the store, with real paths)."""
+    here, there = os.path.realpath(src), os.path.abspath(scope_root)
+    return here == there or here.startswith(there + "/") or there.startswith(here.rstrip("/") + "/")
 
 
 def _pool() -> "_Readers":
