@@ -116,3 +116,14 @@ def seaweed_bucket(seaweed) -> S3Bucket:
 def s3_bucket(request) -> S3Bucket:
     """A fresh bucket on each server in turn: endpoint URL, credentials and name."""
     return request.getfixturevalue("moto_bucket" if request.param == "moto" else "seaweed_bucket")
+
+
+@pytest.fixture
+def moto_backend(moto_bucket):
+    """cas.s3.S3Backend on a fresh moto bucket, under a prefix (as a store inside a shared bucket would be)."""
+    return moto_bucket.backend("org/b10_cas")
+
+
+@pytest.fixture
+def seaweedfs_backend(seaweed_bucket):
+    return seaweed_bucket.backend("org/b10_cas")

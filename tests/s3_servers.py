@@ -94,6 +94,12 @@ class S3Endpoint:
     def create_bucket(self, name: str) -> None:
         self.boto3().create_bucket(Bucket=name)
 
+    def credentials(self) -> Any:
+        """cas.s3.S3Credentials for this server (what the AWS_* variables of `env()` say)."""
+        from cas.s3 import S3Credentials
+
+        return S3Credentials.from_env(self.env())
+
 
 @dataclass(frozen=True)
 class S3Bucket:
@@ -108,6 +114,15 @@ class S3Bucket:
 
     def store(self, **kwargs: Any) -> Any:
         return self.endpoint.obstore(self.name, **kwargs)
+
+    def backend(self, prefix: str = "", **settings: Any) -> Any:
+        """A cas.s3.S3Backend on this bucket (under `prefix`), with test-sized timeouts unless overridden."""
+        from cas.s3 import S3Backend, S3Settings
+
+        url = f"{self.url}/{prefix}" if prefix else self.url
+        options = {"connect_timeout_s": 1.0, "read_timeout_s": 5.0, "retry_timeout_s": 5.0,
+                   "write_read_timeout_s": 20.0, **settings}
+        return S3Backend(url, credentials=self.endpoint.credentials(), settings=S3Settings(**options))
 
 
 def fresh_bucket_name(tag: str = "t") -> str:

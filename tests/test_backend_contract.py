@@ -16,7 +16,7 @@ from cas.posix import PosixBackend
 from cas.storage import AlreadyExists, BadObject, NotFound, ObjectTooLarge, PreconditionFailed, check_key
 
 
-@pytest.fixture(params=["posix"])
+@pytest.fixture(params=["posix", "moto", "seaweedfs"])
 def backend(request, tmp_path):
     if request.param == "posix":
         b = PosixBackend(tmp_path / "root", create=True)
