@@ -34,6 +34,7 @@ import dataclasses
 import enum
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -111,6 +112,8 @@ def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: A
     record = _Compiled(type(model).__name__, fp, key)
     with _precompile_flag(), _checked_entry_load(record):
         compiled = torch.compile(wrapper, **torch_compile_kwargs)
+    if record.loaded_codes >= 0:
+        _skip_installed_names(compiled)
     _scope_flag_to_calls(compiled)
     _compiled[key] = record
     state = "hit" if record.loaded_codes >= 0 else "miss (compiles, and save_compile_cache() records the entry)"
@@ -423,6 +426,24 @@ def _torch_key_of(fn: Any) -> str | None:
         return CompilePackage.source_id_from_fn(fn)
     except (AttributeError, TypeError):
         return None
+
+
+def _skip_installed_names(compiled: Any) -> None:
+    """After a hit: move Dynamo's name counter past the globals the entry installed (`__compiled_fn_3`, ...).
+
+    The names were numbered in the writer's process; this process's counter starts at 0, so the first frame it
+    compiles for a new shape would install a name the entry already took ("Name '__builtins_dict___0' already
+    exists in scope", torch 2.13)."""
+    try:
+        from torch._dynamo import bytecode_transformation as bt
+
+        installed = compiled.dynamo_ctx._package._installed_globals
+        numbers = [int(n) for names in installed.values() for name in names for n in re.findall(r"_(\d+)", name)]
+        if numbers:
+            start = max(next(bt._unique_id_counter), max(numbers) + 1)
+            bt._unique_id_counter = itertools.count(start)
+    except (AttributeError, ImportError, TypeError) as exc:
+        logger.info("precompile: could not renumber Dynamo's globals (%s); a new shape may fail to compile", exc)
 
 
 # --------------------------------------------------------------------------------------------------------------
