@@ -204,9 +204,10 @@ def test_four_ranks_one_load_from_the_volume(seeded, tmp_path, record_property):
     for r in results:
         c = r["counters"]
         assert c["fxgraph_cache_hit"] >= 1 and c["fxgraph_cache_miss"] == 0, (r["name"], c)
-    reads = {r["name"]: (r["load_rchar"], r["load_volume_opens"]) for r in results}
+    reads = {r["name"]: (r["load_rchar"], r["load_volume_opens"], round(r["load"]["seconds"], 2)) for r in results}
     record_property("pod_load_reads", reads)
-    print(f"\npod of {RANKS}: (rchar, volume opens) per rank {reads}; loader {loader['name']}")
+    print(f"\npod of {RANKS}: (rchar, volume opens, seconds) per rank {reads}; loader {loader['name']}")
+    print("\n".join(line for r in results for line in r["log"]))
 
 
 @pytest.mark.slow
@@ -224,9 +225,9 @@ def test_uncoordinated_baseline_reads_the_volume_four_times(seeded, tmp_path, re
     assert all(r["load"]["shared_from"] is None for r in results)
     assert sum(r["load_volume_opens"] > 0 for r in results) >= 2  # at least two of them read the volume
     assert not list(local.parent.glob("*.b10-pod*.lock"))  # off means off: no lock file
-    reads = {r["name"]: (r["load_rchar"], r["load_volume_opens"]) for r in results}
+    reads = {r["name"]: (r["load_rchar"], r["load_volume_opens"], round(r["load"]["seconds"], 2)) for r in results}
     record_property("pod_load_reads_uncoordinated", reads)
-    print(f"\nno lock, {RANKS} ranks: (rchar, volume opens) per rank {reads}")
+    print(f"\nno lock, {RANKS} ranks: (rchar, volume opens, seconds) per rank {reads}")
 
 
 @pytest.mark.slow
@@ -261,6 +262,8 @@ def test_holder_sigkilled_while_loading_others_proceed(seeded, tmp_path):
     assert loader["load"]["waited_s"] > 0.5  # it too waited for the victim, then loaded itself
     for w in waiters:
         assert w["load"]["shared_from"] == loader["pid"] and w["load_volume_opens"] == 0, w
+    print(f"\nholder SIGKILLed: survivors done {elapsed:.2f}s after the kill")
+    print("\n".join(line for r in results for line in r["log"]))
 
 
 @pytest.mark.slow
