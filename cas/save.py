@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import blake3
 
-from . import _faults, layout, limits, localfs, pack
+from . import _faults, layout, limits, localfs, pack, recent
 from .blobstore import BlobStore, SourceChanged
 from .index import Index
 from .errors import (
@@ -78,9 +78,11 @@ def save_tree(
     lock_timeout: float = 60.0,
     stale_after: float = 30.0,
     use_index: bool = True,
+    family: str | None = None,
 ) -> SaveResult:
     """Save the files of `src_dir` (FORMAT §3). `use_index` keeps a local stat cache in `src_dir/.cas-index` so
-    unchanged files are not re-hashed."""
+    unchanged files are not re-hashed. `family` also lists this deployment in that family's recent-savers record
+    (FORMAT §4a), so new deployments of the same model can start from its files."""
     check_env_key(env_key)
     localfs.refuse_overlap(src_dir, scope=scope.root, store=store.root)  # before anything is read or written
     started = time.monotonic()
@@ -159,7 +161,8 @@ def save_tree(
 
     if delta or audit:
         result.new_entries, result.manifest_written = _commit(
-            store, scope, env_key, env or {}, delta, lock_timeout, stale_after, audit=audit, threads=threads
+            store, scope, env_key, env or {}, delta, lock_timeout, stale_after, audit=audit, threads=threads,
+            family=family,
         )
     result.seconds = time.monotonic() - started
     log.debug("save %s: %s", env_key, result)
@@ -237,14 +240,11 @@ def _located(
 
 
 def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPoolExecutor) -> list[Manifest]:
-    """The manifests of up to PEER_MANIFESTS other deployments with this environment, most recently used first
-    (by their roots, FORMAT §4). Anything unreadable is skipped: dedup is an optimisation."""
-    try:
-        own = scope.existing_scope_id()
-        names = [layout.name_of(i.key) for i in store.backend.list(layout.ROOTS) if i.kind == "prefix"]
-        names = [n for n in names if n != own and layout.is_scope_id(n)]
-    except (CasError, ValueError):
-        return []
+    """The manifests of up to PEER_MANIFESTS other deployments that saved this environment most recently, found
+    through the recent-savers record (FORMAT §4a: one read, whatever the organisation's size) and their roots.
+    Anything unreadable is skipped: dedup is an optimisation."""
+    own = scope.existing_scope_id()
+    names = [n for n in recent.read_recent(store, env_key) if n != own][:PEER_MANIFESTS]
 
     def root(name: str):
         try:
@@ -252,8 +252,7 @@ def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPo
         except Exception:  # noqa: BLE001 - absent (another environment), unreadable or garbage: no dedup from it
             return None
 
-    roots = sorted((r for r in pool.map(root, names) if r is not None and r.env_key == env_key),
-                   key=lambda r: r.mtime, reverse=True)[:PEER_MANIFESTS]
+    roots = [r for r in pool.map(root, names) if r is not None and r.env_key == env_key and r.scope_id == r.key.split("/")[1]]
 
     def manifest(r) -> Manifest | None:
         try:
@@ -371,7 +370,8 @@ def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, 
     return named not in (blake3.blake3(data).hexdigest(), current.parent)
 
 
-def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS):
+def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS,
+            family=None):
     """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written).
 
     An audit (the manifest's root was missing or stale, or a loader asked for one) also drops entries whose blob is gone from the store, so
@@ -421,6 +421,9 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
         except OSError as exc:
             raise _store_error(exc, store) from exc
         _write_root(store, scope, env_key, data, manifest_id)
+        # Peers and family loads find this deployment through the recent-savers records (FORMAT §4a).
+        for group in (None, family) if family else (None,):
+            recent.note_saver(store, env_key, scope.scope_id, group)
         if audit:
             scope.clear_audit(env_key)
         return len(changes) + len(dropped), True

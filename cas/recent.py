@@ -1,0 +1,108 @@
+"""Recent savers: a small, bounded record per environment key (and per family) of the deployments that saved it
+most recently (FORMAT §4a). It replaces a scan of every deployment's roots, so finding peers costs one read
+whatever the organisation's size.
+
+`recent/<env-key>.recent` (every deployment of the organisation) and `families/<family>/<env-key>.recent` (the
+deployments that named that family) are msgpack lists of `[scope id (str, 32 hex), unix time (float)]`, newest
+first, at most RECENT_MAX long. Anyone in the organisation can write them, so a reader trusts nothing in one: it keeps
+only well-formed scope ids, reads at most RECORD_LIMIT bytes, and uses a listed scope only through that scope's own
+gc root and manifest, each verified as every read is. A hostile record can therefore cost misses and the bounded
+reads of at most RECENT_MAX roots and manifests, never wrong content.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import msgpack
+
+from . import layout
+from .blobstore import BlobStore
+from .errors import CasError
+from .storage import NotFound, PreconditionFailed
+
+log = logging.getLogger("cas.recent")
+
+# Peers a saver may dedup against, and siblings a family load may restore from: the 8 most recent carry the files a
+# new deployment of a known model needs; more would only add reads to every save.
+RECENT_MAX = 8
+# 8 entries are ~400 bytes; a record larger than this is not ours and is read as empty.
+RECORD_LIMIT = 4096
+# A saver already listed within this long is not written again: one write per deployment-hour at most, so a
+# thousand replicas saving do not turn the record into a hot spot.
+REFRESH_AFTER = 3600
+# Writers race on one object: a conditional replace that loses is retried a few times, then given up (the record
+# is an optimisation; the next save writes it).
+WRITE_ATTEMPTS = 3
+_FAMILY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def check_family(name: str) -> str:
+    if not isinstance(name, str) or not _FAMILY.fullmatch(name):
+        raise ValueError(f"invalid family name {name!r}: must match [A-Za-z0-9._-]{{1,64}}, not start with '.'")
+    return name
+
+
+def record_key(env_key: str, family: str | None = None) -> str:
+    layout.check_env_key(env_key)
+    if family is None:
+        return f"recent/{env_key}.recent"
+    return f"families/{check_family(family)}/{env_key}.recent"
+
+
+def _parse(data: bytes) -> list[tuple[str, float]]:
+    try:
+        doc = msgpack.unpackb(data, raw=False, max_array_len=64, max_str_len=64, max_map_len=0, max_bin_len=0)
+    except Exception:  # noqa: BLE001 - garbage written by anyone: an empty record
+        return []
+    out: list[tuple[str, float]] = []
+    if not isinstance(doc, list):
+        return out
+    for item in doc:
+        if (isinstance(item, list) and len(item) == 2 and layout.is_scope_id(item[0])
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            if item[0] not in {s for s, _ in out}:
+                out.append((item[0], float(item[1])))
+    return out[:RECENT_MAX]
+
+
+def read_recent(store: BlobStore, env_key: str, family: str | None = None) -> list[str]:
+    """The scope ids listed, newest first (at most RECENT_MAX); [] when there is no record or it is garbage."""
+    try:
+        data = store.backend.get(record_key(env_key, family), limit=RECORD_LIMIT)
+    except CasError:
+        return []
+    return [s for s, _ in _parse(data)]
+
+
+def note_saver(store: BlobStore, env_key: str, scope_id: str, family: str | None = None,
+               now: float | None = None) -> bool:
+    """Put `scope_id` at the head of the record (unless it is there, refreshed within REFRESH_AFTER). Best effort:
+    returns False when it could not (read-only store, a lost race after WRITE_ATTEMPTS)."""
+    key = record_key(env_key, family)
+    now = time.time() if now is None else now
+    for _ in range(WRITE_ATTEMPTS):
+        try:
+            try:
+                info = store.backend.stat(key)
+                current = _parse(store.backend.get(key, limit=RECORD_LIMIT))
+            except NotFound:
+                info, current = None, []
+            except CasError:
+                info, current = None, []  # something planted or oversized: replaced below
+            if current and current[0][0] == scope_id and now - current[0][1] < REFRESH_AFTER:
+                return True
+            entries = [(scope_id, now)] + [(s, t) for s, t in current if s != scope_id]
+            body = msgpack.packb([[s, t] for s, t in entries[:RECENT_MAX]])
+            if info is None:
+                store.backend.put(key, body)
+            else:
+                store.backend.put(key, body, if_version=info.version)
+            return True
+        except PreconditionFailed:
+            continue
+        except CasError as exc:
+            log.debug("recent savers %s not updated: %s", key, exc)
+            return False
+    return False
