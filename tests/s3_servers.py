@@ -315,3 +315,109 @@ def refused_endpoint() -> str:
     """An endpoint on a port nothing listens on: connections are refused at once."""
     (port,) = free_ports(1)
     return f"http://{HOST}:{port}"
+
+
+# --- a fault-injecting HTTP proxy in front of a server ------------------------------------------------------------
+
+
+@dataclass
+class Injection:
+    """Answer `status`/`code` instead of forwarding, for the next `times` requests matching method and path."""
+
+    method: str  # "PUT", "GET", ... or "*"
+    path_contains: str
+    status: int
+    code: str
+    times: int = 1
+
+
+class FaultProxy:
+    """A plain HTTP proxy on 127.0.0.1 that forwards every request to `upstream` unchanged (headers included, so
+    SigV4 signatures stay valid), after an optional delay, unless an armed Injection answers it instead."""
+
+    def __init__(self, upstream: str, delay_s: float = 0.0):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        proxy = self
+        self.delay_s = delay_s
+        self.injections: list[Injection] = []
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of every request seen
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
+                injected = proxy._take(self.command, self.path)
+                if injected is not None:
+                    payload = f"<Error><Code>{injected.code}</Code><Message>injected</Message></Error>".encode()
+                    self._reply(injected.status, [("Content-Type", "application/xml")], payload)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    headers = [(k, v) for k, v in resp.getheaders()
+                               if k.lower() not in ("transfer-encoding", "connection", "content-length")]
+                    self._reply(resp.status, headers, data)
+                finally:
+                    conn.close()
+
+            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, status))
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
+
+        self._server = ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://{HOST}:{self._server.server_address[1]}"
+
+    def inject(self, method: str, path_contains: str, status: int, code: str, times: int = 1) -> None:
+        with self._lock:
+            self.injections.append(Injection(method, path_contains, status, code, times))
+
+    def _take(self, method: str, path: str) -> Injection | None:
+        with self._lock:
+            for inj in self.injections:
+                if inj.method in (method, "*") and inj.path_contains in path and inj.times > 0:
+                    inj.times -= 1
+                    return inj
+        return None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+@contextmanager
+def fault_proxy(endpoint: S3Endpoint, delay_s: float = 0.0) -> Iterator[tuple[FaultProxy, S3Endpoint]]:
+    """A FaultProxy in front of `endpoint`, and the endpoint as seen through it."""
+    proxy = FaultProxy(endpoint.url, delay_s)
+    try:
+        yield proxy, S3Endpoint(endpoint.kind, proxy.url, endpoint.access_key_id, endpoint.secret_access_key,
+                                endpoint.region)
+    finally:
+        proxy.close()
