@@ -1,8 +1,10 @@
-"""`cas check`: is the store consistent? Reads only; never changes the store (no quarantine, no restore).
+"""`cas check`: is the store consistent? Reads only, through the storage seam's verbs; never changes the store (no
+quarantine, no restore).
 
-Structure: every live root parses, its manifest blob exists and parses, every blob a manifest references exists in
-`blobs/`; no stray temp files, stale locks or foreign files. `read_data` re-hashes blobs (all, or a `subset`) and
-checks that every packed entry's slice of its pack is the file it names.
+Structure: every live root parses, its manifest blob exists and parses (each distinct manifest blob read and fully
+validated once, however many roots name it), every blob a manifest references exists in `blobs/`; no stray temp
+files, stale locks, foreign files or planted links. `read_data` re-hashes blobs (all, or a `subset`) and checks that
+every packed entry's slice of its pack is the file it names.
 """
 from __future__ import annotations
 
@@ -15,30 +17,30 @@ from dataclasses import asdict, dataclass, field
 
 import blake3
 
-from . import limits, pack
+from . import layout, limits, pack
 from .blobstore import BlobStore
-from .errors import BlobCorrupt, BlobMissing, ManifestError, StoreUnavailable
-from .gc import LOCK_EXPIRY, Progress, find_old_temp, find_stale_locks, lock_files, temp_dirs
-from .load import TEMP_EXPIRY
+from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError, StoreUnavailable
+from .gc import Progress, find_leftovers
 from .manifest import Manifest, loads
-from .paths import TEMP_PREFIX
-from .roots import DEFAULT_ROOT_TTL, iter_roots, read_root, root_path
-from .scan import Listing, scan_area
+from .refs import list_roots, read_manifests
+from .roots import read_root
+from .scan import Listing, list_prefix, scan_area
 from .scope import Scope
+from .storage import Backend, BadObject, NotFound
+from .timing import DEFAULT_ROOT_TTL, UNROOTED_AGE  # noqa: F401 - UNROOTED_AGE re-exported for tests
 
 log = logging.getLogger("cas.check")
 
 # Re-hashing is CPU (zstd, blake3; both release the GIL) plus one read per blob on a high-latency volume: a few
 # threads keep both busy without starving a model server sharing the pod.
 READ_THREADS = 8
-# A save renames its manifest, then writes the root, seconds apart; a local manifest older than this whose root does
-# not name it was left by a save that died in between, or lost its root to gc.
-UNROOTED_AGE = 300
 
 
 @dataclass
 class Problem:
-    kind: str  # missing-blob, corrupt-blob, blob-in-trash, unreadable-root, unreadable-manifest, stray-temp, ...
+    # missing-blob, corrupt-blob, blob-in-trash, unreadable-root, unreadable-manifest, stray-temp, stale-lock,
+    # foreign-file, planted (a link, FIFO or device where the layout has a directory or object: never followed), ...
+    kind: str
     path: str
     detail: str
 
@@ -54,7 +56,7 @@ class CheckResult:
     quarantine: int = 0
     roots_live: int = 0
     roots_dead: int = 0
-    manifests: int = 0
+    manifests: int = 0  # distinct manifests checked (a manifest named by many roots counts once)
     entries: int = 0
     referenced_blobs: int = 0
     blobs_read: int = 0
@@ -71,6 +73,8 @@ def parse_subset(text: str) -> tuple[int, int]:
     """'n/m' with 1 <= n <= m: the n-th of m disjoint slices that together cover every blob."""
     try:
         n_s, m_s = text.split("/")
+        if len(n_s) > 9 or len(m_s) > 9:  # a billion slices is already absurd; int() of 400 digits is not the point
+            raise ValueError
         n, m = int(n_s), int(m_s)
     except ValueError:
         raise ValueError(f"--subset must be n/m, e.g. 1/10; got {text!r}") from None
@@ -86,6 +90,67 @@ def in_subset(blob_id: str, subset: tuple[int, int] | None) -> bool:
     return int(blob_id[:8], 16) % m == n - 1  # by id, so slices are stable across runs and across hosts
 
 
+def _planted(backend: Backend, key: str) -> Problem:
+    return Problem("planted", os.path.join(backend.location, key),
+                   "not a plain object or directory (a planted link, FIFO or device?): never followed; remove it")
+
+
+class _Checker:
+    """One check's state: what is stored, what is referenced, and the problems found."""
+
+    def __init__(self, store: BlobStore, res: CheckResult):
+        self.store, self.res = store, res
+        self.blobs: dict[str, int] = {}
+        self.trash: dict[str, int] = {}
+        self.referenced: set[str] = set()
+        self.parsed: dict[str, Manifest | None] = {}  # manifest content id -> checked (None: unreadable)
+        self.packed: dict[str, dict[tuple[str, int, int], str]] = {}  # pack -> (file id, size, offset) -> who
+
+    def problem(self, kind: str, path: str, detail: str) -> None:
+        self.res.problems.append(Problem(kind, path, detail))
+
+    def scan(self, area: str) -> Listing:
+        listing = scan_area(self.store, area)
+        for key in listing.foreign:
+            self.problem("foreign-file", os.path.join(self.store.root, key), "not a blob (name, place or file type)")
+        self.res.problems += [_planted(self.store.backend, key) for key in listing.planted]
+        return listing
+
+    def manifest(self, manifest: Manifest, where: str, keep_packs: bool) -> None:
+        res = self.res
+        res.manifests += 1
+        res.entries += len(manifest.entries)
+        for path, entry in sorted(manifest.entries.items()):
+            if keep_packs and entry.pack is not None:
+                self.packed.setdefault(entry.pack, {}).setdefault((entry.blob_id, entry.size, entry.offset),
+                                                                  f"{where}: {path}")
+            if entry.stored_id not in self.referenced:
+                self.referenced.add(entry.stored_id)
+                self.present(entry.stored_id, f"{where}: {path}")
+
+    def present(self, blob_id: str, where: str) -> bool:
+        if blob_id in self.blobs:
+            return True
+        # Not in our listing: it may have been written since. Ask once more before calling it missing.
+        store = self.store
+        if _exists(store.backend, layout.blob(blob_id)):
+            return True
+        if blob_id in self.trash or _exists(store.backend, layout.trash(blob_id)):
+            self.problem("blob-in-trash", store.trash_path(blob_id),
+                         f"{where} references it; the next load, save or gc restores it")
+        else:
+            self.problem("missing-blob", store.blob_path(blob_id), f"referenced by {where}")
+        return False
+
+
+def _exists(backend: Backend, key: str) -> bool:
+    try:
+        backend.stat(key)
+        return True
+    except (NotFound, BadObject):
+        return False
+
+
 def check(
     store: BlobStore,
     *,
@@ -98,132 +163,150 @@ def check(
     started = time.monotonic()
     res = CheckResult(subset=f"{subset[0]}/{subset[1]}" if subset else None)
     report = progress or (lambda *_: None)
-    now = store.server_now()
+    now = store.backend.now()
+    ck = _Checker(store, res)
 
     report("scan blobs", 0, 0)
-    listings = {area: _scan(store, area, res) for area in ("blobs", "trash")}
-    blobs = {b.id: b.stored_size for b in listings["blobs"].blobs}
-    trash = {b.id: b.stored_size for b in listings["trash"].blobs}
-    res.blobs, res.stored_bytes, res.trash = len(blobs), sum(blobs.values()), len(trash)
-    try:
-        res.quarantine = sum(1 for n in os.listdir(os.path.join(store.root, "quarantine"))
-                             if not n.startswith(TEMP_PREFIX))
-    except FileNotFoundError:
-        pass
+    _require_areas(store)
+    listings = {area: ck.scan(area) for area in ("blobs", "trash")}
+    ck.blobs = {b.id: b.stored_size for b in listings["blobs"].blobs}
+    ck.trash = {b.id: b.stored_size for b in listings["trash"].blobs}
+    res.blobs, res.stored_bytes, res.trash = len(ck.blobs), sum(ck.blobs.values()), len(ck.trash)
+    quarantined, _ = list_prefix(store.backend, layout.QUARANTINE)
+    res.quarantine = sum(1 for i in quarantined if i.kind == "object")
 
-    referenced: set[str] = set()
-    packed: dict[str, dict[tuple[str, int, int], str]] = {}  # pack -> (file id, size, offset) -> who names it
+    roots_temp = _check_roots(ck, now, root_ttl, read_data, report)
+    if scope is not None:
+        _check_scope(ck, scope, now, read_data)
+    res.referenced_blobs = len(ck.referenced)
 
-    def check_manifest(manifest: Manifest, where: str) -> None:
-        res.manifests += 1
-        res.entries += len(manifest.entries)
-        for path, entry in sorted(manifest.entries.items()):
-            if entry.pack is not None:
-                packed.setdefault(entry.pack, {}).setdefault((entry.blob_id, entry.size, entry.offset),
-                                                             f"{where}: {path}")
-            if entry.stored_id in referenced:
-                continue
-            referenced.add(entry.stored_id)
-            _check_present(store, entry.stored_id, blobs, trash, f"{where}: {path}", res)
-
-    roots = list(iter_roots(store))
-    for i, item in enumerate(roots):
-        report("roots", i, len(roots))
-        if isinstance(item, tuple):
-            res.problems.append(Problem("unreadable-root", item[0], item[1]))
-            continue
-        if item.mtime < now - root_ttl:
-            res.roots_dead += 1  # gc removes it; its blobs may already be gone, which is no problem
-            continue
-        res.roots_live += 1
-        where = f"root {item.scope_id}/{item.env_key}"
-        if not _check_present(store, item.manifest, blobs, trash, f"{where} manifest", res):
-            continue
-        try:
-            manifest = loads(store.read_bytes(item.manifest, limits.MAX_MANIFEST_BYTES), f"blob {item.manifest}")
-        except (BlobMissing, BlobCorrupt, ManifestError, OSError) as exc:
-            res.problems.append(Problem("unreadable-manifest", item.path, str(exc)))
-            continue
-        referenced.add(item.manifest)
-        check_manifest(manifest, where)
-    report("roots", len(roots), len(roots))
-
-    if scope is not None and scope.exists():
-        scope_id = scope.existing_scope_id()
-        for env_key in scope.env_keys():
-            path = scope.manifest_path(env_key)
-            try:
-                data = scope.read_manifest_bytes(env_key)
-                manifest = scope.read_manifest(env_key)
-            except (ManifestError, StoreUnavailable) as exc:
-                res.problems.append(Problem("unreadable-manifest", path, str(exc)))
-                continue
-            if manifest is None or data is None:
-                continue
-            check_manifest(manifest, f"manifest {path}")
-            unrooted = _unrooted(store, scope_id, env_key, data, path, now)
-            if unrooted:
-                res.problems.append(Problem("unrooted-manifest", path, unrooted))
-    res.referenced_blobs = len(referenced)
-
-    temp_cutoff = now - TEMP_EXPIRY
-    old_temp = [p for listing in listings.values() for p, m in listing.temp if m < temp_cutoff]
-    for path in sorted(old_temp + find_old_temp(temp_dirs(store, scope), temp_cutoff)):
-        res.problems.append(Problem("stray-temp", path, "temp file older than TEMP_EXPIRY (cas gc removes it)"))
-    for path, mtime in find_stale_locks(lock_files(store, scope), now - LOCK_EXPIRY):
-        res.problems.append(Problem("stale-lock", path, f"untouched for {now - mtime:.0f}s (cas gc removes it)"))
+    found = find_leftovers(store, scope, now, [t for listing in listings.values() for t in listing.temp] + roots_temp)
+    for item in sorted(found.temp, key=lambda i: i.path):
+        ck.problem("stray-temp", item.path, "temp file older than TEMP_EXPIRY (cas gc removes it)")
+    for item in sorted(found.locks, key=lambda i: i.path):
+        ck.problem("stale-lock", item.path, f"untouched for {now - item.info.mtime:.0f}s (cas gc removes it)")
+    res.problems += [_planted(store.backend, key) for key in found.planted]
+    if scope is not None:
+        res.problems += [_planted(scope.backend, key) for key in found.scope_planted]
 
     if read_data:
-        _read_all(store, [b for b in sorted(blobs) if in_subset(b, subset)], blobs, packed, res, report)
+        ids = [b for b in sorted(ck.blobs) if in_subset(b, subset)]
+        _read_all(store, ids, ck.blobs, ck.packed, res, report)
+    res.problems = _dedup(res.problems)
     res.problems.sort(key=lambda p: (p.kind, p.path))
     res.seconds = time.monotonic() - started
     return res
 
 
-def _unrooted(store: BlobStore, scope_id: str | None, env_key: str, data: bytes, path: str, now: float) -> str:
+def _require_areas(store: BlobStore) -> None:
+    """A store without its blobs/ or trash/ is not a store, or a damaged one (a planted link there is reported by the
+    scan instead)."""
+    top, listing = list_prefix(store.backend, "")
+    present = {layout.name_of(i.key) for i in top if i.kind == "prefix"}
+    present |= {layout.name_of(k) for k in listing.planted}
+    for area in ("blobs", "trash"):
+        if area not in present:
+            raise StoreUnavailable(f"{os.path.join(store.root, area)} is missing: not a store, or a damaged one")
+
+
+def _check_roots(ck: _Checker, now: float, root_ttl: float, read_data: bool, report: Progress):
+    res, store = ck.res, ck.store
+    roots = list_roots(store)
+    for text in roots.problems:
+        ck.problem("planted", os.path.join(store.root, "roots"), text)
+    res.problems += [_planted(store.backend, key) for key in roots.planted]
+    for bad in roots.unreadable:
+        ck.problem("unreadable-root", bad.path, bad.reason)
+    live = []
+    for root in roots.roots:
+        if root.mtime < now - root_ttl:
+            res.roots_dead += 1  # gc removes it; its blobs may already be gone, which is no problem
+        else:
+            live.append(root)
+    res.roots_live = len(live)
+    report("roots", 0, len(live))
+    present = {r.manifest for r in live if ck.present(r.manifest, f"root {r.scope_id}/{r.env_key} manifest")}
+    parsed = read_manifests(store, present, lambda data, mid: loads(data, f"blob {mid}"), restore=False)
+    for root in live:
+        manifest = parsed.get(root.manifest)
+        if manifest is None:
+            continue  # reported missing above
+        if isinstance(manifest, Manifest) and manifest.env_key != root.env_key:
+            manifest = ManifestError(f"blob {root.manifest}", f"holds env_key {manifest.env_key!r}, root says "
+                                                              f"{root.env_key!r}")
+        if not isinstance(manifest, Manifest):
+            ck.problem("unreadable-manifest", root.path, str(manifest))
+            continue
+        ck.referenced.add(root.manifest)
+        if root.manifest not in ck.parsed:  # each distinct manifest once, however many roots name it
+            ck.parsed[root.manifest] = manifest
+            ck.manifest(manifest, f"root {root.scope_id}/{root.env_key}", read_data)
+    ck.parsed = dict.fromkeys(ck.parsed)  # the entries are checked: keep only which ids were
+    report("roots", len(live), len(live))
+    return roots.temp
+
+
+def _check_scope(ck: _Checker, scope: Scope, now: float, read_data: bool) -> None:
+    backend = scope.backend
+    entries, listing = list_prefix(backend, layout.MANIFESTS)
+    ck.res.problems += [_planted(backend, key) for key in listing.planted if key != layout.MANIFESTS]
+    if layout.MANIFESTS in listing.planted:
+        ck.res.problems.append(_planted(backend, layout.MANIFESTS))
+        return
+    scope_id = scope.existing_scope_id()
+    names = sorted(layout.name_of(i.key) for i in entries if i.kind == "object")
+    for env_key in filter(None, map(layout.env_key_of_manifest, names)):
+        path = scope.manifest_path(env_key)
+        try:
+            data = scope.read_manifest_bytes(env_key)
+            if data is None:
+                continue
+            digest = blake3.blake3(data).hexdigest()
+            if digest not in ck.parsed:  # the same bytes as a root's manifest blob were checked already
+                manifest = loads(data, path)
+                if manifest.env_key != env_key:
+                    raise ManifestError(path, f"holds env_key {manifest.env_key!r}, stored under {env_key!r}")
+                ck.parsed[digest] = None
+                ck.manifest(manifest, f"manifest {path}", read_data)
+        except (ManifestError, CasError) as exc:
+            ck.problem("unreadable-manifest", path, str(exc))
+            continue
+        unrooted = _unrooted(ck.store, scope, scope_id, env_key, digest, now)
+        if unrooted:
+            ck.problem("unrooted-manifest", path, unrooted)
+
+
+def _unrooted(store: BlobStore, scope: Scope, scope_id: str | None, env_key: str, digest: str, now: float) -> str:
     """Why gc cannot see this local manifest, or '' if its root names exactly these bytes."""
     try:
-        if os.stat(path).st_mtime > now - UNROOTED_AGE:
+        if scope.backend.stat(layout.manifest(env_key)).mtime > now - UNROOTED_AGE:
             return ""  # a save may be between renaming the manifest and writing the root
-    except OSError:
+    except CasError:
         return ""
     if scope_id is None:
         return "scope.id is missing or unreadable, so no root can name this manifest"
-    rpath = root_path(store, scope_id, env_key)
+    key = layout.root(scope_id, env_key)
+    rpath = os.path.join(store.root, key)
     try:
-        root = read_root(rpath)
-    except FileNotFoundError:
+        root = read_root(store, key)
+    except NotFound:
         return (f"no root {rpath} (gc removed it as dead or retired, or a save died before writing it): gc does not "
                 f"protect this manifest's blobs")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable root is reported, never raised
         return f"root {rpath} is unreadable: {exc}"
-    if root.manifest != blake3.blake3(data).hexdigest():
+    if root.manifest != digest:
         return f"root {rpath} names another manifest ({root.manifest[:16]}): gc protects that one's blobs, not these"
     return ""
 
 
-def _scan(store: BlobStore, area: str, res: CheckResult) -> Listing:
-    base = os.path.join(store.root, area)
-    if not os.path.isdir(base):
-        raise StoreUnavailable(f"{base} is missing: not a store, or a damaged one")
-    listing = scan_area(store, area)
-    for path in listing.foreign:
-        res.problems.append(Problem("foreign-file", path, "not a blob (name, place or file type)"))
-    return listing
-
-
-def _check_present(store, blob_id, blobs, trash, where, res) -> bool:
-    if blob_id in blobs:
-        return True
-    # Not in our listing: it may have been written since. Ask once more before calling it missing.
-    if os.path.isfile(store.blob_path(blob_id)):
-        return True
-    if blob_id in trash or os.path.isfile(store.trash_path(blob_id)):
-        res.problems.append(Problem("blob-in-trash", store.trash_path(blob_id),
-                                    f"{where} references it; the next load, save or gc restores it"))
-    else:
-        res.problems.append(Problem("missing-blob", store.blob_path(blob_id), f"referenced by {where}"))
-    return False
+def _dedup(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for p in problems:
+        if (p.kind, p.path) not in seen:
+            seen.add((p.kind, p.path))
+            out.append(p)
+    return out
 
 
 def _read_all(store: BlobStore, ids: list[str], sizes: dict[str, int], packed: dict, res: CheckResult,
@@ -249,7 +332,7 @@ def _read_all(store: BlobStore, ids: list[str], sizes: dict[str, int], packed: d
             problem = Problem("corrupt-blob", store.blob_path(blob_id), str(exc))
         except BlobMissing:
             pass  # collected since the listing
-        except OSError as exc:
+        except CasError as exc:
             problem = Problem("unreadable-blob", store.blob_path(blob_id), str(exc))
         with lock:
             done += 1

@@ -5,9 +5,10 @@
     cas stats | cas du
     cas ls     [ENV_KEY | SCOPE_ID/ENV_KEY]
 
-Every command takes --org PATH (default $B10FS_ORG_CACHE_DIR, else /cache/org/b10_cas), --scope PATH (default
-$B10FS_CACHE_DIR, else /cache/model/compile_cache), --json and -v. Exit status: 0 clean, 1 problems found, 2 usage
-or I/O error. Progress goes to stderr, and only when stderr is a terminal.
+Every command takes --org PATH (default $B10FS_ORG_CACHE_DIR, else <volume>/org/b10_cas, or <volume>/model/b10_cas
+when <volume>/org is not mounted, as the library; <volume> is $B10FS_VOLUME_ROOT, else /cache), --scope PATH
+(default $B10FS_CACHE_DIR, else <volume>/model/compile_cache), --json and -v. Exit status: 0 clean, 1 problems found
+(planted links included), 2 usage or I/O error. Progress goes to stderr, and only when stderr is a terminal.
 """
 from __future__ import annotations
 
@@ -18,24 +19,30 @@ import os
 import re
 import sys
 import time
-from typing import Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Mapping, Sequence
 
-from . import limits
+from . import layout, limits
 from .blobstore import BlobStore
 from .check import check, parse_subset
 from .errors import CasError, LockTimeout
-from .gc import DEFAULT_GRACE, DEFAULT_LOCK_WAIT, GcRefused, collect
+from .gc import GcRefused, collect
 from .manifest import Manifest, loads
-from .roots import DEFAULT_ROOT_TTL, iter_roots
+from .refs import list_roots
 from .scope import Scope, check_env_key
 from .stats import compute
+from .timing import DEFAULT_GRACE, DEFAULT_LOCK_WAIT, DEFAULT_ROOT_TTL
 
 log = logging.getLogger("cas.cli")
 
-# The same variables and defaults the library's b10_transfer settings use, so `cas` run in a model pod finds the
-# stores that pod writes without any flag.
-ORG_ENV, ORG_DEFAULT = "B10FS_ORG_CACHE_DIR", "/cache/org/b10_cas"
-SCOPE_ENV, SCOPE_DEFAULT = "B10FS_CACHE_DIR", "/cache/model/compile_cache"
+# The same variables and defaults the library's b10_transfer settings use (b10_transfer/config.py: the volume root
+# from B10FS_VOLUME_ROOT, and the deployment-volume fallback store when the org mount is absent), so `cas` run in a
+# model pod finds the stores that pod writes without any flag. tests/test_cli.py checks they agree.
+ORG_ENV, SCOPE_ENV, VOLUME_ENV = "B10FS_ORG_CACHE_DIR", "B10FS_CACHE_DIR", "B10FS_VOLUME_ROOT"
+VOLUME_DEFAULT = "/cache"
+ORG_DEFAULT = f"{VOLUME_DEFAULT}/org/b10_cas"
+SCOPE_DEFAULT = f"{VOLUME_DEFAULT}/model/compile_cache"
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
@@ -43,20 +50,54 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+# Bounds on numeric arguments: far beyond any real store or period, and small enough that every later computation
+# stays exact (a 400-digit --max-size is a usage error, not an OverflowError from float()).
+MAX_SIZE_ARG = 1 << 70  # 1 ZiB
+MAX_DURATION_ARG = 100 * 365 * 86400  # a century
+_NUMBER = r"([0-9]{1,30}(?:\.[0-9]{1,30})?)"
+
+
+def _number(text: str, what: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+
+
 def parse_size(text: str) -> int:
     """'500M', '1.5G', '10GiB', '2048': binary units (a volume quota is in GiB)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
+    m = re.fullmatch(r"\s*" + _NUMBER + r"\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 10G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = int(_number(m.group(1), "size") * _UNITS[m.group(2).lower()])
+    if value > MAX_SIZE_ARG:
+        raise argparse.ArgumentTypeError(f"size {text!r} is absurdly large (at most {MAX_SIZE_ARG} bytes)")
+    return value
 
 
 def parse_duration(text: str) -> float:
     """'90', '90s', '30m', '6h', '30d', '2w'."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*", text)
+    m = re.fullmatch(r"\s*" + _NUMBER + r"\s*([smhdw]?)\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 6h, 30d)")
-    return float(m.group(1)) * _SECONDS[m.group(2)]
+    value = _number(m.group(1), "duration") * _SECONDS[m.group(2)]
+    if value > MAX_DURATION_ARG:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is longer than a century")
+    return float(value)
+
+
+def default_org(env: Mapping[str, str]) -> str:
+    """The store a pod with this environment writes (b10_transfer.config.Settings.store_root): the org store, or the
+    deployment volume's fallback store when the org store would lie on an org mount that is absent."""
+    volume = Path(env.get(VOLUME_ENV) or VOLUME_DEFAULT)
+    org = Path(env.get(ORG_ENV) or volume / "org" / "b10_cas")
+    if org.is_relative_to(volume / "org") and not (volume / "org").is_dir():  # the mount point, not the store
+        return str(volume / "model" / "b10_cas")
+    return str(org)
+
+
+def default_scope(env: Mapping[str, str]) -> str:
+    return env.get(SCOPE_ENV) or str(Path(env.get(VOLUME_ENV) or VOLUME_DEFAULT) / "model" / "compile_cache")
 
 
 def human(n: float) -> str:
@@ -109,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     # given before it (argparse copies sub-parser defaults over the namespace).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--org", default=argparse.SUPPRESS, metavar="PATH",
-                        help=f"org store (default ${ORG_ENV}, else {ORG_DEFAULT})")
+                        help=f"org store (default ${ORG_ENV}, else ${VOLUME_ENV}/org/b10_cas as the library: "
+                             f"{ORG_DEFAULT})")
     common.add_argument("--scope", default=argparse.SUPPRESS, metavar="PATH",
                         help=f"deployment scope (default ${SCOPE_ENV}, else {SCOPE_DEFAULT})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -154,13 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
         format="%(name)s: %(message)s", stream=sys.stderr,
     )
-    org = args.org or os.environ.get(ORG_ENV) or ORG_DEFAULT
-    scope_path = args.scope or os.environ.get(SCOPE_ENV) or SCOPE_DEFAULT
+    org = args.org or default_org(os.environ)
+    scope_path = args.scope or default_scope(os.environ)
     progress = Progress(sys.stderr.isatty() and not args.verbose)
     try:
         store = BlobStore(org, create=False)
-        scope = Scope(scope_path)
-        scope = scope if scope.exists() else None
+        scope: Scope | None = Scope(scope_path)
+        # Its directory is there (what is inside, planted links included, is gc's and check's business).
+        scope = scope if scope is not None and scope.backend.exists() else None
         return _COMMANDS[args.command](store, scope, args, progress)
     except (GcRefused, LockTimeout, ValueError) as exc:
         print(f"cas {args.command}: {exc}", file=sys.stderr)
@@ -183,13 +226,15 @@ def cmd_gc(store: BlobStore, scope: Scope | None, args, progress: Progress) -> i
     res = collect(store, scope=scope, grace=args.grace, root_ttl=args.root_ttl, max_size=args.max_size,
                   dry_run=args.dry_run, lock_wait=args.wait, progress=progress)
     progress.clear()
-    failed = bool(res.problems) or res.over_max_size > 0
+    failed = bool(res.problems) or bool(res.planted) or res.over_max_size > 0
     if args.json:
         _emit_json(res.to_dict())
         return EXIT_PROBLEMS if failed else EXIT_OK
     would = "would be " if res.dry_run else ""
     for p in res.problems:
         print(f"problem: {p}")
+    for path in res.planted:
+        print(f"planted: {path} is not a plain object or directory (a link or FIFO?): left alone; remove it")
     if res.problems:
         print(f"gc: {len(res.problems)} problem(s); nothing was deleted")
     print(f"roots:  {res.roots_live} live, {res.roots_dead} dead {would}removed, "
@@ -277,8 +322,10 @@ def cmd_ls(store: BlobStore, scope: Scope | None, args, progress: Progress) -> i
 def _find_manifest(store: BlobStore, scope: Scope | None, name: str) -> Manifest:
     if "/" in name:
         scope_id, env_key = name.split("/", 1)
-        for item in iter_roots(store):
-            if not isinstance(item, tuple) and item.scope_id == scope_id and item.env_key == env_key:
+        if not layout.is_scope_id(scope_id):
+            raise ValueError(f"not SCOPE_ID/ENV_KEY: {name!r}")
+        for item in list_roots(store).roots:
+            if item.scope_id == scope_id and item.env_key == env_key:
                 data = store.read_bytes(item.manifest, limits.MAX_MANIFEST_BYTES)
                 return loads(data, f"blob {item.manifest}")
         raise ValueError(f"no root {name} in {store.root}")
@@ -290,14 +337,14 @@ def _find_manifest(store: BlobStore, scope: Scope | None, name: str) -> Manifest
 
 
 def _ls_roots(store: BlobStore, scope: Scope | None, args) -> int:
-    now = store.server_now()
-    roots, problems = [], []
-    for item in iter_roots(store):
-        if isinstance(item, tuple):
-            problems.append({"path": item[0], "reason": item[1]})
-        else:
-            roots.append({"scope_id": item.scope_id, "env_key": item.env_key, "scope_path": item.scope_path,
-                          "manifest": item.manifest, "last_used": item.mtime, "age_s": max(0.0, now - item.mtime)})
+    now = store.backend.now()
+    listing = list_roots(store)
+    roots = [{"scope_id": r.scope_id, "env_key": r.env_key, "scope_path": r.scope_path, "manifest": r.manifest,
+              "last_used": r.mtime, "age_s": max(0.0, now - r.mtime)} for r in listing.roots]
+    problems = [{"path": bad.path, "reason": bad.reason} for bad in listing.unreadable]
+    problems += [{"path": os.path.join(store.root, k), "reason": "planted: not a plain object (never read)"}
+                 for k in listing.planted]
+    problems += [{"path": os.path.join(store.root, "roots"), "reason": p} for p in listing.problems]
     local = scope.env_keys() if scope is not None else []
     if args.json:
         _emit_json({"roots": roots, "local_manifests": local, "problems": problems})

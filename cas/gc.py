@@ -1,17 +1,22 @@
-"""Garbage collection of the org store (docs/FORMAT.md §5).
+"""Garbage collection of the org store (docs/FORMAT.md §5), in the storage seam's verbs only.
 
 One run, under `locks/gc.lock`:
 
-1. `now` from the volume's clock; `cutoff = now - grace`.
-2. Roots: dead ones (unused for longer than the root TTL) are removed; the live set is every blob named by a live
-   root plus every blob its manifest references. Anything unreadable on the way stops the run from deleting.
+1. `now` from the server's clock (`backend.now()`); `cutoff = now - grace`.
+2. Roots, read in parallel: dead ones (unused for longer than the root TTL) are removed with
+   `delete(if_version=)`; the live set is every blob named by a live root plus every stored blob its manifest
+   references, each distinct manifest blob read and parsed once. Anything unreadable on the way stops the run from
+   deleting.
 3. `--max-size`: least recently used roots (never one used within the grace period) are retired until the blobs
    that stay fit.
-4. Phase one: unreferenced blobs older than the cutoff move to `trash/`, stamped with the time they were trashed.
-5. Phase two: trash older than the cutoff is deleted; trash that is live again is put back.
-6. Temp files, stale lock files and old quarantine evidence are removed by age.
+4. Phase one: unreferenced blobs older than the cutoff are stat'ed again, moved to `trash/` and touched (the trash
+   time).
+5. Phase two: trash older than the cutoff is deleted in the version judged; trash that is live again is put back.
+6. Temp files, stale lock files and old quarantine evidence are removed by age, each in the version judged.
 
-Everything compares mtimes with the server's clock, never the client's.
+Everything compares mtimes with the server's clock, never the client's. Anything planted (a symlink, FIFO or
+device where the layout has a directory or an object) is reported and left alone: the backend never lists,
+moves or deletes through it.
 """
 from __future__ import annotations
 
@@ -22,42 +27,38 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-from . import _faults, limits
-from .atomic import temp_path_beside
+from . import _faults, layout
 from .blobstore import BlobInfo, BlobStore, is_blob_id
-from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
-from .load import TEMP_EXPIRY
+from .errors import CasError, ManifestError
 from .lock import LockFile
-from .manifest import loads
-from .paths import TEMP_PREFIX
-from .roots import DEFAULT_ROOT_TTL, Root, iter_roots
-from .scan import parallel_map, scan_area
+from .refs import ManifestRefs, RootListing, gc_refs, list_roots, read_manifests
+from .roots import Root
+from .scan import Listing, list_prefix, parallel_map, scan_area
 from .scope import Scope
+from .storage import Backend, BadObject, NotFound, ObjectInfo, PreconditionFailed
+from .timing import (  # noqa: F401 - re-exported: tests and tools import these names from cas.gc
+    DEFAULT_GRACE,
+    DEFAULT_LOCK_WAIT,
+    DEFAULT_ROOT_TTL,
+    GC_LOCK_STALE,
+    LOCK_EXPIRY,
+    MIN_GRACE_FACTOR,
+    QUARANTINE_EXPIRY,
+    TEMP_EXPIRY,
+    TimingError,
+    check_relations,
+)
 
 log = logging.getLogger("cas.gc")
 
-# Default grace: 6 h = the 1 h default freshen_after plus 5 h during which a save may sit between checking a blob
-# and committing its root (FORMAT §5). A real save takes seconds; hours cover a suspended or throttled pod.
-DEFAULT_GRACE = 6 * 3600
-# Grace must leave room for a blob to be one freshen_after old when a save finds it, plus a save's duration; at
-# 2x freshen_after the window a save has is one freshen_after (FORMAT §5's inequality).
-MIN_GRACE_FACTOR = 2
-# A held manifest lock lives for a save's commit (seconds, 60 s lock timeout); a held slot lock is refreshed every
-# 10 s. A lock file untouched for 10 minutes by the server's clock therefore has no live holder.
-LOCK_EXPIRY = 600
-# Quarantined blobs are evidence for an operator, not data: a week is time enough to look at them.
-QUARANTINE_EXPIRY = 7 * 24 * 3600
-# The gc lock is refreshed every stale_after/3 while held; a dead collector's lock is broken after a minute.
-GC_LOCK_STALE = 60.0
-# A second collector waits this long for the first by default: a collection of a large store takes minutes.
-DEFAULT_LOCK_WAIT = 120.0
-GC_LOCK = "gc.lock"
+GC_LOCK = layout.name_of(layout.GC_LOCK)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total); total 0 when unknown
 
 
-class GcRefused(CasError):
-    """gc will not run with these settings (a grace period too short for the store's freshen_after)."""
+class GcRefused(TimingError):
+    """gc will not run with these settings (a grace period too short for the store's freshen_after), or on this
+    store as it is (its lock directory is planted)."""
 
 
 class GcLockLost(CasError):
@@ -86,6 +87,7 @@ class GcResult:
     roots_dead: int = 0
     roots_retired: list[RootInfo] = field(default_factory=list)
     blobs_live: int = 0  # distinct ids in the live set
+    manifests_parsed: int = 0  # distinct manifest blobs read (each once, however many roots name it)
     blobs_kept: int = 0
     bytes_kept: int = 0
     blobs_young: int = 0  # kept only because younger than the cutoff
@@ -102,19 +104,31 @@ class GcResult:
     max_size: int | None = None
     over_max_size: int = 0  # bytes still above --max-size after retiring every eligible root
     problems: list[str] = field(default_factory=list)
+    planted: list[str] = field(default_factory=list)  # paths of planted links/FIFOs: reported, never touched
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def check_grace(store: BlobStore, grace: float) -> None:
-    if grace < MIN_GRACE_FACTOR * store.freshen_after:
-        raise GcRefused(
-            f"grace period {grace:g}s is shorter than {MIN_GRACE_FACTOR} x freshen_after "
-            f"({store.freshen_after:g}s, from {store.root}/CAS-FORMAT): a blob a save relies on could be collected "
-            f"before the save commits; use --grace {MIN_GRACE_FACTOR * store.freshen_after:g} or more"
-        )
+@dataclass(frozen=True)
+class Leftover:
+    """A temp, lock or quarantine object found by age, with the backend it lives in (store or scope)."""
+
+    backend: Backend
+    info: ObjectInfo
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.backend.location, self.info.key)
+
+
+def check_grace(store: BlobStore, grace: float, root_ttl: float = DEFAULT_ROOT_TTL) -> None:
+    """The timing relations gc's safety needs, with this store's freshen_after and this run's settings."""
+    try:
+        check_relations(freshen_after=store.freshen_after, grace=grace, root_ttl=root_ttl)
+    except TimingError as exc:
+        raise GcRefused(f"{exc} (freshen_after from {store.root}/CAS-FORMAT)") from None
 
 
 def collect(
@@ -130,405 +144,391 @@ def collect(
 ) -> GcResult:
     """One collection. `scope` (optional) is this pod's deployment scope: only its temp and lock files are swept,
     since gc cannot see other deployments' scopes. Raises GcRefused, LockTimeout, GcLockLost, StoreUnavailable."""
-    check_grace(store, grace)
-    if root_ttl <= grace:
-        raise GcRefused(f"root TTL {root_ttl:g}s must be longer than the grace period {grace:g}s")
+    check_grace(store, grace, root_ttl)
     started = time.monotonic()
     if dry_run:
         # A dry run changes nothing, so it needs no lock; what it prints may race a real run, which is fine.
-        return _run(store, scope, grace, root_ttl, max_size, True, None, progress, started)
-    lock = LockFile(os.path.join(store.root, "locks", GC_LOCK), stale_after=GC_LOCK_STALE, timeout=lock_wait,
-                    heartbeat=True)
+        return _Run(store, scope, grace, root_ttl, max_size, True, None, progress, started).run()
+    _refuse_planted_lock(store)
+    lock = LockFile(store.backend, layout.GC_LOCK, stale_after=GC_LOCK_STALE, timeout=lock_wait, heartbeat=True)
     with lock:
-        return _run(store, scope, grace, root_ttl, max_size, False, lock, progress, started)
+        return _Run(store, scope, grace, root_ttl, max_size, False, lock, progress, started).run()
 
 
-def _run(store, scope, grace, root_ttl, max_size, dry_run, lock, progress, started) -> GcResult:
-    res = GcResult(dry_run=dry_run, grace=grace, max_size=max_size)
-    res.now = now = _server_now(store)
-    res.cutoff = cutoff = now - grace
-    report = progress or (lambda *_: None)
+def _refuse_planted_lock(store: BlobStore) -> None:
+    """A link or FIFO at locks/ or locks/gc.lock can never be taken or broken: say so now instead of waiting out
+    the lock timeout."""
+    where = os.path.join(store.root, layout.GC_LOCK)
+    try:
+        store.backend.stat(layout.GC_LOCK)
+    except NotFound:
+        pass
+    except BadObject:
+        raise GcRefused(f"{where} (or its directory) is not a plain file (a planted link or FIFO?): remove it "
+                        f"by hand; gc never follows or deletes it") from None
 
-    # -- roots and the live set -------------------------------------------------------------------------------
-    live_roots: list[Root] = []
-    dead: list[tuple[str, float, bytes | None]] = []  # (path, mtime seen, content seen)
-    for item in iter_roots(store):
-        if isinstance(item, tuple):
-            path, reason = item
-            mtime = _mtime(path)
-            if mtime is not None and mtime < now - root_ttl:
-                dead.append((path, mtime, None))  # a dead root protects nothing, readable or not
-            elif mtime is not None:
-                res.problems.append(f"unreadable root {path}: {reason} (remove it, or re-save that deployment)")
-        elif item.mtime < now - root_ttl:
-            dead.append((item.path, item.mtime, _read_small(item.path)))
-        else:
-            live_roots.append(item)
-    res.roots_live, res.roots_dead = len(live_roots), len(dead)
 
-    refs: dict[str, set[str]] = {}
-    infos: dict[str, RootInfo] = {}
-    for i, root in enumerate(live_roots):
-        report("roots", i, len(live_roots))
-        ids = _root_blobs(store, root, res.problems)
-        if ids is not None:
-            refs[root.path], info = ids
-            infos[root.path] = info
-    report("roots", len(live_roots), len(live_roots))
+class _Run:
+    """One collection's state: the judged roots and blobs, shared by the phases below."""
 
-    report("scan blobs", 0, 0)
-    listing = scan_area(store, "blobs")
-    blobs: dict[str, BlobInfo] = {b.id: b for b in listing.blobs}
-    report("scan blobs", len(blobs), len(blobs))
-    refcount: Counter[str] = Counter()
-    for ids in refs.values():
-        refcount.update(ids)
+    def __init__(self, store: BlobStore, scope: Scope | None, grace: float, root_ttl: float, max_size: int | None,
+                 dry_run: bool, lock: LockFile | None, progress: Progress | None, started: float):
+        self.store, self.backend, self.scope = store, store.backend, scope
+        self.root_ttl, self.dry_run, self.lock = root_ttl, dry_run, lock
+        self.report: Progress = progress or (lambda *_: None)
+        self.started = started
+        self.res = res = GcResult(dry_run=dry_run, grace=grace, max_size=max_size)
+        res.now = self.now = store.backend.now()
+        res.cutoff = self.cutoff = self.now - grace
+        self.dead: list[tuple[str, str]] = []  # (key, version judged) of roots to remove
+        self.refs: dict[str, ManifestRefs] = {}  # distinct live manifest blob -> its stored ids
+        self.named: Counter[str] = Counter()  # live manifest blob -> live roots naming it
+        self.infos: dict[str, RootInfo] = {}  # root key -> its figures (counts, not sets)
+        self.live_roots: list[Root] = []
+        self.refcount: Counter[str] = Counter()  # blob -> distinct live manifests keeping it
 
-    # -- --max-size: retire least recently used roots ---------------------------------------------------------
-    if max_size is not None and not res.problems:
-        projected = sum(b.stored_size for b in blobs.values() if refcount[b.id] or b.mtime >= cutoff)
-        eligible = sorted((r for r in live_roots if r.path in refs and r.mtime < cutoff), key=lambda r: r.mtime)
-        for root in eligible:
-            if projected <= max_size:
-                break
-            for bid in refs.pop(root.path):
-                refcount[bid] -= 1
-                if refcount[bid] == 0:
-                    del refcount[bid]
-                    b = blobs.get(bid)
-                    if b is not None and b.mtime < cutoff:
-                        projected -= b.stored_size
-            res.roots_retired.append(infos[root.path])
-            dead.append((root.path, root.mtime, _read_small(root.path)))
-            log.info("retiring root %s/%s (last used %.0fs ago) to fit --max-size", root.scope_id, root.env_key,
-                     now - root.mtime)
-        res.over_max_size = max(0, projected - max_size)
-        res.roots_live -= len(res.roots_retired)
-    live = set(refcount)
-    res.blobs_live = len(live)
-
-    if res.problems:
-        for b in blobs.values():
-            res.blobs_kept += 1
-            res.bytes_kept += b.stored_size
-        log.error("gc: %d problem(s); nothing deleted", len(res.problems))
-        res.seconds = time.monotonic() - started
+    def run(self) -> GcResult:
+        res = self.res
+        roots = list_roots(self.store)
+        self._plant(self.store.backend, roots.planted)
+        self._judge_roots(roots)
+        listing = self._scan("blobs")
+        blobs = {b.id: b for b in listing.blobs}
+        if res.max_size is not None and not res.problems:
+            self._retire(blobs)
+        res.blobs_live = len(self.refcount)
+        if res.problems:
+            res.blobs_kept, res.bytes_kept = len(blobs), sum(b.stored_size for b in blobs.values())
+            log.error("gc: %d problem(s); nothing deleted", len(res.problems))
+            res.seconds = time.monotonic() - self.started
+            return res
+        self._check_lock()
+        self._remove_roots()
+        self._check_lock()
+        self._phase_one(blobs)
+        self._check_lock()
+        trash = self._scan("trash")
+        self._phase_two(trash)
+        self._check_lock()
+        self._leftovers(listing.temp + trash.temp + roots.temp)
+        res.collected = True
+        res.seconds = time.monotonic() - self.started
+        self._log_summary()
         return res
 
-    # -- dead and retired roots -------------------------------------------------------------------------------
-    _check_lock(lock)
-    for path, mtime, content in dead:
-        if not dry_run and not _remove_unchanged(path, mtime, content):
-            log.info("root %s was used while being removed; kept", path)
+    # -- roots and the live set -----------------------------------------------------------------------------------
+    def _judge_roots(self, roots: RootListing) -> None:
+        res, dead_before = self.res, self.now - self.root_ttl
+        res.problems += roots.problems
+        for bad in roots.unreadable:
+            if bad.info is not None and bad.info.mtime < dead_before:
+                self.dead.append((bad.key, bad.info.version))  # a dead root protects nothing, readable or not
+            else:
+                res.problems.append(f"unreadable root {bad.path}: {bad.reason} (remove it, or re-save that "
+                                    f"deployment)")
+        for root in roots.roots:
+            if root.mtime < dead_before:
+                self.dead.append((root.key, root.version))
+            else:
+                self.live_roots.append(root)
+        res.roots_live, res.roots_dead = len(self.live_roots), len(self.dead)
+        self.report("roots", 0, len(self.live_roots))
+        parsed = read_manifests(self.store, {r.manifest for r in self.live_roots}, gc_refs, restore=True)
+        res.manifests_parsed = len(parsed)
+        for root in self.live_roots:
+            self._add_root(root, parsed[root.manifest])
+        for manifest_id in self.named:
+            self.refcount.update(self.refs[manifest_id].blobs)
+        self.report("roots", len(self.live_roots), len(self.live_roots))
 
-    # -- phase one: unreferenced, old blobs to trash ----------------------------------------------------------
-    _check_lock(lock)
-    garbage: list[BlobInfo] = []
-    for b in blobs.values():
-        if b.id in live or b.mtime >= cutoff:
-            res.blobs_kept += 1
-            res.bytes_kept += b.stored_size
-            res.blobs_young += b.id not in live
+    def _add_root(self, root: Root, refs: object) -> None:
+        if isinstance(refs, ManifestRefs) and refs.env_key != root.env_key:
+            refs = ManifestError(f"blob {root.manifest}", f"holds env_key {refs.env_key!r}, root says "
+                                                          f"{root.env_key!r}")
+        if not isinstance(refs, ManifestRefs):
+            self.res.problems.append(f"root {root.path}: {refs} (re-save that deployment, or remove the root)")
+            return
+        self.refs[refs.id] = refs
+        self.named[refs.id] += 1
+        self.infos[root.key] = RootInfo(root.scope_id, root.env_key, root.scope_path, root.manifest, root.mtime,
+                                        refs.entries, refs.raw_bytes)
+
+    def _retire(self, blobs: dict[str, BlobInfo]) -> None:
+        """Retire least recently used roots (never one used since the cutoff) until the blobs that stay fit."""
+        res, cutoff = self.res, self.cutoff
+        assert res.max_size is not None
+        projected = sum(b.stored_size for b in blobs.values() if self.refcount[b.id] or b.mtime >= cutoff)
+        eligible = sorted((r for r in self.live_roots if r.key in self.infos and r.mtime < cutoff),
+                          key=lambda r: r.mtime)
+        for root in eligible:
+            if projected <= res.max_size:
+                break
+            projected -= self._release(root.manifest, blobs)
+            res.roots_retired.append(self.infos[root.key])
+            self.dead.append((root.key, root.version))
+            log.info("retiring root %s/%s (last used %.0fs ago) to fit --max-size", root.scope_id, root.env_key,
+                     self.now - root.mtime)
+        res.over_max_size = max(0, projected - res.max_size)
+        res.roots_live -= len(res.roots_retired)
+
+    def _release(self, manifest_id: str, blobs: dict[str, BlobInfo]) -> int:
+        """One root naming `manifest_id` is gone: the stored bytes that leave the projection."""
+        self.named[manifest_id] -= 1
+        if self.named[manifest_id]:
+            return 0  # another live root names the same manifest: nothing is released
+        freed = 0
+        for bid in self.refs[manifest_id].blobs:
+            self.refcount[bid] -= 1
+            if self.refcount[bid] <= 0:
+                del self.refcount[bid]
+                b = blobs.get(bid)
+                if b is not None and b.mtime < self.cutoff:
+                    freed += b.stored_size
+        return freed
+
+    def _remove_roots(self) -> None:
+        """Delete each dead or retired root only in the version judged: PreconditionFailed means a save replaced it
+        or a load refreshed it meanwhile, and it stays."""
+        if self.dry_run:
+            return
+        for key, version in self.dead:
+            try:
+                self.backend.delete(key, if_version=version)
+            except PreconditionFailed:
+                log.info("root %s was used while being removed; kept", key)
+            except NotFound:
+                pass
+            except BadObject:
+                self._plant(self.backend, [key])
+
+    # -- phase one: unreferenced, old blobs to trash ----------------------------------------------------------------
+    def _phase_one(self, blobs: dict[str, BlobInfo]) -> None:
+        res, live = self.res, self.refcount
+        garbage: list[BlobInfo] = []
+        for b in blobs.values():
+            if b.id in live or b.mtime >= self.cutoff:
+                res.blobs_kept += 1
+                res.bytes_kept += b.stored_size
+                res.blobs_young += b.id not in live
+            else:
+                garbage.append(b)
+        self.report("trash", 0, len(garbage))
+        outcomes = ["trashed"] * len(garbage) if self.dry_run else parallel_map(self._trash, garbage)
+        for b, outcome in zip(garbage, outcomes):
+            if outcome == "trashed":
+                res.blobs_trashed += 1
+                res.bytes_trashed += b.stored_size
+            else:  # freshened, restored or removed since the scan, or its trash prefix is planted
+                res.blobs_kept += 1
+                res.bytes_kept += b.stored_size
+                if outcome == "planted":
+                    self._plant(self.backend, [layout.trash(b.id)])
+        self.report("trash", len(garbage), len(garbage))
+
+    def _trash(self, b: BlobInfo) -> str:
+        """Move one garbage blob to trash, then stamp the trash time. Re-checks its age first: a save may have
+        freshened it since the scan (a freshen can still land between the stat and the move; FORMAT §5 says why
+        that is safe). Returns trashed, kept, gone or planted."""
+        dest = layout.trash(b.id)
+        try:
+            if self.backend.stat(b.key).mtime >= self.cutoff:
+                return "kept"
+            self.backend.move(b.key, dest)
+        except NotFound:
+            return "gone"
+        except BadObject:
+            return "planted"  # trash/<xx> is a link (or the blob became one): nothing moves through it
+        try:
+            self.backend.touch(dest)
+        except NotFound:
+            pass  # a reader took it back already
+        _faults.checkpoint("gc-trashed")
+        return "trashed"
+
+    # -- phase two: delete old trash, put back live trash ------------------------------------------------------------
+    def _phase_two(self, trash: Listing) -> None:
+        res = self.res
+        back: list[BlobInfo] = []
+        old: list[BlobInfo] = []
+        for t in trash.blobs:
+            if t.id in self.refcount:
+                # A save past the grace assumption, or a scan racing a save, left a live blob in trash: put it back
+                # now rather than wait for a reader to.
+                back.append(t)
+            elif t.mtime >= self.cutoff:
+                res.trash_left += 1
+                res.bytes_trash_left += t.stored_size
+            else:
+                old.append(t)
+        self.report("empty trash", 0, len(old))
+        res.blobs_restored = len(back) if self.dry_run else sum(parallel_map(self._restore, back))
+        deleted = [True] * len(old) if self.dry_run else parallel_map(self._delete_trash, old)
+        for t, ok in zip(old, deleted):
+            if ok:  # else a reader restored it meanwhile, or it changed since the listing
+                res.blobs_deleted += 1
+                res.bytes_deleted += t.stored_size
+        self.report("empty trash", len(old), len(old))
+
+    def _delete_trash(self, t: BlobInfo) -> bool:
+        try:
+            self.backend.delete(t.key, if_version=t.version)
+        except (NotFound, PreconditionFailed, BadObject):
+            return False
+        _faults.checkpoint("gc-deleted")
+        return True
+
+    def _restore(self, t: BlobInfo) -> bool:
+        key = layout.blob(t.id)
+        try:
+            self.backend.stat(key)
+        except NotFound:
+            pass
+        except BadObject:
+            self._plant(self.backend, [key])
+            return False
         else:
-            garbage.append(b)
-    report("trash", 0, len(garbage))
-    trashed = [True] * len(garbage) if dry_run else parallel_map(lambda b: _trash(store, b, cutoff), garbage)
-    for b, ok in zip(garbage, trashed):
-        if ok:
-            res.blobs_trashed += 1
-            res.bytes_trashed += b.stored_size
-        else:  # freshened or restored since the scan
-            res.blobs_kept += 1
-            res.bytes_kept += b.stored_size
-    report("trash", len(garbage), len(garbage))
+            # A writer stored it again: the trash copy is redundant.
+            try:
+                self.backend.delete(t.key, if_version=t.version)
+            except (NotFound, PreconditionFailed, BadObject):
+                pass
+            return True
+        try:
+            self.backend.move(t.key, key)
+            self.backend.touch(key)
+        except (NotFound, BadObject):
+            return False
+        log.info("gc: live blob %s was in trash; restored", t.id)
+        return True
 
-    # -- phase two: delete old trash, put back live trash -----------------------------------------------------
-    _check_lock(lock)
-    trash = scan_area(store, "trash")
-    back: list[BlobInfo] = []
-    old: list[BlobInfo] = []
-    for t in trash.blobs:
-        if t.id in live:
-            # A save past the grace assumption, or a scan racing a save, left a live blob in trash: put it back now
-            # rather than wait for a reader to.
-            back.append(t)
-        elif t.mtime >= cutoff:
-            res.trash_left += 1
-            res.bytes_trash_left += t.stored_size
-        else:
-            old.append(t)
-    report("empty trash", 0, len(old))
-    res.blobs_restored = len(back) if dry_run else sum(parallel_map(lambda t: _restore(store, t.id), back))
-    deleted = [True] * len(old) if dry_run else parallel_map(_delete, old)
-    for t, ok in zip(old, deleted):
-        if ok:  # else a reader restored it meanwhile
-            res.blobs_deleted += 1
-            res.bytes_deleted += t.stored_size
-    report("empty trash", len(old), len(old))
+    # -- leftovers by age --------------------------------------------------------------------------------------------
+    def _leftovers(self, temp: list[ObjectInfo]) -> None:
+        res, now = self.res, self.now
+        found = find_leftovers(self.store, self.scope, now, temp)
+        self._plant(self.store.backend, found.planted)
+        if self.scope is not None:
+            self._plant(self.scope.backend, found.scope_planted)
+        res.temp_deleted = self._sweep(found.temp, "temp file")
+        res.locks_deleted = self._sweep(found.locks, "stale lock")
+        res.quarantine_deleted = self._sweep(old_quarantine(self.store, now - QUARANTINE_EXPIRY), "quarantined blob")
 
-    # -- leftovers by age -------------------------------------------------------------------------------------
-    _check_lock(lock)
-    temp_cutoff = now - TEMP_EXPIRY
-    old_temp = [p for p, m in listing.temp + trash.temp if m < temp_cutoff]
-    res.temp_deleted = _sweep_temp(old_temp + find_old_temp(temp_dirs(store, scope), temp_cutoff), dry_run)
-    res.locks_deleted = _sweep_locks(lock_files(store, scope), now - LOCK_EXPIRY, dry_run)
-    res.quarantine_deleted = _sweep_quarantine(store, now - QUARANTINE_EXPIRY, dry_run)
-    res.collected = True
-    res.seconds = time.monotonic() - started
-    log.info(
-        "gc%s: kept %d blobs (%d bytes), trashed %d (%d bytes), deleted %d (%d bytes), roots live %d dead %d "
-        "retired %d, %.1fs", " (dry run)" if dry_run else "", res.blobs_kept, res.bytes_kept, res.blobs_trashed,
-        res.bytes_trashed, res.blobs_deleted, res.bytes_deleted, res.roots_live, res.roots_dead,
-        len(res.roots_retired), res.seconds,
-    )
-    return res
+    def _sweep(self, items: list[Leftover], what: str) -> int:
+        """Delete each in the version judged: a lock taken, or a temp file rewritten, meanwhile survives."""
+        if self.dry_run:
+            return len(items)
+        n = 0
+        for item in items:
+            try:
+                item.backend.delete(item.info.key, if_version=item.info.version)
+            except (NotFound, PreconditionFailed, BadObject):
+                continue
+            n += 1
+            log.info("removed %s %s", what, item.path)
+        return n
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _scan(self, area: str) -> Listing:
+        self.report(f"scan {area}", 0, 0)
+        listing = scan_area(self.store, area)
+        self._plant(self.backend, listing.planted)
+        self.report(f"scan {area}", len(listing.blobs), len(listing.blobs))
+        return listing
+
+    def _plant(self, backend: Backend, keys: Iterable[str]) -> None:
+        for key in keys:
+            path = os.path.join(backend.location, key)
+            if path not in self.res.planted:
+                self.res.planted.append(path)
+                log.warning("gc: %s is not a plain object or directory (a planted link or FIFO?): left alone", path)
+
+    def _check_lock(self) -> None:
+        lock = self.lock
+        if lock is not None and not lock.still_held():
+            raise GcLockLost(f"{lock.path} was taken by another collector ({lock.describe_holder()}); stopping")
+
+    def _log_summary(self) -> None:
+        res = self.res
+        log.info(
+            "gc%s: kept %d blobs (%d bytes), trashed %d (%d bytes), deleted %d (%d bytes), roots live %d dead %d "
+            "retired %d, %d planted, %.1fs", " (dry run)" if res.dry_run else "", res.blobs_kept, res.bytes_kept,
+            res.blobs_trashed, res.bytes_trashed, res.blobs_deleted, res.bytes_deleted, res.roots_live,
+            res.roots_dead, len(res.roots_retired), len(res.planted), res.seconds,
+        )
 
 
-# -- helpers ------------------------------------------------------------------------------------------------------
+# -- leftovers, shared with `cas check` ---------------------------------------------------------------------------------
+@dataclass
+class Leftovers:
+    temp: list[Leftover] = field(default_factory=list)
+    locks: list[Leftover] = field(default_factory=list)
+    planted: list[str] = field(default_factory=list)  # store keys
+    scope_planted: list[str] = field(default_factory=list)  # scope keys
+
+
+def find_leftovers(store: BlobStore, scope: Scope | None, now: float,
+                   listed_temp: Iterable[ObjectInfo] = ()) -> Leftovers:
+    """Temp files older than TEMP_EXPIRY and lock files untouched for LOCK_EXPIRY, by the server's clock, in the store
+    and in `scope` (the only scope a pod sees). `listed_temp`: temp objects the blob, trash and root scans already
+    found (those prefixes are not listed again)."""
+    out = Leftovers()
+    temp_cutoff, lock_cutoff = now - TEMP_EXPIRY, now - LOCK_EXPIRY
+    sb = store.backend
+    temp = list(listed_temp)
+    for prefix in ("", layout.LOCKS, layout.QUARANTINE):
+        entries, extra = list_prefix(sb, prefix)
+        temp += extra.temp
+        if prefix:  # the store root's own odd entries are check's business (areas), not leftovers
+            out.planted += extra.planted
+        if prefix == layout.LOCKS:
+            out.locks += _old_locks(sb, entries, lock_cutoff)
+    seen: set[str] = set()
+    for info in temp:
+        if info.mtime < temp_cutoff and info.key not in seen:
+            seen.add(info.key)
+            out.temp.append(Leftover(sb, info))
+    if scope is not None:
+        _scope_leftovers(scope.backend, temp_cutoff, lock_cutoff, out)
+    return out
+
+
+def _scope_leftovers(backend: Backend, temp_cutoff: float, lock_cutoff: float, out: Leftovers) -> None:
+    for prefix in ("", layout.MANIFESTS, layout.SLOTS):
+        entries, extra = list_prefix(backend, prefix)
+        out.temp += [Leftover(backend, i) for i in extra.temp if i.mtime < temp_cutoff]
+        if prefix:
+            out.scope_planted += extra.planted
+            out.locks += _old_locks(backend, entries, lock_cutoff)
+
+
+def _old_locks(backend: Backend, entries: list[ObjectInfo], cutoff: float) -> list[Leftover]:
+    return [Leftover(backend, i) for i in entries
+            if i.kind == "object" and i.key.endswith(".lock") and i.key != layout.GC_LOCK and i.mtime < cutoff]
+
+
+def old_quarantine(store: BlobStore, cutoff: float) -> list[Leftover]:
+    """Quarantined blobs older than `cutoff` by the time in their name (a move kept the blob's old mtime on a
+    volume). That time is a client's clock, off by seconds or minutes at worst, which does not matter against a
+    week."""
+    entries, _ = list_prefix(store.backend, layout.QUARANTINE)
+    old = []
+    for info in entries:
+        blob_id, _, stamp = layout.name_of(info.key).partition(".")
+        if info.kind == "object" and is_blob_id(blob_id) and stamp.isdigit() and int(stamp) / 1e9 < cutoff:
+            old.append(Leftover(store.backend, info))
+    return old
+
+
+# -- for tools and tests ------------------------------------------------------------------------------------------------
 def read_root_manifest(store: BlobStore, root: Root):
-    """The manifest a root names. Brings its blob back from trash if needed (it is live). Raises BlobMissing,
-    BlobCorrupt or ManifestError."""
+    """The full manifest a root names (validated as a load would). Brings its blob back from trash if needed (it is
+    live). Raises BlobMissing, BlobCorrupt or ManifestError."""
+    from .errors import BlobMissing
+    from .limits import MAX_MANIFEST_BYTES
+    from .manifest import loads
+
     if store.stat(root.manifest) is None:
         raise BlobMissing(f"manifest blob {root.manifest} not in store")
-    data = store.read_bytes(root.manifest, limits.MAX_MANIFEST_BYTES)
-    manifest = loads(data, f"blob {root.manifest}")
+    manifest = loads(store.read_bytes(root.manifest, MAX_MANIFEST_BYTES), f"blob {root.manifest}")
     if manifest.env_key != root.env_key:
         raise ManifestError(f"blob {root.manifest}", f"holds env_key {manifest.env_key!r}, root says {root.env_key!r}")
     return manifest
-
-
-def _root_blobs(store: BlobStore, root: Root, problems: list[str]) -> tuple[set[str], RootInfo] | None:
-    try:
-        manifest = read_root_manifest(store, root)
-    except (BlobMissing, BlobCorrupt, ManifestError) as exc:
-        problems.append(f"root {root.path}: {exc} (re-save that deployment, or remove the root)")
-        return None
-    except OSError as exc:
-        problems.append(f"root {root.path}: cannot read manifest blob {root.manifest}: {exc}")
-        return None
-    ids = manifest.blob_ids()
-    ids.add(root.manifest)
-    info = RootInfo(root.scope_id, root.env_key, root.scope_path, root.manifest, root.mtime,
-                    len(manifest.entries), manifest.total_size)
-    return ids, info
-
-
-def _server_now(store: BlobStore) -> float:
-    """The volume's clock now, read from a file created for the purpose (FORMAT §1). Measured afresh each run, not
-    cached as an offset, so a client clock stepped since (NTP) cannot move the cutoff."""
-    probe = temp_path_beside(os.path.join(store.root, "locks", "now"))
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError:
-        return store.server_now()  # read-only store (a dry run): the best estimate there is
-    try:
-        return os.fstat(fd).st_mtime
-    finally:
-        os.close(fd)
-        try:
-            os.unlink(probe)
-        except OSError:
-            pass
-
-
-def _check_lock(lock: LockFile | None) -> None:
-    if lock is not None and not lock.still_held():
-        raise GcLockLost(f"{lock.path} was taken by another collector ({lock.describe_holder()}); stopping")
-
-
-def _trash(store: BlobStore, b: BlobInfo, cutoff: float) -> bool:
-    """Move one garbage blob to trash, stamped now. Re-checks its age first: a save may have freshened it since
-    the scan (the rename can still race a freshen; FORMAT §5 says why that is safe)."""
-    try:
-        if os.stat(b.path).st_mtime >= cutoff:
-            return False
-        dest = store.trash_path(b.id)
-        # Trash time (server clock) first, then the rename, which keeps it: a gc killed in between leaves a blob
-        # that is merely younger, never one in trash with its old mtime that the next run would delete at once,
-        # skipping the second grace period (FORMAT §5).
-        os.utime(b.path, None)
-        try:
-            os.rename(b.path, dest)
-        except FileNotFoundError:
-            if os.path.exists(b.path):  # trash fan-out directory removed by hand
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                os.rename(b.path, dest)
-            else:
-                return False
-        _faults.checkpoint("gc-trashed")
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _delete(t: BlobInfo) -> bool:
-    try:
-        os.unlink(t.path)
-    except FileNotFoundError:
-        return False
-    _faults.checkpoint("gc-deleted")
-    return True
-
-
-def _restore(store: BlobStore, blob_id: str) -> bool:
-    path = store.blob_path(blob_id)
-    try:
-        if os.path.exists(path):
-            os.unlink(store.trash_path(blob_id))  # a writer stored it again: the trash copy is redundant
-        else:
-            if not store.untrash(blob_id):
-                return False
-            os.utime(path, None)
-        log.info("gc: live blob %s was in trash; restored", blob_id)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _mtime(path: str) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None
-
-
-def _read_small(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(limits.MAX_SMALL_FILE_BYTES + 1)
-    except OSError:
-        return None
-
-
-def _remove_unchanged(path: str, mtime: float, content: bytes | None) -> bool:
-    """Delete `path` only if it still has the mtime (and content, if given) we judged it by. Renames it aside first
-    and puts it back if it changed in between, so a root replaced or refreshed meanwhile survives."""
-    aside = temp_path_beside(path)
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    try:
-        st = os.stat(aside)
-        if st.st_mtime != mtime or (content is not None and _read_small(aside) != content):
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass  # a newer one took the name: ours is obsolete anyway
-            except OSError as exc:
-                if not os.path.exists(path):
-                    os.rename(aside, path)  # no hard links on this mount
-                else:
-                    log.debug("put back %s: %s", path, exc)
-            return False
-        return True
-    finally:
-        try:
-            os.unlink(aside)
-        except OSError:
-            pass
-
-
-def temp_dirs(store: BlobStore, scope: Scope | None) -> list[str]:
-    """Directories that may hold temp files, other than the fan-out directories (scan_area lists those)."""
-    dirs = [store.root, os.path.join(store.root, "locks"), os.path.join(store.root, "quarantine"),
-            os.path.join(store.root, "roots")]
-    try:
-        dirs += [e.path for e in os.scandir(os.path.join(store.root, "roots")) if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        pass
-    if scope is not None:
-        dirs += [scope.root, scope.manifests, scope.slots]
-    return dirs
-
-
-def find_old_temp(dirs: Iterable[str], cutoff: float) -> list[str]:
-    found = []
-    for d in dirs:
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            if not e.name.startswith(TEMP_PREFIX):
-                continue
-            try:
-                if e.stat(follow_symlinks=False).st_mtime < cutoff:
-                    found.append(e.path)
-            except FileNotFoundError:
-                pass
-    return found
-
-
-def _sweep_temp(paths: list[str], dry_run: bool) -> int:
-    n = 0
-    for path in paths:
-        if dry_run:
-            n += 1
-            continue
-        try:
-            os.unlink(path)
-            n += 1
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def lock_files(store: BlobStore, scope: Scope | None) -> list[str]:
-    paths = []
-    dirs = [os.path.join(store.root, "locks")]
-    if scope is not None:
-        dirs += [scope.manifests, scope.slots]
-    for d in dirs:
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        paths += [os.path.join(d, n) for n in names if n.endswith(".lock") and n != GC_LOCK]
-    return paths
-
-
-def find_stale_locks(paths: Iterable[str], cutoff: float) -> list[tuple[str, float]]:
-    stale = []
-    for path in paths:
-        mtime = _mtime(path)
-        if mtime is not None and mtime < cutoff:
-            stale.append((path, mtime))
-    return stale
-
-
-def _sweep_locks(paths: list[str], cutoff: float, dry_run: bool) -> int:
-    n = 0
-    for path, mtime in find_stale_locks(paths, cutoff):
-        # Same content and mtime as judged, or a new holder took it meanwhile and it stays.
-        if dry_run or _remove_unchanged(path, mtime, _read_small(path)):
-            n += 1
-            log.info("removed stale lock %s", path)
-    return n
-
-
-def _sweep_quarantine(store: BlobStore, cutoff: float, dry_run: bool) -> int:
-    base = os.path.join(store.root, "quarantine")
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return 0
-    n = 0
-    for name in names:
-        blob_id, _, stamp = name.partition(".")
-        if not is_blob_id(blob_id) or not stamp.isdigit():
-            continue
-        # Aged by the quarantine time in the name: rename kept the blob's old mtime. That time is a client's
-        # clock, off by seconds or minutes at worst, which does not matter against a week.
-        if int(stamp) / 1e9 >= cutoff:
-            continue
-        if dry_run:
-            n += 1
-            continue
-        try:
-            os.unlink(os.path.join(base, name))
-            n += 1
-        except FileNotFoundError:
-            pass
-    return n
-

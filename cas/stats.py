@@ -1,22 +1,24 @@
-"""`cas stats` / `cas du`: what the store holds and who uses it. Reads only.
+"""`cas stats` / `cas du`: what the store holds and who uses it. Reads only, through the storage seam's verbs.
 
-Raw sizes come from manifests (what a load writes), stored sizes from the blob files (compressed, on the volume).
-Deployments are enumerated from the roots, since a pod sees only its own deployment scope.
+Raw sizes come from manifests (what a load writes), stored sizes from the blob listing (compressed, on the volume).
+Deployments are enumerated from the roots, since a pod sees only its own deployment scope. Each distinct manifest
+blob is read and parsed once however many roots name it, and per-root figures are computed once per distinct
+manifest, so time and memory grow with distinct blobs, not roots x entries.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from . import limits
+from . import layout
 from .blobstore import BlobStore
-from .errors import BlobCorrupt, BlobMissing, ManifestError
 from .gc import Progress
-from .manifest import loads
-from .roots import DEFAULT_ROOT_TTL, iter_roots
-from .scan import scan_area
+from .refs import ManifestRefs, list_roots, read_manifests, stored_refs
+from .scan import list_prefix, scan_area
+from .timing import DEFAULT_ROOT_TTL
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Stats:
     unreferenced_bytes: int = 0
     dedup_ratio: float = 0.0  # logical / unique raw
     compression_ratio: float = 0.0  # unique raw / stored (referenced)
+    manifests_parsed: int = 0  # distinct manifest blobs read
     roots: list[RootUsage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -58,67 +61,80 @@ class Stats:
         return asdict(self)
 
 
+class _Contents:
+    """File content id (32 bytes) -> raw size, over the live manifests: distinct blobs, filled by parallel parsers."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def parse(self, live: set[str]):
+        def one(data: bytes, manifest_id: str) -> ManifestRefs:
+            mine: dict[bytes, int] | None = {} if manifest_id in live else None
+            refs = stored_refs(data, f"blob {manifest_id}", manifest_id, mine)
+            if mine:
+                with self._lock:
+                    self.sizes.update(mine)
+            return refs
+        return one
+
+
 def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: Progress | None = None) -> Stats:
     started = time.monotonic()
     report = progress or (lambda *_: None)
     st = Stats()
-    now = store.server_now()
+    now = store.backend.now()
     report("scan blobs", 0, 0)
-    stored = {b.id: b.stored_size for b in scan_area(store, "blobs").blobs}
+    blob_listing, trash_listing = scan_area(store, "blobs"), scan_area(store, "trash")
+    stored = {b.id: b.stored_size for b in blob_listing.blobs}
     st.blobs, st.stored_bytes = len(stored), sum(stored.values())
-    trash = scan_area(store, "trash").blobs
-    st.trash_blobs, st.trash_bytes = len(trash), sum(b.stored_size for b in trash)
-    try:
-        st.quarantined = len(os.listdir(os.path.join(store.root, "quarantine")))
-    except FileNotFoundError:
-        pass
+    st.trash_blobs, st.trash_bytes = len(trash_listing.blobs), sum(b.stored_size for b in trash_listing.blobs)
+    quarantined, q_listing = list_prefix(store.backend, layout.QUARANTINE)
+    st.quarantined = sum(1 for i in quarantined if i.kind == "object")
+    planted = blob_listing.planted + trash_listing.planted + q_listing.planted
 
-    raw: dict[str, int] = {}  # file content (blob id) -> raw size
-    per_root: list[tuple[RootUsage, set[str], set[str]]] = []  # (usage, stored blobs, file contents)
-    roots = list(iter_roots(store))
-    for i, item in enumerate(roots):
-        report("roots", i, len(roots))
-        if isinstance(item, tuple):
-            st.problems.append(f"unreadable root {item[0]}: {item[1]}")
-            continue
+    roots = list_roots(store)
+    planted += roots.planted
+    st.problems += roots.problems + [f"planted (never followed): {os.path.join(store.root, k)}" for k in planted]
+    st.problems += [f"unreadable root {bad.path}: {bad.reason}" for bad in roots.unreadable]
+    live_ids = {r.manifest for r in roots.roots if r.mtime >= now - root_ttl}
+    contents = _Contents()
+    report("roots", 0, len(roots.roots))
+    parsed = read_manifests(store, {r.manifest for r in roots.roots}, contents.parse(live_ids), restore=False)
+    st.manifests_parsed = len(parsed)
+
+    live_count: Counter[str] = Counter(r.manifest for r in roots.roots if r.manifest in live_ids
+                                       and r.mtime >= now - root_ttl and isinstance(parsed[r.manifest], ManifestRefs))
+    owners: Counter[str] = Counter()  # blob -> live roots keeping it
+    for manifest_id, n in live_count.items():
+        for b in parsed[manifest_id].blobs:  # type: ignore[union-attr]
+            owners[b] += n
+    per_manifest: dict[str, tuple[int, int]] = {}  # manifest -> (stored bytes, exclusive bytes if named once)
+
+    for item in roots.roots:
         live = item.mtime >= now - root_ttl
         usage = RootUsage(item.scope_id, item.scope_path, item.env_key, live, item.mtime, max(0.0, now - item.mtime))
-        ids: set[str] = {item.manifest}
-        contents: set[str] = set()
-        try:
-            data = store.read_bytes(item.manifest, limits.MAX_MANIFEST_BYTES)
-            manifest = loads(data, f"blob {item.manifest}")
-        except (BlobMissing, BlobCorrupt, ManifestError, OSError) as exc:
-            if live:
-                st.problems.append(f"root {item.path}: {exc}")
+        refs = parsed[item.manifest]
+        if isinstance(refs, ManifestRefs):
+            usage.entries, usage.raw_bytes, usage.blobs = refs.entries, refs.raw_bytes, len(refs.blobs)
+            if item.manifest not in per_manifest:
+                per_manifest[item.manifest] = _bytes_of(refs, stored, owners)
+            usage.stored_bytes, exclusive = per_manifest[item.manifest]
+            usage.exclusive_bytes = exclusive if live else 0
         else:
-            usage.entries, usage.raw_bytes = len(manifest.entries), manifest.total_size
-            for e in manifest.entries.values():
-                ids.add(e.stored_id)  # a pack, for a packed file
-                contents.add(e.blob_id)
-                raw[e.blob_id] = e.size
-        usage.blobs = len(ids)
-        usage.stored_bytes = sum(stored.get(b, 0) for b in ids)
-        per_root.append((usage, ids, contents))
-    report("roots", len(roots), len(roots))
-
-    owners: Counter[str] = Counter()
-    live_contents: set[str] = set()
-    for usage, ids, contents in per_root:
-        if usage.live:
-            owners.update(ids)
-            live_contents |= contents
-    for usage, ids, _ in per_root:
-        if usage.live:
-            usage.exclusive_bytes = sum(stored.get(b, 0) for b in ids if owners[b] == 1)
+            usage.blobs, usage.stored_bytes = 1, stored.get(item.manifest, 0)
+            if live:
+                st.problems.append(f"root {item.path}: {refs}")
+        if live:
             st.roots_live += 1
             st.logical_raw_bytes += usage.raw_bytes
         else:
             st.roots_dead += 1
         st.roots.append(usage)
+    report("roots", len(roots.roots), len(roots.roots))
     st.roots.sort(key=lambda u: (-u.stored_bytes, u.scope_id, u.env_key))
 
-    st.unique_raw_bytes = sum(raw[b] for b in live_contents)
+    st.unique_raw_bytes = sum(contents.sizes.values())
     st.referenced_stored_bytes = sum(stored.get(b, 0) for b in owners)
     unreferenced = [s for b, s in stored.items() if b not in owners]
     st.unreferenced_blobs, st.unreferenced_bytes = len(unreferenced), sum(unreferenced)
@@ -126,3 +142,14 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
     st.compression_ratio = st.unique_raw_bytes / st.referenced_stored_bytes if st.referenced_stored_bytes else 0.0
     st.seconds = time.monotonic() - started
     return st
+
+
+def _bytes_of(refs: ManifestRefs, stored: dict[str, int], owners: Counter[str]) -> tuple[int, int]:
+    """(stored bytes of the blobs a manifest keeps, the part of them no other live root keeps)."""
+    total = exclusive = 0
+    for b in refs.blobs:
+        size = stored.get(b, 0)
+        total += size
+        if owners[b] == 1:
+            exclusive += size
+    return total, exclusive

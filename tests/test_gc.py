@@ -11,6 +11,7 @@ import pytest
 
 from cas import BlobStore, LockTimeout, Scope, load_tree, save_tree
 from cas.gc import GcRefused, collect
+from cas.timing import LOCK_EXPIRY
 from cas.lock import LockFile
 from cas.pack import PACK_FILE_MAX
 from cas.roots import iter_roots, root_path
@@ -262,7 +263,7 @@ def test_old_temp_and_lock_files_go_young_ones_stay(env):
     for p in (old_lock, young_lock):
         with open(p, "wb") as fh:
             fh.write(msgpack.packb({"host": "elsewhere", "pid": 1, "time": 0.0, "token": "00"}))
-    age(old_lock, 3600)
+    age(old_lock, LOCK_EXPIRY + 60)  # past the longest slot stale_after (timing.py): no live holder
 
     res = collect(store, scope=a, grace=GRACE)
     assert res.temp_deleted == 2 and res.locks_deleted == 1
