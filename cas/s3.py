@@ -27,10 +27,10 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from .atomic import temp_name
 from .errors import CasError, StoreReadOnly, StoreUnavailable
@@ -38,6 +38,7 @@ from .paths import TEMP_PREFIX
 from .storage import (
     AlreadyExists,
     Backend,
+    Kind,
     NotFound,
     ObjectInfo,
     ObjectTooLarge,
@@ -193,8 +194,8 @@ def make_store(loc: S3Location, creds: S3Credentials, settings: S3Settings, *, w
             config[name] = value
     if extra_headers:
         client["default_headers"] = dict(extra_headers)
-    return S3Store(loc.bucket, prefix=loc.prefix or None, client_options=client,
-                   retry_config=settings.retry_config(writes=writes), **config)
+    return S3Store(loc.bucket, prefix=loc.prefix or None, client_options=client,  # type: ignore[arg-type]
+                   retry_config=settings.retry_config(writes=writes), **config)  # type: ignore[arg-type]
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -221,7 +222,11 @@ def is_transport_failure(exc: BaseException) -> bool:
 def translate(exc: BaseException, verb: str, where: str) -> CasError:
     """The storage seam's narrow error for what obstore raised during `verb` at `where`."""
     from obstore.exceptions import (
-        AlreadyExistsError, NotFoundError, PermissionDeniedError, PreconditionError, UnauthenticatedError,
+        AlreadyExistsError,
+        NotFoundError,
+        PermissionDeniedError,
+        PreconditionError,
+        UnauthenticatedError,
     )
 
     text = str(exc)
@@ -260,7 +265,7 @@ class _StreamReader(io.RawIOBase):
                 self._buf = memoryview(bytes(next(self._chunks)))
             except StopIteration:
                 return 0
-            except Exception as exc:  # noqa: BLE001 - obstore raises its own classes mid-stream
+            except Exception as exc:
                 raise translate(exc, "get", self._where) from exc
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
@@ -324,7 +329,7 @@ class S3Backend(Backend):
                 return fn()
             except CasError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - obstore's exceptions, mapped one by one in translate()
+            except Exception as exc:
                 if is_transport_failure(exc):
                     self._breaker.trip(_short(exc))
                     logger.warning("s3 %s %s: endpoint unreachable: %s", verb, self._where(key), _short(exc))
@@ -507,7 +512,7 @@ def _materialise(data: Payload) -> tuple[Any, int, Any]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         body = bytes(data)
         return body, len(body), None
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 - returned, closed by put()
     try:
         data(spool)  # type: ignore[arg-type]
         size = spool.tell()
@@ -534,7 +539,7 @@ def _listed(meta: Mapping[str, Any]) -> ObjectInfo:
     """A listed object: `temp` for a writer's temp name, `other` for a name no key can have (never read)."""
     path = str(meta["path"])
     name = path.rsplit("/", 1)[-1]
-    kind = "temp" if name.startswith(TEMP_PREFIX) else ("object" if _COMPONENT.fullmatch(name) else "other")
+    kind: Kind = "temp" if name.startswith(TEMP_PREFIX) else ("object" if _COMPONENT.fullmatch(name) else "other")
     return ObjectInfo(path, int(meta["size"]), _timestamp(meta["last_modified"]), meta.get("e_tag") or "", kind)
 
 
@@ -544,5 +549,5 @@ def open_backend(location: str, *, environ: Mapping[str, str] | None = None,
     return S3Backend(location, environ=environ, settings=settings)
 
 
-__all__: Iterable[str] = ("S3Backend", "S3Credentials", "S3Location", "S3Settings", "is_s3_url", "open_backend",
+__all__ = ("S3Backend", "S3Credentials", "S3Location", "S3Settings", "is_s3_url", "open_backend",
                           "parse_s3_url", "translate")

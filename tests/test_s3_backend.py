@@ -10,13 +10,12 @@ from dataclasses import replace
 import pytest
 
 pytest.importorskip("obstore")
-import obstore  # noqa: E402
+import obstore
+from s3_servers import S3Bucket, blackhole_listener, fault_proxy, refused_endpoint
 
-from cas.errors import StoreReadOnly, StoreUnavailable  # noqa: E402
-from cas.s3 import S3Backend, S3Credentials, S3Location, S3Settings, parse_s3_url  # noqa: E402
-from cas.storage import AlreadyExists, NotFound, ObjectTooLarge, PreconditionFailed  # noqa: E402
-from s3_servers import S3Bucket, blackhole_listener, fault_proxy, refused_endpoint  # noqa: E402
-
+from cas.errors import StoreReadOnly, StoreUnavailable
+from cas.s3 import S3Backend, S3Credentials, S3Location, S3Settings, parse_s3_url
+from cas.storage import AlreadyExists, NotFound, ObjectTooLarge, PreconditionFailed
 
 # -- configuration -------------------------------------------------------------------------------------------------
 

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
 obstore = pytest.importorskip("obstore")
-from obstore.exceptions import (  # noqa: E402
-    AlreadyExistsError, GenericError, NotFoundError, PermissionDeniedError, PreconditionError,
+from obstore.exceptions import (
+    AlreadyExistsError,
+    GenericError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
 )
-from obstore.store import S3Store  # noqa: E402
-
-from s3_servers import S3Bucket, blackhole_listener, moto_server, refused_endpoint  # noqa: E402
+from obstore.store import S3Store
+from s3_servers import S3Bucket, blackhole_listener, moto_server, refused_endpoint
 
 # What a missing object raises: obstore 0.12 raises the builtin FileNotFoundError (NotFoundError on some paths).
 MISSING = (FileNotFoundError, NotFoundError)
@@ -242,9 +246,9 @@ def stub() -> Iterator[tuple[type[_Stub], S3Store]]:
     thread.join()
 
 
-CREATE: Callable[[S3Store], object] = lambda s: obstore.put(s, "k", b"x", mode="create")  # noqa: E731
-UPDATE: Callable[[S3Store], object] = lambda s: obstore.put(s, "k", b"x", mode={"e_tag": '"e"'})  # noqa: E731
-GET: Callable[[S3Store], object] = lambda s: obstore.get(s, "k").bytes()  # noqa: E731
+CREATE: Callable[[S3Store], object] = lambda s: obstore.put(s, "k", b"x", mode="create")
+UPDATE: Callable[[S3Store], object] = lambda s: obstore.put(s, "k", b"x", mode={"e_tag": '"e"'})
+GET: Callable[[S3Store], object] = lambda s: obstore.get(s, "k").bytes()
 
 
 @pytest.mark.parametrize("status, code, call, raised, requests", [
