@@ -1,0 +1,97 @@
+"""The store itself (save_tree, load_tree) on S3: the org store and the scope in a bucket on moto and SeaweedFS,
+or the store in a bucket and the scope on a volume. Same code as on a volume; only the backend differs."""
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("obstore")
+
+from cas import BlobStore, Scope, load_tree, save_tree  # noqa: E402
+from cas.faulty import FaultyBackend  # noqa: E402
+from cas_helpers import ENV_KEY, random_tree, read_tree, write_tree  # noqa: E402
+from s3_servers import S3Bucket  # noqa: E402
+
+
+def s3_store_and_scope(bucket: S3Bucket) -> tuple[BlobStore, Scope, FaultyBackend, FaultyBackend]:
+    """Store and scope in one bucket, each behind a counting FaultyBackend (requests per operation)."""
+    store_backend = FaultyBackend(bucket.backend("org/b10_cas"))
+    scope_backend = FaultyBackend(bucket.backend("model/compile_cache"))
+    return BlobStore(store_backend, create=True), Scope(scope_backend, create=True), store_backend, scope_backend
+
+
+def make_tree(base: Path, seed: int, n: int = 120) -> dict[str, bytes]:
+    files = random_tree(random.Random(seed), n, max_size=16_000)
+    files["big/weights.bin"] = random.Random(seed).randbytes(3 << 20)  # > 1 MiB: a blob of its own
+    os.makedirs(base, exist_ok=True)
+    write_tree(base, files)
+    return files
+
+
+def contents(root: Path) -> dict[str, bytes]:
+    return {rel: data for rel, (data, _mode) in read_tree(root).items()}
+
+
+def test_round_trip_noop_and_partial_load(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    store, scope, store_calls, scope_calls = s3_store_and_scope(s3_bucket)
+    files = make_tree(tmp_path / "src", seed=1)
+
+    first = save_tree(tmp_path / "src", store, scope, ENV_KEY, threads=8)
+    assert first.manifest_written and first.files == len(files)
+
+    store_calls.calls.clear()
+    scope_calls.calls.clear()
+    again = save_tree(tmp_path / "src", store, scope, ENV_KEY, threads=8)
+    assert not again.manifest_written and again.new_entries == 0
+    noop_requests = sum(store_calls.calls.values()) + sum(scope_calls.calls.values())
+    assert noop_requests <= 12, (dict(store_calls.calls), dict(scope_calls.calls))  # goal (issue 13): <= 3
+
+    loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
+    assert loaded.restored == len(files) and not loaded.misses
+    assert contents(tmp_path / "dst") == files
+
+    victims = sorted(files)[::10]  # 10 % missing locally
+    for rel in victims:
+        os.unlink(tmp_path / "dst" / rel)
+    store_calls.calls.clear()
+    partial = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
+    assert partial.restored == len(victims) and partial.present == len(files) - len(victims)
+    assert contents(tmp_path / "dst") == files
+
+
+def test_store_in_bucket_scope_on_volume(moto_bucket: S3Bucket, tmp_path: Path) -> None:
+    store = BlobStore(moto_bucket.backend("org/b10_cas"), create=True)
+    scope = Scope(tmp_path / "scope", create=True)
+    files = make_tree(tmp_path / "src", seed=2, n=40)
+    assert save_tree(tmp_path / "src", store, scope, ENV_KEY).manifest_written
+    assert load_tree(tmp_path / "dst", store, scope, ENV_KEY).restored == len(files)
+    assert contents(tmp_path / "dst") == files
+
+
+def test_16_concurrent_savers_lose_no_entry(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    """Sixteen replicas save overlapping trees (a shared core plus files of their own) into one manifest."""
+    store, scope, _, _ = s3_store_and_scope(s3_bucket)
+    core = random_tree(random.Random(7), 30, max_size=4000)
+    trees = []
+    for i in range(16):
+        own = {f"replica{i}/{rel}": data for rel, data in random_tree(random.Random(100 + i), 5).items()}
+        tree = {**core, **own}
+        write_tree(tmp_path / f"src{i}", tree)
+        trees.append(tree)
+
+    def save(i: int) -> bool:
+        replica_store = BlobStore(s3_bucket.backend("org/b10_cas"))
+        replica_scope = Scope(s3_bucket.backend("model/compile_cache"))
+        return save_tree(tmp_path / f"src{i}", replica_store, replica_scope, ENV_KEY, threads=2,
+                         lock_timeout=120).manifest_written
+
+    with ThreadPoolExecutor(16) as pool:
+        written = list(pool.map(save, range(16)))
+    assert any(written)
+    union = {rel: data for tree in trees for rel, data in tree.items()}
+    loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
+    assert not loaded.misses and contents(tmp_path / "dst") == union
