@@ -14,7 +14,8 @@ How each verb maps (facts measured in docs/object-storage-notes.md, pinned by te
 - `move` is copy + delete (both keys exist for an instant, never neither); `delete` and `delete(if_version=)` check
   with a HEAD first (S3 DELETE of a missing key succeeds, and conditional DELETE is not portable), so they are not
   atomic against a concurrent writer.
-- `now()` is the client clock plus an offset calibrated once from the LastModified of a probe object.
+- `now()` is the client clock plus an offset calibrated once from the server's `Date` header (one unsigned HEAD;
+  a probe object's LastModified if that fails).
 - Dead endpoints: connect and read timeouts bound every request; after a transport failure that survived obstore's
   retries, calls fail at once for `dead_for_s` so that a load turns into misses in about one request's timeout.
 """
@@ -461,8 +462,42 @@ class S3Backend(Backend):
         return time.time() + (self._clock_offset or 0.0)
 
     def _measure_clock_offset(self) -> float:
-        """Server minus client clock, from the LastModified of a probe object (put, head, delete). LastModified is
-        truncated to the second, so the server wrote it at lm + 0.5 s on average."""
+        """Server minus client clock: from the `Date` header of one unsigned HEAD (any answer carries it, even a
+        403, so read-only credentials work too), else from the LastModified of a probe object."""
+        offset = self._date_header_offset()
+        if offset is None:
+            offset = self._probe_object_offset()
+        logger.debug("s3 %s: server clock offset %.2f s", self.location, offset)
+        return offset
+
+    def _date_header_offset(self) -> float | None:
+        import http.client
+        from email.utils import parsedate_to_datetime
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.credentials.endpoint or f"https://s3.{self.credentials.region or 'us-east-1'}.amazonaws.com")
+        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        timeout = self.settings.connect_timeout_s + self.settings.read_timeout_s
+        try:
+            self._breaker.check()
+            conn = cls(url.hostname or "", url.port, timeout=timeout)
+            try:
+                before = time.time()
+                conn.request("HEAD", f"/{self.loc.bucket}")
+                date = conn.getresponse().getheader("Date")
+                after = time.time()
+            finally:
+                conn.close()
+            if not date:
+                return None
+            # Date has one-second resolution: the server stamped it at date + 0.5 s on average.
+            return parsedate_to_datetime(date).timestamp() + 0.5 - (before + after) / 2
+        except (OSError, ValueError, TypeError, http.client.HTTPException, StoreUnavailable) as exc:
+            logger.debug("s3 %s: no Date header (%s)", self.location, exc)
+            return None
+
+    def _probe_object_offset(self) -> float:
+        """From the LastModified of a probe object (put, head, delete); LastModified is truncated to the second."""
         probe = temp_name()
         try:
             before = time.time()
@@ -470,14 +505,14 @@ class S3Backend(Backend):
             after = time.time()
             meta = self._call("stat", probe, lambda: self._obstore.head(self._store, probe))
             offset = meta["last_modified"].timestamp() + 0.5 - (before + after) / 2
-        except (StoreUnavailable, AlreadyExists) as exc:  # read-only credentials: nothing of ours will be aged
+        except (StoreUnavailable, AlreadyExists) as exc:  # unreachable or read-only: nothing of ours will be aged
             logger.info("s3 %s: cannot read the server clock (%s); using the local clock", self.location, exc)
             return 0.0
         try:
             self._call("delete", probe, lambda: self._obstore.delete(self._writer, probe))
         except CasError:
             pass  # a temp name: gc expires it by age
-        return offset
+        return float(offset)
 
     def free_bytes(self) -> int | None:
         return None

@@ -293,3 +293,19 @@ def test_stopped_seaweedfs_mid_load_fails_bounded(tmp_path) -> None:  # type: ig
         assert backend.get("blobs/ab/x", limit=1000) == b"x" * 1000
         server.kill()
         assert _timed(lambda: backend.get("blobs/ab/x", limit=1000)) < 4
+
+
+def test_now_is_the_servers_clock_from_one_request(s3_bucket: S3Bucket) -> None:
+    with fault_proxy(s3_bucket.endpoint) as (proxy, through):
+        backend = S3Bucket(through, s3_bucket.name).backend()
+        assert abs(backend.now() - time.time()) < 2  # same machine: same clock, within Date's 1 s resolution
+        assert len(proxy.requests) == 1  # one HEAD, whatever it answers
+        backend.now()
+        assert len(proxy.requests) == 1  # calibrated once
+
+
+def test_now_falls_back_to_a_probe_object(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = s3_bucket.backend()
+    monkeypatch.setattr(backend, "_date_header_offset", lambda: None)
+    assert abs(backend.now() - time.time()) < 2
+    assert [i for i in backend.list("") if i.kind == "temp"] == []  # the probe is deleted
