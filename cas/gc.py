@@ -318,11 +318,11 @@ class _Run:
             if outcome == "trashed":
                 res.blobs_trashed += 1
                 res.bytes_trashed += b.stored_size
-            else:  # freshened, restored or removed since the scan, or its trash prefix is planted
-                res.blobs_kept += 1
+            else:  # freshened, restored or removed since the scan, or its trash prefix is planted (the trash
+                res.blobs_kept += 1  # scan reports that link)
                 res.bytes_kept += b.stored_size
                 if outcome == "planted":
-                    self._plant(self.backend, [layout.trash(b.id)])
+                    log.warning("gc: %s not trashed: %s is not a directory", b.id, layout.trash(b.id))
         self.report("trash", len(garbage), len(garbage))
 
     def _trash(self, b: BlobInfo) -> str:

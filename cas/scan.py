@@ -50,7 +50,7 @@ def list_prefix(backend: Backend, prefix: str) -> tuple[list[ObjectInfo], Listin
             else:
                 entries.append(info)
     except BadObject:
-        out.planted.append(prefix)
+        out.planted.append(prefix.rstrip("/"))  # the link itself, named as a listing names one
     return entries, out
 
 
