@@ -311,3 +311,18 @@ def test_stopped_server_fails_fast_with_pooled_connections() -> None:
         obstore.put(store, "k", b"x")
         assert bytes(obstore.get(store, "k").bytes()) == b"x"
     assert time_failure(store) < 1.5
+
+
+def test_put_into_missing_bucket(s3_bucket: S3Bucket) -> None:
+    """moto (like AWS) refuses with 404 NoSuchBucket; SeaweedFS's gateway accepts and creates the bucket, so a
+    writer must check the bucket (a GET: NoSuchBucket) before writing if a missing bucket must stay missing."""
+    name = "absent-" + s3_bucket.name[-12:]
+    absent = s3_bucket.endpoint.obstore(name)
+    buckets = lambda: {b["Name"] for b in s3_bucket.endpoint.boto3().list_buckets()["Buckets"]}  # noqa: E731
+    if s3_bucket.endpoint.kind == "moto":
+        with pytest.raises(MISSING, match="NoSuchBucket"):
+            obstore.put(absent, "k", b"x")
+        assert name not in buckets()
+    else:
+        obstore.put(absent, "k", b"x")
+        assert name in buckets()
