@@ -59,10 +59,10 @@ class PodPaths:
 
 def paths_for(cache_dir: Path, volume_root: Path) -> PodPaths:
     """Where the lock of `cache_dir` lives: beside it on the local disk, or in the temp directory if `cache_dir`
-    is on the volume (the lock must be local to the pod)."""
+    is on the volume (the lock must be local to the pod). `volume_root`: resolved (as in Settings)."""
     real = Path(os.path.realpath(cache_dir))
     name = real.name or "root"
-    if real.is_relative_to(Path(os.path.realpath(volume_root))):
+    if real.is_relative_to(volume_root):  # Settings.volume_root is resolved: no lookups on the volume here
         digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
         base = Path(tempfile.gettempdir()) / _FALLBACK_DIR / f"{name}-{digest}"
     else:
@@ -100,7 +100,8 @@ def serialized(
     if operation == "load":
         shared = _fresh_result(paths.result, seen, env_key)
         if shared is not None:
-            lock.release()
+            if lock.is_locked:
+                lock.release()
             return _adopt(shared, stats)
     return _holding(lock, operation, paths, env_key, stats, body)
 

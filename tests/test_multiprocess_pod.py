@@ -32,6 +32,13 @@ LONG_LOCK_TIMEOUT = "300"
 AFTER_KILL_BOUND_S = 30.0
 
 
+@pytest.fixture(autouse=True)
+def _no_outside_settings(monkeypatch):
+    """The developer's own TRITON_CACHE_DIR or lock timeout must not leak into these tests (conftest clears the rest)."""
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("B10_TRANSFER_POD_LOCK_TIMEOUT_S", raising=False)
+
+
 # --- child mode ----------------------------------------------------------------------------------------------------
 
 
@@ -310,9 +317,9 @@ def test_lock_lives_beside_the_directory_and_is_never_saved(b10_env):
     from b10_transfer import OperationStatus, core, pod
     from cas import Scope
 
-    paths = pod.paths_for(b10_env.local, b10_env.volume)
+    paths = pod.paths_for(b10_env.local, b10_env.volume.resolve())
     assert paths.lock.parent == b10_env.local.parent and paths.lock.name == ".inductor.b10-pod.lock"
-    on_volume = pod.paths_for(b10_env.volume / "inductor", b10_env.volume)
+    on_volume = pod.paths_for(b10_env.volume / "inductor", b10_env.volume.resolve())
     assert not on_volume.lock.is_relative_to(b10_env.volume)  # a lock on the volume would couple pods
 
     # A cache directory inside another saved tree (vLLM's layout): the outer save never takes the lock files.
