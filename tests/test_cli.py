@@ -215,3 +215,50 @@ def test_check_reports_a_local_manifest_gc_cannot_see(world):
     assert r.returncode == 1
     (problem,) = json.loads(r.stdout)["problems"]
     assert problem["kind"] == "unrooted-manifest" and problem["path"] == a.manifest_path("gpu1")
+
+
+@pytest.mark.parametrize("args", [
+    ["gc", "--max-size", "9" * 400],
+    ["gc", "--max-size", "1" + "0" * 30 + "T"],
+    ["gc", "--grace", "9" * 400],
+    ["gc", "--grace", "1e9"],
+    ["gc", "--wait", "9" * 400 + "d"],
+    ["check", "--root-ttl", "9" * 400],
+    ["stats", "--root-ttl", "nan"],
+    ["check", "--read-data", "--subset", "1/" + "9" * 400],
+])
+def test_absurd_numeric_arguments_are_usage_errors_not_tracebacks(world, args):
+    """issue 12: `cas gc --max-size` with a 400-digit number ended in a traceback (float overflow)."""
+    store, a, b, flags = world
+    r = cas(*args, *flags, real=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and ("usage" in r.stderr or "subset" in r.stderr)
+
+
+def test_cli_defaults_agree_with_the_library(tmp_path):
+    """The command's defaults are the library's: the timing constants (cas/timing.py, as collect and check take them)
+    and the store and scope b10_transfer's settings pick for the same environment (org mount present or not)."""
+    import inspect
+
+    from b10_transfer.config import read_settings
+
+    from cas import timing
+    from cas.check import check
+    from cas.cli import build_parser, default_org, default_scope
+    from cas.gc import collect
+
+    gc_args = build_parser().parse_args(["gc"])
+    sig = inspect.signature(collect).parameters
+    assert gc_args.grace == timing.DEFAULT_GRACE == sig["grace"].default
+    assert gc_args.root_ttl == timing.DEFAULT_ROOT_TTL == sig["root_ttl"].default
+    assert gc_args.wait == timing.DEFAULT_LOCK_WAIT == sig["lock_wait"].default
+    assert build_parser().parse_args(["check"]).root_ttl == inspect.signature(check).parameters["root_ttl"].default
+    volume = tmp_path / "cache"
+    (volume / "model").mkdir(parents=True)
+    for org_mounted in (False, True):
+        if org_mounted:
+            (volume / "org").mkdir()
+        env = {"B10FS_VOLUME_ROOT": str(volume)}
+        settings = read_settings(env)
+        assert default_org(env) == str(settings.store_root())
+        assert default_scope(env) == str(settings.b10fs_cache_dir)
