@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from cas.recent import check_family
+
 from .errors import CacheValidationError
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Settings:
     local_space_multiplier: float
     io_threads: int
     pod_lock_timeout_s: int = DEFAULT_POD_LOCK_TIMEOUT_S
+    cache_family: str | None = None  # B10_TRANSFER_CACHE_FAMILY: warm start from sibling deployments (family.py)
 
     @property
     def model_mount(self) -> Path:
@@ -188,7 +191,19 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
         pod_lock_timeout_s=_int(
             env, "B10_TRANSFER_POD_LOCK_TIMEOUT_S", DEFAULT_POD_LOCK_TIMEOUT_S, minimum=0, cap=POD_LOCK_TIMEOUT_CAP_S
         ),
+        cache_family=_family(env.get("B10_TRANSFER_CACHE_FAMILY", "")),
     )
+
+
+def _family(raw: str) -> str | None:
+    """Off when unset or empty; otherwise a name of [A-Za-z0-9._-]{1,64} not starting with '.' (it becomes part of
+    a key in the org store)."""
+    if raw == "":
+        return None
+    try:
+        return check_family(raw)
+    except ValueError as exc:
+        raise CacheValidationError(f"B10_TRANSFER_CACHE_FAMILY: {exc}") from None
 
 
 def _volume_root(raw: str) -> Path:

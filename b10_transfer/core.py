@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
-from cas import BlobStore, Scope, load_tree, save_tree
+from cas import BlobStore, Manifest, Scope, load_tree, save_tree
 from cas.quick import nothing_new
 from cas.errors import CasError, LockTimeout
 from cas.localfs import refuse_overlap
@@ -33,6 +33,7 @@ from .config import Settings, is_dir, read_settings
 from .environment import environment, environment_key
 from .errors import CacheError, VolumeUnavailable
 from .file_transfer import transfer  # noqa: F401  (the peer exports transfer from its core module)
+from . import family
 from .report import OperationStats, emit
 from .space import require_free
 from .status import OperationStatus
@@ -164,13 +165,15 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     store_root = s.store_root()
     refuse_overlap(target, scope=s.b10fs_cache_dir, store=store_root)  # before the target is created or written
     stats.env_key = key = key_for(label, env)
-    if not s.b10fs_cache_dir.is_dir():
+    if not s.b10fs_cache_dir.is_dir() and not s.cache_family:
         stats.reason = f"no cache directory {s.b10fs_cache_dir}"
         return OperationStatus.DOES_NOT_EXIST
-    scope = Scope(s.b10fs_cache_dir, create=False)
-    manifest = scope.read_manifest(key)
+    # A family member's first replica has no scope yet: make it (its first save would), then fill from siblings.
+    scope = Scope(s.b10fs_cache_dir, create=not s.b10fs_cache_dir.is_dir())
+    manifest = _with_family(s, store_root, scope, key, scope.read_manifest(key), stats)
     if manifest is None:
-        stats.reason = "no manifest for this environment"
+        stats.reason = "no manifest for this environment" + (f" (nor in family {s.cache_family})"
+                                                               if s.cache_family else "")
         return OperationStatus.DOES_NOT_EXIST
     stats.files = len(manifest.entries)
 
@@ -201,6 +204,25 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     if res.misses:
         return OperationStatus.ERROR
     return OperationStatus.SKIPPED
+
+
+def _with_family(s: Settings, store_root: Path, scope: Scope, key: str, own, stats: OperationStats):
+    """`own` (this deployment's manifest or None), completed with the entries of sibling deployments of the
+    configured family that it lacks (family.py). Unchanged when no family is set; never raises."""
+    if not s.cache_family:
+        return own
+    try:
+        store = BlobStore(store_root, create=False)
+        found = family.sibling_files(store, scope.existing_scope_id(), key, s.cache_family, own, s.max_cache_bytes)
+    except (CasError, OSError) as exc:
+        logger.info("family %s: no siblings read: %s", s.cache_family, exc)
+        return own
+    if not found.entries:
+        return own
+    stats.source = (f"{'own+' if own is not None else ''}family:{s.cache_family}"
+                    f"({len(found.entries)} files from {len(found.siblings)} siblings)")
+    base = own if own is not None else Manifest(key, {}, {})
+    return Manifest(key, base.env, {**found.entries, **base.entries}, base.created, base.updated, base.parent)
 
 
 def _incoming_bytes(target: Path, manifest) -> int:
@@ -268,6 +290,7 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
             max_stored_bytes=s.max_cache_bytes,
             lock_timeout=wait,
             stale_after=s.cleanup_lock_timeout_s,
+            family=s.cache_family,
         )
     finally:
         slot.release()

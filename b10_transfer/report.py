@@ -36,6 +36,7 @@ class OperationStats:
     seconds: float = 0.0
     reason: str = ""
     waited_s: float = 0.0  # time spent waiting for another process of this pod on the same directory (pod.py)
+    source: str = ""  # load: where the files came from when not only this deployment's manifest (family.py)
     shared_from: int | None = None  # load: pid whose load this call's result is (it read nothing from the volume)
 
     def as_dict(self) -> dict:
@@ -63,6 +64,8 @@ def emit(stats: OperationStats) -> None:
     line += f" seconds={stats.seconds:.2f} env={stats.env_key or '-'}"
     if stats.waited_s >= 0.005:
         line += f" waited={stats.waited_s:.2f}"
+    if stats.source:
+        line += f" source={stats.source}"
     if stats.shared_from is not None:
         line += f" shared_from=pid:{stats.shared_from}"
     if stats.reason:

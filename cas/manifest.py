@@ -109,14 +109,15 @@ class Manifest:
         )
 
 
-def loads(data: bytes, source: object = "<manifest>") -> Manifest:
-    """Parse and validate a manifest. Raises ManifestError naming `source` on any violation."""
-    if len(data) > limits.MAX_MANIFEST_BYTES:
-        raise ManifestError(source, f"{len(data)} bytes exceeds the {limits.MAX_MANIFEST_BYTES} byte limit")
+def loads(data: bytes, source: object = "<manifest>", limit: int = limits.MAX_MANIFEST_BYTES) -> Manifest:
+    """Parse and validate a manifest. Raises ManifestError naming `source` on any violation. `limit` bounds the
+    manifest's plain size (compressed or not): readers of other deployments' manifests use a lower one."""
+    if len(data) > limit:
+        raise ManifestError(source, f"{len(data)} bytes exceeds the {limit} byte limit")
     if not data:
         raise ManifestError(source, "empty file")
     if data[:4] == ZSTD_MAGIC:
-        data = _decompress(data, source)
+        data = _decompress(data, source, limit)
     try:
         doc = msgpack.unpackb(
             data,
@@ -171,7 +172,7 @@ def loads(data: bytes, source: object = "<manifest>") -> Manifest:
     return Manifest(env_key, env, entries, float(created), float(updated), parent_id)
 
 
-def _decompress(data: bytes, source: object) -> bytes:
+def _decompress(data: bytes, source: object, limit: int = limits.MAX_MANIFEST_BYTES) -> bytes:
     """A compressed manifest, bounded by the same limit as a plain one: a frame claiming more is refused unread."""
     try:
         claimed = zstandard.frame_content_size(data)
@@ -179,8 +180,8 @@ def _decompress(data: bytes, source: object) -> bytes:
         raise ManifestError(source, f"not a zstd frame: {exc}") from None
     if claimed < 0:
         raise ManifestError(source, "zstd frame does not record its size")
-    if claimed > limits.MAX_MANIFEST_BYTES:
-        raise ManifestError(source, f"decompresses to {claimed} bytes, over the {limits.MAX_MANIFEST_BYTES} limit")
+    if claimed > limit:
+        raise ManifestError(source, f"decompresses to {claimed} bytes, over the {limit} limit")
     try:
         # zstd checks the output against the size the header records (bounded above), and a decompressobj tells
         # what follows the frame: a manifest file is exactly one frame.

@@ -256,7 +256,8 @@ def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPo
 
     def manifest(r) -> Manifest | None:
         try:
-            found = loads(store.read_bytes(r.manifest, PEER_MANIFEST_BYTES), f"blob {r.manifest}")
+            found = loads(store.read_bytes(r.manifest, PEER_MANIFEST_BYTES), f"blob {r.manifest}",
+                          PEER_MANIFEST_BYTES)
         except Exception:  # noqa: BLE001 - missing, corrupt or hostile: no dedup from it
             return None
         return found if found.env_key == env_key else None
