@@ -15,7 +15,7 @@ import blake3
 import msgpack
 import zstandard
 
-from . import _faults, layout, limits, localfs
+from . import _faults, layout, limits, localfs, timing
 from .errors import BlobCorrupt, BlobMissing, CasError, FormatError, StoreUnavailable
 from .posix import PosixBackend
 from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectInfo, ObjectTooLarge, Payload
@@ -32,8 +32,8 @@ ZSTD_LEVEL = 3
 # memory stays bounded whatever the cache holds.
 WHOLE_FILE_LIMIT = 8 << 20
 CHUNK = 1 << 20
-# Writers freshen a relied-upon blob at most once an hour (docs/FORMAT.md §2): one utime per blob per hour.
-DEFAULT_FRESHEN_AFTER = 3600
+# Writers freshen a relied-upon blob at most once an hour (docs/FORMAT.md §2): cas/timing.py, with the others.
+DEFAULT_FRESHEN_AFTER = timing.DEFAULT_FRESHEN_AFTER
 
 
 is_blob_id = layout.is_blob_id

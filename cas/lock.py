@@ -19,7 +19,7 @@ from typing import Callable
 
 import msgpack
 
-from . import layout, limits
+from . import layout, limits, timing
 from .errors import CasError, LockTimeout
 from .posix import PosixBackend
 from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectTooLarge, PreconditionFailed
@@ -68,8 +68,8 @@ class LockFile:
         target: "str | os.PathLike | Backend",
         key: str | None = None,
         *,
-        stale_after: float = 30.0,
-        timeout: float = 60.0,
+        stale_after: float = timing.DEFAULT_STALE_AFTER,
+        timeout: float = timing.MANIFEST_LOCK_TIMEOUT,
         heartbeat: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -194,7 +194,7 @@ class LockFile:
 
     # -- holding -----------------------------------------------------------------------------------------------
     def _refresh_loop(self) -> None:
-        interval = max(self.stale_after / 3, 0.05)
+        interval = max(timing.heartbeat_interval(self.stale_after), 0.05)
         while not self._stop.wait(interval):
             try:
                 if not self.still_held():  # broken by a waiter who judged us stale: never freshen their lock
@@ -255,7 +255,7 @@ def acquire_slot(
     slots: int,
     *,
     timeout: float,
-    stale_after: float = 30.0,
+    stale_after: float = timing.DEFAULT_STALE_AFTER,
     prefix: str = layout.SLOTS,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,

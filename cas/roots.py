@@ -9,15 +9,15 @@ from typing import Iterator
 
 import msgpack
 
-from . import layout, limits
+from . import layout, limits, timing
 from .blobstore import BlobStore
 from .errors import CasError
 from .storage import BadObject, NotFound, ObjectTooLarge
 
 ROOT_SUFFIX = layout.ROOT_SUFFIX
-# Loads and saves refresh a root at most hourly: enough resolution for a 30-day TTL, one touch per pod-hour.
-ROOT_REFRESH = 3600
-DEFAULT_ROOT_TTL = 30 * 24 * 3600
+# Loads and saves refresh a root at most hourly; a root unused for 30 days is dead (cas/timing.py says why).
+ROOT_REFRESH = timing.ROOT_REFRESH
+DEFAULT_ROOT_TTL = timing.DEFAULT_ROOT_TTL
 # Roots read at once by gc, check and stats: each is a stat and a read of a few hundred bytes, so on a 2 ms volume
 # or a 20 ms bucket the organisation's size, not bandwidth, sets the time; 32 in flight as elsewhere in `cas`.
 ROOT_READERS = 32

@@ -5,7 +5,7 @@ import os
 import re
 import secrets
 
-from . import layout, limits
+from . import layout, limits, timing
 from .errors import CasError, ManifestError, StoreUnavailable
 from .lock import LockFile
 from .manifest import Manifest, loads
@@ -97,7 +97,8 @@ class Scope:
     def manifest_path(self, env_key: str) -> str:
         return os.path.join(self.root, layout.manifest(env_key))
 
-    def lock(self, env_key: str, *, timeout: float = 60.0, stale_after: float = 30.0) -> LockFile:
+    def lock(self, env_key: str, *, timeout: float = timing.MANIFEST_LOCK_TIMEOUT,
+             stale_after: float = timing.DEFAULT_STALE_AFTER) -> LockFile:
         return LockFile(self.backend, layout.manifest_lock(env_key), timeout=timeout, stale_after=stale_after)
 
     def audit_path(self, env_key: str) -> str:
