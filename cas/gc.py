@@ -9,8 +9,8 @@ One run, under `locks/gc.lock`:
    deleting.
 3. `--max-size`: least recently used roots (never one used within the grace period) are retired until the blobs
    that stay fit.
-4. Phase one: unreferenced blobs older than the cutoff are stat'ed again, moved to `trash/` and touched (the trash
-   time).
+4. Phase one: unreferenced blobs older than the cutoff are stat'ed again, touched (the trash time) and moved to
+   `trash/`.
 5. Phase two: trash older than the cutoff is deleted in the version judged; trash that is live again is put back.
 6. Temp files, stale lock files and old quarantine evidence are removed by age, each in the version judged.
 
@@ -326,22 +326,24 @@ class _Run:
         self.report("trash", len(garbage), len(garbage))
 
     def _trash(self, b: BlobInfo) -> str:
-        """Move one garbage blob to trash, then stamp the trash time. Re-checks its age first: a save may have
-        freshened it since the scan (a freshen can still land between the stat and the move; FORMAT §5 says why
-        that is safe). Returns trashed, kept, gone or planted."""
+        """Stamp one garbage blob with the trash time, then move it to trash. Re-checks its age first: a save may
+        have freshened it since the scan (a freshen can still land between the stat and the move; FORMAT §5 says why
+        that is safe). Returns trashed, kept, gone or planted.
+
+        Touch before move, not after: a volume's move keeps the mtime, so the trash time travels with the blob, and
+        a gc killed in between leaves a blob that is merely younger. Stamped after the move, a killed gc left the blob
+        in trash with its old mtime, and the next run deleted it at once, skipping the second grace period
+        (tests/test_torture.py). On an object store the move's copy is stamped anew anyway."""
         dest = layout.trash(b.id)
         try:
             if self.backend.stat(b.key).mtime >= self.cutoff:
                 return "kept"
+            self.backend.touch(b.key)
             self.backend.move(b.key, dest)
         except NotFound:
             return "gone"
         except BadObject:
             return "planted"  # trash/<xx> is a link (or the blob became one): nothing moves through it
-        try:
-            self.backend.touch(dest)
-        except NotFound:
-            pass  # a reader took it back already
         _faults.checkpoint("gc-trashed")
         return "trashed"
 

@@ -482,3 +482,18 @@ def test_a_live_slot_at_the_stale_after_cap_is_not_swept(world):
     slot = write(os.path.join(a.slots, "slot-0.lock"), b"live holder", heartbeat_interval(MAX_STALE_AFTER) + 60)
     res = collect(store, scope=a, grace=GRACE)
     assert res.locks_deleted == 0 and os.path.exists(slot)
+
+
+def test_gc_dying_between_stamp_and_move_keeps_the_second_grace_period(world):
+    """The trash time is stamped before the move: a gc that dies in between leaves a blob that is merely younger,
+    never one in trash with its old mtime that the next run would delete at once."""
+    from cas.errors import StoreUnavailable
+
+    store, a, b, orphan, outside, tmp = world
+    seamed, faulty = _seamed(store)
+    faulty.fail("move", layout.blob(orphan), StoreUnavailable("gc killed here"), times=1)
+    with pytest.raises(StoreUnavailable):
+        collect(seamed, scope=a, grace=GRACE)
+    res = collect(store, scope=a, grace=GRACE)
+    assert res.blobs_deleted == 0
+    assert os.path.isfile(store.blob_path(orphan)) or os.path.isfile(store.trash_path(orphan))
