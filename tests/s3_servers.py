@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +148,9 @@ def clean_client_environ() -> dict[str, str]:
 
 
 @contextmanager
-def moto_server() -> Iterator[S3Endpoint]:
-    """moto's S3 emulator in a thread of this process, on a random port of 127.0.0.1."""
+def stoppable_moto_server() -> Iterator[tuple[S3Endpoint, Callable[[], None]]]:
+    """moto's S3 emulator in a thread of this process, on a random port of 127.0.0.1, and a function that stops it
+    (a test's endpoint going away); stopping twice is harmless."""
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:  # moto[server] missing: the caller decides whether that is a skip
@@ -157,11 +158,26 @@ def moto_server() -> Iterator[S3Endpoint]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     server.start()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            server.stop()
+
     try:
         host, port = server.get_host_and_port()
-        yield S3Endpoint("moto", f"http://{host}:{port}", "testing", "testing")
+        yield S3Endpoint("moto", f"http://{host}:{port}", "testing", "testing"), stop
     finally:
-        server.stop()
+        stop()
+
+
+@contextmanager
+def moto_server() -> Iterator[S3Endpoint]:
+    """moto's S3 emulator in a thread of this process, on a random port of 127.0.0.1."""
+    with stoppable_moto_server() as (endpoint, _stop):
+        yield endpoint
 
 
 # --- SeaweedFS -------------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import pytest
 
 pytest.importorskip("obstore")
 
-from cas import BlobStore, Scope, load_tree, save_tree  # noqa: E402
-from cas.faulty import FaultyBackend  # noqa: E402
-from cas_helpers import ENV_KEY, random_tree, read_tree, write_tree  # noqa: E402
-from s3_servers import S3Bucket  # noqa: E402
+from cas_helpers import ENV_KEY, random_tree, read_tree, write_tree
+from s3_servers import S3Bucket
+
+from cas import BlobStore, Scope, load_tree, save_tree
+from cas.faulty import FaultyBackend
 
 
 def s3_store_and_scope(bucket: S3Bucket) -> tuple[BlobStore, Scope, FaultyBackend, FaultyBackend]:
@@ -95,3 +96,38 @@ def test_16_concurrent_savers_lose_no_entry(s3_bucket: S3Bucket, tmp_path: Path)
     union = {rel: data for tree in trees for rel, data in tree.items()}
     loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
     assert not loaded.misses and contents(tmp_path / "dst") == union
+
+
+def test_endpoint_stopped_mid_load_ends_in_bounded_time(tmp_path: Path) -> None:
+    """The server goes away between the manifest read and the first blob read: the load ends quickly with a clear
+    StoreUnavailable (or misses), never a hang, and every file it did write is whole."""
+    import threading
+    import time
+
+    from s3_servers import stoppable_moto_server
+
+    from cas.errors import StoreUnavailable
+
+    with stoppable_moto_server() as (endpoint, stop):
+        endpoint.create_bucket("midload")
+        bucket = S3Bucket(endpoint, "midload")
+        files = make_tree(tmp_path / "src", seed=3, n=200)
+        save_tree(tmp_path / "src", BlobStore(bucket.backend("org"), create=True),
+                  Scope(bucket.backend("scope"), create=True), ENV_KEY)
+        stopped = threading.Event()
+
+        def stop_before_first_blob(verb: str, key: str) -> None:
+            if key.startswith("blobs/") and verb in ("get", "open") and not stopped.is_set():
+                stopped.set()
+                stop()
+
+        store = BlobStore(FaultyBackend(bucket.backend("org", read_timeout_s=1), before=stop_before_first_blob))
+        started = time.monotonic()
+        try:
+            result = load_tree(tmp_path / "dst", store, Scope(bucket.backend("scope")), ENV_KEY, threads=8)
+            assert result.misses  # the other acceptable outcome: the files it could not fetch are misses
+        except StoreUnavailable:
+            pass
+        assert stopped.is_set() and time.monotonic() - started < 5
+    restored = contents(tmp_path / "dst") if (tmp_path / "dst").exists() else {}
+    assert all(files[rel] == data for rel, data in restored.items())
