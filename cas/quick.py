@@ -27,27 +27,26 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 import blake3
 
-from . import limits
-from .errors import UnsafePath
+from . import layout, limits
+from .errors import CasError, UnsafePath
 from .index import INDEX_NAME, Index
 from .manifest import Entry, Manifest, loads
 from .paths import check_entry_path
-from .roots import ROOT_SUFFIX, parse_root
-from .scope import MANIFEST_SUFFIX, Scope, check_env_key, read_scope_id
+from .roots import parse_root
+from .scope import Scope, check_env_key, read_scope_id
+from .posix import PosixBackend
+from .storage import Backend, NotFound
 from .tree import Unreadable, walk
 
 log = logging.getLogger("cas.quick")
 
 # Reads in flight: manifest, scope.id, gc root (the guessed one too), audit marker.
 THREADS = 5
-_FIRST_READ = 1 << 20
-_NEXT_READ = 8 << 20
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 # (scope root, store root) -> the scope.id last read there (a guess only, see the module docstring).
 _last_scope_id: dict[tuple[str, str], str] = {}
@@ -79,9 +78,9 @@ def nothing_new(
     manifest_path = scope.manifest_path(env_key)
     try:
         pool = _pool()
-        manifest_f = pool.submit(_read, manifest_path, limits.MAX_MANIFEST_BYTES)
-        root_f = _gc_root(pool, store_root, scope.root, env_key)
-        audit_f = pool.submit(_exists, scope.audit_path(env_key))
+        manifest_f = pool.submit(_read, scope.backend, layout.manifest(env_key), limits.MAX_MANIFEST_BYTES)
+        root_f = _gc_root(pool, store_root, scope, env_key)
+        audit_f = pool.submit(_exists, scope.backend, layout.audit(env_key))
         entries = _local_entries(src)  # this thread, while the volume answers
         if entries is None:
             return None  # reads still in flight finish on their own
@@ -108,7 +107,7 @@ def _overlaps_scope(src: str, scope_root: str) -> bool:
     return here == there or here.startswith(there + "/") or there.startswith(here.rstrip("/") + "/")
 
 
-def _pool() -> "_Readers":
+def _pool() -> _Readers:
     """Reader threads kept for the process: starting threads costs milliseconds on a busy machine, more than the
     reads themselves. A child after fork(2) starts its own (the parent's threads do not exist there)."""
     global _POOL, _POOL_PID
@@ -146,14 +145,15 @@ class _Readers:
             del future, fn, args
 
 
-def _gc_root(pool: _Readers, store_root, scope_root: str, env_key: str) -> Future:
+def _gc_root(pool: _Readers, store_root, scope: Scope, env_key: str) -> Future:
     """A future of the parsed gc root of this scope and environment (None: absent or unreadable).
 
     `scope.id` and the store root are found concurrently, then the root is read. When this process read `scope.id`
     before, the root under that id is read at the same time as `scope.id` (parallel round trips instead of serial
     ones) and used only if the id read now is the same."""
     result: Future = Future()
-    scope_id_f = pool.submit(read_scope_id, scope_root)
+    scope_root = scope.root
+    scope_id_f = pool.submit(read_scope_id, scope.backend)
     store_f = pool.submit(_store_and_guess, pool, store_root, scope_root, env_key)
     pending = [2]
     lock = threading.Lock()
@@ -170,7 +170,7 @@ def _gc_root(pool: _Readers, store_root, scope_root: str, env_key: str) -> Futur
                 result.set_result(None)
                 return
             with _last_lock:
-                _last_scope_id[(scope_root, store)] = scope_id
+                _last_scope_id[(scope_root, store.location)] = scope_id
             if guessed is not None and guess == scope_id:
                 guessed.add_done_callback(lambda f: _copy(f, result))
             else:
@@ -185,8 +185,9 @@ def _gc_root(pool: _Readers, store_root, scope_root: str, env_key: str) -> Futur
 
 
 def _store_and_guess(pool: _Readers, store_root, scope_root: str, env_key: str):
-    store = os.path.abspath(os.fspath(store_root() if callable(store_root) else store_root))
-    guess = _last_scope_id.get((scope_root, store))
+    found = store_root() if callable(store_root) else store_root
+    store = found if isinstance(found, Backend) else PosixBackend(found)
+    guess = _last_scope_id.get((scope_root, store.location))
     return store, guess, pool.submit(_root, store, guess, env_key) if guess else None
 
 
@@ -219,49 +220,32 @@ def _local_entries(src: str) -> dict[str, Entry] | None:
     return entries
 
 
-def _read(path: str, limit: int) -> bytes | None:
-    """The bytes of the file at `path` (not followed if a symlink), or None if absent, unreadable or over `limit`.
-    No fstat: on the volume it is a request, and a read of less than asked is the end of a regular file."""
+def _read(backend: Backend, key: str, limit: int) -> bytes | None:
+    """The object's bytes, or None if absent, unreadable, planted or over `limit` (every doubt is a "maybe")."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError:
+        return backend.get(key, limit=limit)
+    except CasError:
         return None
-    try:
-        chunks: list[bytes] = []
-        size, want = 0, min(_FIRST_READ, limit + 1)
-        while True:
-            chunk = os.read(fd, want)
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return None
-            if len(chunk) < want:
-                return chunk if len(chunks) == 1 else b"".join(chunks)
-            want = min(_NEXT_READ, limit + 1 - size)
-    except OSError:  # a directory (EISDIR), an I/O error
-        return None
-    finally:
-        os.close(fd)
 
 
-def _exists(path: str) -> bool:
-    """Anything at `path` (a dangling symlink too: when in doubt, the audit runs). One lookup when absent."""
+def _exists(backend: Backend, key: str) -> bool:
+    """Anything at `key` (something planted too: when in doubt, the audit runs)."""
     try:
-        os.lstat(path)
-    except FileNotFoundError:
+        backend.stat(key)
+    except NotFound:
         return False
-    except OSError:
+    except CasError:
         return True  # unknown: treat as present, so the answer is "maybe"
     return True
 
 
-def _root(store: str, scope_id: str, env_key: str):
-    path = os.path.join(store, "roots", scope_id, env_key + ROOT_SUFFIX)
-    data = _read(path, limits.MAX_SMALL_FILE_BYTES)
+def _root(store: Backend, scope_id: str, env_key: str):
+    key = layout.root(scope_id, env_key)
+    data = _read(store, key, limits.MAX_SMALL_FILE_BYTES)
     if data is None:
         return None
     try:
-        return parse_root(path, data, 0.0)
+        return parse_root(key, data, 0.0)
     except Exception:  # noqa: BLE001 - msgpack's assorted errors on a garbage root: "maybe"
         return None
 

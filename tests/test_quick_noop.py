@@ -193,18 +193,23 @@ def test_local_walk_takes_what_scan_takes(tmp_path):
 
 
 def test_read_limits(tmp_path):
-    p = tmp_path / "f"
-    p.write_bytes(b"x" * 100)
-    assert quick._read(str(p), 100) == b"x" * 100
-    assert quick._read(str(p), 99) is None
-    assert quick._read(str(tmp_path), 100) is None  # a directory
-    assert quick._read(str(tmp_path / "absent"), 100) is None
-    os.symlink(p, tmp_path / "link")
-    assert quick._read(str(tmp_path / "link"), 100) is None  # never followed
+    from cas.posix import PosixBackend
+
+    b = PosixBackend(tmp_path)
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    assert quick._read(b, "f", 100) == b"x" * 100
+    assert quick._read(b, "f", 99) is None
+    (tmp_path / "d").mkdir()
+    assert quick._read(b, "d", 100) is None  # a directory
+    assert quick._read(b, "absent", 100) is None
+    os.symlink(tmp_path / "f", tmp_path / "link")
+    assert quick._read(b, "link", 100) is None  # never followed
+    os.mkfifo(tmp_path / "fifo")
+    assert quick._read(b, "fifo", 100) is None  # never blocks
     big = tmp_path / "big"
-    big.write_bytes(os.urandom(3 * quick._FIRST_READ + 5))
-    assert quick._read(str(big), 1 << 30) == big.read_bytes()
-    assert quick._read(str(big), 3 * quick._FIRST_READ + 4) is None
+    big.write_bytes(os.urandom(3 * (1 << 20) + 5))
+    assert quick._read(b, "big", 1 << 30) == big.read_bytes()
+    assert quick._read(b, "big", 3 * (1 << 20) + 4) is None
 
 
 def _child_check(args, out):
