@@ -131,3 +131,76 @@ def test_endpoint_stopped_mid_load_ends_in_bounded_time(tmp_path: Path) -> None:
         assert stopped.is_set() and time.monotonic() - started < 5
     restored = contents(tmp_path / "dst") if (tmp_path / "dst").exists() else {}
     assert all(files[rel] == data for rel, data in restored.items())
+
+
+# -- savers in processes of their own (tests/s3_worker.py), endpoint and credentials from the AWS_* variables ------
+
+WORKER = Path(__file__).with_name("s3_worker.py")
+
+
+def worker_env(bucket: S3Bucket, kill_at: str | None = None) -> dict[str, str]:
+    from s3_servers import clean_client_environ
+
+    env = {k: v for k, v in clean_client_environ().items() if k != "CAS_KILL_AT"}
+    env.update(bucket.endpoint.env())
+    if kill_at:
+        env["CAS_KILL_AT"] = kill_at
+    return env
+
+
+def run_saver(bucket: S3Bucket, src: Path, *, kill_at: str | None = None, stale_after: float = 30.0,
+              timeout: float = 120) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "save", str(src), "--store", f"{bucket.url}/org/b10_cas",
+         "--scope", f"{bucket.url}/model/compile_cache", "--stale-after", str(stale_after)],
+        env=worker_env(bucket, kill_at), capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_16_processes_save_overlapping_trees_into_one_manifest(seaweed_bucket: S3Bucket, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    core = random_tree(random.Random(11), 40, max_size=4000)
+    union = dict(core)
+    for i in range(16):
+        own = {f"replica{i}/{rel}": data for rel, data in random_tree(random.Random(200 + i), 4).items()}
+        write_tree(tmp_path / f"src{i}", {**core, **own})
+        union.update(own)
+    procs = [subprocess.Popen(
+        [sys.executable, str(WORKER), "save", str(tmp_path / f"src{i}"), "--store",
+         f"{seaweed_bucket.url}/org/b10_cas", "--scope", f"{seaweed_bucket.url}/model/compile_cache"],
+        env=worker_env(seaweed_bucket), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(16)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 16, outputs
+    store, scope, _, _ = s3_store_and_scope(seaweed_bucket)
+    loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
+    assert not loaded.misses and contents(tmp_path / "dst") == union
+
+
+@pytest.mark.parametrize("kill_at", ["hashed", "blob-written:1", "uploaded", "locked", "blob-written:2",
+                                     "manifest-renamed"])
+def test_sigkill_mid_save_loses_nothing(moto_bucket: S3Bucket, tmp_path: Path, kill_at: str) -> None:
+    """A saver SIGKILLed at each stage: the manifest is the old one or the new one, whole; every file it names
+    loads; the next saver (after the dead one's lock goes stale) completes the save."""
+    old = random_tree(random.Random(21), 60, max_size=8000)
+    new = {**old, **{f"later/{rel}": data for rel, data in random_tree(random.Random(22), 30).items()}}
+    write_tree(tmp_path / "old", old)
+    write_tree(tmp_path / "new", new)
+    assert run_saver(moto_bucket, tmp_path / "old")[0] == 0
+
+    code, output = run_saver(moto_bucket, tmp_path / "new", kill_at=kill_at)
+    assert code == -9, output
+    store, scope, _, _ = s3_store_and_scope(moto_bucket)
+    after_kill = load_tree(tmp_path / "dst1", store, scope, ENV_KEY, threads=8)
+    assert not after_kill.misses
+    assert contents(tmp_path / "dst1") in (old, new)
+
+    code, output = run_saver(moto_bucket, tmp_path / "new", stale_after=2.0)
+    assert code == 0, output
+    final = load_tree(tmp_path / "dst2", store, scope, ENV_KEY, threads=8)
+    assert not final.misses and contents(tmp_path / "dst2") == new
