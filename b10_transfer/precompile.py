@@ -479,6 +479,11 @@ def write_entries(cache_dir: Path) -> int:
                            "cache hits, which torch cannot serialize); the stored entry, if any, stays",
                            record.name, key[:16], problem)
             continue
+        problem = _record_module_globals(entry)
+        if problem:
+            logger.warning("precompile: not saving %s entry dynamo/%s: %s; the stored entry, if any, stays",
+                           record.name, key[:16], problem)
+            continue
         codes = _guarded_codes(entry)
         if 0 <= record.loaded_codes and codes <= record.loaded_codes:
             continue  # the loaded entry already holds all of it
@@ -491,6 +496,41 @@ def write_entries(cache_dir: Path) -> int:
         written += 1
         logger.info("precompile: wrote %s entry dynamo/%s (%d compiled codes)", record.name, key[:16], codes)
     return written
+
+
+def _record_module_globals(entry: Any) -> str | None:
+    """Make the entry name every module its compiled bytecode loads as a Dynamo-made global; None if it does.
+
+    Dynamo loads a module the frame's globals lack through a global it installs by id (`___module_collections_
+    <id>_c0`, e.g. for transformers' ModelOutput), which torch 2.13 does not record in the entry: a reader's
+    compiled code then fails with a NameError. The writer still has those globals, so they are added to the
+    entry's import_sources, which the reader installs. Any other such global makes the entry unusable."""
+    for code in entry.dynamo.codes:
+        module = sys.modules.get(code.python_module)
+        if module is None:
+            return f"module {code.python_module} of a compiled frame is not imported"
+        for name in _global_names(code):
+            if not name.startswith("___") or name in code.import_sources:
+                continue
+            value = module.__dict__.get(name)
+            if isinstance(value, types.ModuleType):
+                code.import_sources[name] = value.__name__
+            elif name not in code.backend_ids and name not in code.function_names:
+                return f"its compiled code loads {name}, a global of this process that torch does not save"
+    return None
+
+
+def _global_names(code: Any) -> set[str]:
+    """Names the compiled bytecode of one code entry (all its guarded codes, nested code objects too) loads."""
+    from torch._dynamo.package import SerializedCode
+
+    names: set[str] = set()
+    stack = [SerializedCode.to_code_object(g.dynamo_code) for g in code.guarded_codes]
+    while stack:
+        co = stack.pop()
+        names.update(co.co_names)
+        stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    return names
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -30,6 +30,7 @@ MAX_ABS_ERR = 1e-4  # float32 on the CPU: rounding only
 RESULT = "PRECOMPILE_RESULT "
 
 MODEL_SOURCE = '''
+import collections
 import dataclasses
 import torch
 
@@ -51,6 +52,15 @@ class Block(torch.nn.Module):
         return self.norm(ACTIVATION(self.lin(x)) * self.cfg.scale + x)
 
 
+class TinyOutput(collections.OrderedDict):
+    """Returned like transformers' ModelOutput (an OrderedDict): Dynamo's code that rebuilds it loads the module
+    `collections` through a global torch 2.13 does not save in the entry (precompile._record_module_globals)."""
+
+    @property
+    def logits(self):
+        return self["logits"]
+
+
 class Tiny(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -61,7 +71,7 @@ class Tiny(torch.nn.Module):
     def forward(self, x):
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        return TinyOutput(logits=self.head(x))
 '''
 
 REPLICA = '''
@@ -91,8 +101,8 @@ if spec.get("corrupt_entry"):
 compiled = b10_transfer.compile(model)
 inputs = [torch.randn(b, 32, generator=torch.Generator().manual_seed(b)) for b in spec["batches"]]
 with torch.no_grad():
-    got = [compiled(x) for x in inputs]
-    want = [model(x) for x in inputs]
+    got = [compiled(x).logits for x in inputs]
+    want = [model(x).logits for x in inputs]
 out["max_abs_err"] = max(float((g - w).abs().max()) for g, w in zip(got, want))
 if spec.get("drop_backends"):
     from torch._dynamo.precompile_context import PrecompileContext

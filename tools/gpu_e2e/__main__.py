@@ -143,7 +143,7 @@ class Runner:
                 "B10FS_ORG_CACHE_DIR": os.path.join(r, "org", self.base, model, name)}
 
     def spawn(self, verb: str, model: str, case: str, spec: dict, *, local: str | None,
-              impl: str | None, vol: dict | None) -> dict:
+              impl: str | None, vol: dict | None, case_env: dict | None = None) -> dict:
         if self.over_budget():
             res = {"case": case, "ok": False, "skipped": True,
                    "error": f"not run: --budget-s {self.a.budget_s:.0f} s spent"}
@@ -176,6 +176,7 @@ class Runner:
                 if vol and k in vol:
                     os.makedirs(vol[k], exist_ok=True)
         env.update(self.extra_env)
+        env.update(case_env or {})
         if impl:
             env.update(dict(kv.split("=", 1) for kv in getattr(self.a, f"env_{impl}")))
         spec = dict(spec, case=case, device=self.a.device, impl=impl,
@@ -276,6 +277,33 @@ class Runner:
                 C[f"{impl}-C"] = self.spawn("run", model, f"{impl}-C", spec(allshapes, load=True),
                                             local=None, impl=impl, vol=vol)
                 self.flush()
+        if "ours" in impls:
+            self.run_precompile(model, C, spec, allshapes, p, cases)
+
+    def run_precompile(self, model: str, C: dict, spec, allshapes: list, p: dict,
+                       cases: set[str]) -> None:
+        """Issue 16: ours with B10_TRANSFER_PRECOMPILE=1 and b10_transfer.compile, replicas A -> B -> C
+        on a volume of their own; "pc-hot": a writer in the mode on the hot volume of the ours
+        replicas (no Dynamo entry there, every graph an Inductor cache hit)."""
+        pc = {"B10_TRANSFER_PRECOMPILE": "1"}
+        if "precompile" in cases:
+            vol = self.volume(model, "ours-pc")
+            C["ours-pc-A"] = self.spawn("run", model, "ours-pc-A",
+                                        spec(p["set1"], save=True, precompile=True),
+                                        local=None, impl="ours", vol=vol, case_env=pc)
+            C["ours-pc-B"] = self.spawn("run", model, "ours-pc-B",
+                                        spec(allshapes, load=True, save=True, precompile=True),
+                                        local=None, impl="ours", vol=vol, case_env=pc)
+            C["ours-pc-C"] = self.spawn("run", model, "ours-pc-C",
+                                        spec(allshapes, load=True, save=True, precompile=True),
+                                        local=None, impl="ours", vol=vol, case_env=pc)
+            self.flush()
+        if "pc-hot" in cases and C.get("ours-C", {}).get("ok"):
+            vol = self.volume(model, "ours-replicas")
+            C["ours-pc-hot"] = self.spawn("run", model, "ours-pc-hot",
+                                          spec(allshapes, load=True, save=True, precompile=True),
+                                          local=None, impl="ours", vol=vol, case_env=pc)
+            self.flush()
 
     def env_info(self) -> None:
         spec_path = os.path.join(self.out, "specs", "env.json")
@@ -327,7 +355,9 @@ def main(argv=None) -> int:
                     help=f"comma list of {','.join(e2e_models.PRESETS)}")
     ap.add_argument("--cases", default="baseline,single,replicas",
                     help="comma list: baseline (prime, cold, hot local), single (seed save + "
-                         "load into an empty cache), replicas (A -> B -> C)")
+                         "load into an empty cache), replicas (A -> B -> C), precompile (ours "
+                         "replicas with B10_TRANSFER_PRECOMPILE=1), pc-hot (a writer in the mode "
+                         "on the hot ours-replicas volume)")
     ap.add_argument("--quick", action="store_true",
                     help="small models: a GPU smoke run (or a CPU one with --device cpu)")
     ap.add_argument("--size", choices=("full", "quick", "tiny"), default=None,

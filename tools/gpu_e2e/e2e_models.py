@@ -62,6 +62,31 @@ PRESETS: dict[str, dict[str, dict]] = {
             set1=[[1, 16]], set2=[[1, 48]],
         ),
     },
+    # A second causal-LM architecture (issue 16): Qwen2 has grouped-query attention and biased q/k/v
+    # projections; same size class and shapes as "llama".
+    "qwen2": {
+        "full": dict(
+            kind="qwen2", mode="default", dtype="bfloat16",
+            cfg=dict(num_hidden_layers=8, hidden_size=2048, intermediate_size=5632,
+                     num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                     max_position_embeddings=2048),
+            set1=[[1, 128]], set2=[[1, 512], [4, 256]],
+        ),
+        "quick": dict(
+            kind="qwen2", mode="default", dtype="bfloat16",
+            cfg=dict(num_hidden_layers=2, hidden_size=1024, intermediate_size=2816,
+                     num_attention_heads=8, num_key_value_heads=2, vocab_size=32000,
+                     max_position_embeddings=2048),
+            set1=[[1, 128]], set2=[[1, 512]],
+        ),
+        "tiny": dict(
+            kind="qwen2", mode="default", dtype="float32",
+            cfg=dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                     max_position_embeddings=256),
+            set1=[[1, 16]], set2=[[1, 48]],
+        ),
+    },
     "timm": {
         "full": dict(
             kind="timm", mode="default", dtype="bfloat16", arch="resnet50",
@@ -79,6 +104,10 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+# kind -> (transformers config class, model class), all built from a config with random weights
+CAUSAL_LM = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
 def preset(model: str, size: str) -> dict:
     if model not in PRESETS:
         raise SystemExit(f"unknown model {model!r}; choose from {sorted(PRESETS)}")
@@ -88,10 +117,11 @@ def preset(model: str, size: str) -> dict:
 def describe(p: dict) -> str:
     """One line for the report."""
     shapes = lambda s: ", ".join("(" + ",".join(map(str, x)) + ")" for x in s)  # noqa: E731
-    if p["kind"] == "llama":
+    if p["kind"] in CAUSAL_LM:
         c = p["cfg"]
-        what = (f"LlamaForCausalLM {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-                f"ffn {c['intermediate_size']}, heads {c['num_attention_heads']}, vocab {c['vocab_size']}")
+        what = (f"{CAUSAL_LM[p['kind']][1]} {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+                f"ffn {c['intermediate_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']} kv, "
+                f"vocab {c['vocab_size']}")
     else:
         what = f"timm {p['arch']} (channels_last)"
     return (f"{what}, {p['dtype']}, mode={p['mode']}; set 1: {shapes(p['set1'])}; "
@@ -108,14 +138,15 @@ def build(p: dict, device: str):
 
     dtype = getattr(torch, p["dtype"])
     gen = torch.Generator(device="cpu").manual_seed(0)
-    if p["kind"] == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+    if p["kind"] in CAUSAL_LM:
+        import transformers
 
-        cfg = LlamaConfig(**p["cfg"])
+        config_name, model_name = CAUSAL_LM[p["kind"]]
+        cfg = getattr(transformers, config_name)(**p["cfg"])
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
         with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(dtype)
+            model = getattr(transformers, model_name)(cfg).to(dtype)
         model.eval()
         vocab = p["cfg"]["vocab_size"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 ROW_ORDER = ["cold", "hot", "peer-load", "ours-load", "peer-A", "peer-B", "peer-C",
-             "ours-A", "ours-B", "ours-C"]
+             "ours-A", "ours-B", "ours-C", "ours-pc-A", "ours-pc-B", "ours-pc-C", "ours-pc-hot"]
 WHAT = {
     "prime": "page-cache primer (not a measurement)",
     "cold": "empty Inductor cache",
@@ -16,6 +16,10 @@ WHAT = {
     "ours-A": "ours replica A: set 1, save",
     "ours-B": "ours replica B: load, sets 1+2, save",
     "ours-C": "ours replica C: load, sets 1+2",
+    "ours-pc-A": "ours + B10_TRANSFER_PRECOMPILE replica A: set 1, save",
+    "ours-pc-B": "ours + precompile replica B: load, sets 1+2, save",
+    "ours-pc-C": "ours + precompile replica C: load, sets 1+2, save",
+    "ours-pc-hot": "ours + precompile on the ours-replicas volume (no entry, hot Inductor cache)",
 }
 
 
@@ -207,6 +211,7 @@ def render(results: dict) -> str:
                           f"{(C.get('peer-B') or {}).get('save_status')}")
         if oc and oc.get("ok"):
             checks.append(f"ours C FX-graph hit/miss {fx(oc)}, AOT {aot(oc)}")
+        checks.extend(precompile_checks(C, hot))
         if ol and ol.get("ok") and "load_s" in ol:
             checks.append(f"ours load of the full cache {ol['load_s']:.2f} s (goal ≤ 0.3 s): "
                           f"{'met' if ol['load_s'] <= 0.3 else 'NOT met'}")
@@ -231,3 +236,39 @@ def render(results: dict) -> str:
             out.extend(f"- {c}" for c in checks)
             out.append("")
     return "\n".join(out) + "\n"
+
+
+def dynamo(res) -> str:
+    """Dynamo cache hit/miss/error and frames traced (stats.unique_graphs) of one process."""
+    if not res.get("counters"):
+        return "–"
+    return (f"dynamo hit/miss/error {_ctr(res, 'dynamo_cache', 'dynamo_cache_hit')}/"
+            f"{_ctr(res, 'dynamo_cache', 'dynamo_cache_miss')}/"
+            f"{_ctr(res, 'dynamo_cache', 'dynamo_cache_error')}, graphs traced "
+            f"{_ctr(res, 'stats', 'unique_graphs')}")
+
+
+def precompile_checks(C: dict, hot: dict) -> list[str]:
+    """Issue 16's goals for replica C in the mode: compile+first <= 0.5x hot, ready <= 0.75x hot."""
+    out = []
+    pcC, oc = C.get("ours-pc-C"), C.get("ours-C")
+    for name in ("ours-pc-A", "ours-pc-B", "ours-pc-C", "ours-pc-hot"):
+        r = C.get(name)
+        if r and r.get("ok"):
+            ent = r.get("dynamo_entries") or {}
+            out.append(f"{name}: {dynamo(r)}, FX {fx(r)}, AOT {aot(r)}; local dynamo/ "
+                       f"{ent.get('files', 0)} files {_mb(ent.get('bytes'))} MB; save "
+                       f"{r.get('save_status')}")
+    if not (pcC and pcC.get("ok") and hot.get("ok")):
+        return out
+    cf = pcC["compile_first_run_s"] / hot["compile_first_run_s"]
+    rd = pcC["ready_s"] / hot["ready_s"]
+    out.append(f"ours-pc C compile+first run {cf:.2f}× hot local (goal ≤ 0.5×): "
+               f"{'met' if cf <= 0.5 else 'NOT met'}")
+    out.append(f"ours-pc C time-to-ready {rd:.2f}× hot local (goal ≤ 0.75×): "
+               f"{'met' if rd <= 0.75 else 'NOT met'}")
+    if oc and oc.get("ok"):
+        out.append(f"ours-pc C vs ours C (no mode): compile+first run "
+                   f"{pcC['compile_first_run_s'] / oc['compile_first_run_s']:.2f}×, ready "
+                   f"{pcC['ready_s'] / oc['ready_s']:.2f}×")
+    return out

@@ -157,10 +157,13 @@ def main(spec_path: str) -> int:
         import e2e_models
 
         p = spec["preset"]
-        if p["kind"] == "llama":
+        if p["kind"] in e2e_models.CAUSAL_LM:
             # the model classes too: transformers imports them lazily, and that import is
             # seconds of "imports", not of "model build"
-            from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+            import transformers
+
+            for name in e2e_models.CAUSAL_LM[p["kind"]]:
+                getattr(transformers, name)
         else:
             import timm  # noqa: F401
         impl = spec.get("impl")
@@ -232,7 +235,12 @@ def main(spec_path: str) -> int:
             with open(spec["result"], "w") as fh:
                 json.dump(res, fh, indent=1, default=str)
             return 0
-        compiled = torch.compile(model, mode=None if p["mode"] == "default" else p["mode"])
+        mode = None if p["mode"] == "default" else p["mode"]
+        if spec.get("precompile"):
+            # B10_TRANSFER_PRECOMPILE=1 is in this process's environment (issue 16)
+            compiled = bt.compile(model, mode=mode)
+        else:
+            compiled = torch.compile(model, mode=mode)
         per_input = []
         outs = []
         with torch.no_grad():
@@ -260,8 +268,11 @@ def main(spec_path: str) -> int:
             res["rel_err_vs_eager"] = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
         from torch._dynamo.utils import counters
 
-        res["counters"] = {k: dict(counters[k]) for k in ("inductor", "aot_autograd", "stats")
-                           if k in counters}
+        res["counters"] = {k: dict(counters[k]) for k in ("inductor", "aot_autograd", "stats",
+                                                          "dynamo_cache") if k in counters}
+        if spec.get("precompile"):
+            dyn = os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""), "dynamo")
+            res["dynamo_entries"] = _walk(dyn)
         if probe is not None:
             res["autotune"] = probe.c
         res["local_after"] = _walk(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
