@@ -29,7 +29,7 @@ CHILD = Path(__file__).resolve().parent.parent / "tests" / "test_multiprocess_po
 MARKER = "B10_POD_RESULT "
 
 
-def _wait_for(paths: list[Path], timeout: float = 180.0) -> None:
+def _wait_for(paths: list[Path], timeout: float = 600.0) -> None:  # 4 torch imports on a busy box
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
         if time.monotonic() > deadline:
