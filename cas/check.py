@@ -27,7 +27,7 @@ from .roots import read_root
 from .scan import Listing, list_prefix, scan_area
 from .scope import Scope
 from .storage import Backend, BadObject, NotFound
-from .timing import DEFAULT_ROOT_TTL, UNROOTED_AGE  # noqa: F401 - UNROOTED_AGE re-exported for tests
+from .timing import DEFAULT_ROOT_TTL, UNROOTED_AGE
 
 log = logging.getLogger("cas.check")
 
@@ -248,11 +248,8 @@ def _check_roots(ck: _Checker, now: float, root_ttl: float, read_data: bool, rep
 
 def _check_scope(ck: _Checker, scope: Scope, now: float, read_data: bool) -> None:
     backend = scope.backend
-    entries, listing = list_prefix(backend, layout.MANIFESTS)
-    ck.res.problems += [_planted(backend, key) for key in listing.planted if key != layout.MANIFESTS]
-    if layout.MANIFESTS in listing.planted:
-        ck.res.problems.append(_planted(backend, layout.MANIFESTS))
-        return
+    entries, listing = list_prefix(backend, layout.MANIFESTS)  # a planted manifests/ itself lists nothing
+    ck.res.problems += [_planted(backend, key) for key in listing.planted]
     scope_id = scope.existing_scope_id()
     names = sorted(layout.name_of(i.key) for i in entries if i.kind == "object")
     for env_key in filter(None, map(layout.env_key_of_manifest, names)):

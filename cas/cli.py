@@ -19,9 +19,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any
 
 from . import layout, limits
 from .blobstore import BlobStore
@@ -248,7 +249,7 @@ def cmd_gc(store: BlobStore, scope: Scope | None, args, progress: Progress) -> i
     print(f"other:  {res.temp_deleted} temp files, {res.locks_deleted} stale locks, "
           f"{res.quarantine_deleted} quarantined blobs {would}removed")
     if res.over_max_size:
-        print(f"still {human(res.over_max_size)} over --max-size {human(res.max_size)}: every remaining root "
+        print(f"still {human(res.over_max_size)} over --max-size {human(res.max_size or 0)}: every remaining root "
               f"was used within the grace period")
     print(f"done in {res.seconds:.1f}s (grace {ago(res.grace)}{', dry run' if res.dry_run else ''})")
     return EXIT_PROBLEMS if failed else EXIT_OK
@@ -270,7 +271,8 @@ def cmd_check(store: BlobStore, scope: Scope | None, args, progress: Progress) -
               f"{res.roots_live} live roots ({res.roots_dead} dead), {res.manifests} manifests, {res.entries} "
               f"entries, {res.referenced_blobs} referenced blobs")
         if args.read_data:
-            print(f"read {res.blobs_read} blobs ({human(res.bytes_read)}){' subset ' + res.subset if res.subset else ''}")
+            part = f" subset {res.subset}" if res.subset else ""
+            print(f"read {res.blobs_read} blobs ({human(res.bytes_read)}){part}")
         print(f"{len(res.problems)} problem(s) in {res.seconds:.1f}s" if res.problems else
               f"no problems ({res.seconds:.1f}s)")
     return EXIT_PROBLEMS if res.problems else EXIT_OK
@@ -339,8 +341,9 @@ def _find_manifest(store: BlobStore, scope: Scope | None, name: str) -> Manifest
 def _ls_roots(store: BlobStore, scope: Scope | None, args) -> int:
     now = store.backend.now()
     listing = list_roots(store)
-    roots = [{"scope_id": r.scope_id, "env_key": r.env_key, "scope_path": r.scope_path, "manifest": r.manifest,
-              "last_used": r.mtime, "age_s": max(0.0, now - r.mtime)} for r in listing.roots]
+    roots: list[dict[str, Any]] = [
+        {"scope_id": r.scope_id, "env_key": r.env_key, "scope_path": r.scope_path, "manifest": r.manifest,
+         "last_used": r.mtime, "age_s": max(0.0, now - r.mtime)} for r in listing.roots]
     problems = [{"path": bad.path, "reason": bad.reason} for bad in listing.unreadable]
     problems += [{"path": os.path.join(store.root, k), "reason": "planted: not a plain object (never read)"}
                  for k in listing.planted]

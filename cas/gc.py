@@ -24,8 +24,8 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 from . import _faults, layout
 from .blobstore import BlobInfo, BlobStore, is_blob_id
@@ -314,7 +314,7 @@ class _Run:
                 garbage.append(b)
         self.report("trash", 0, len(garbage))
         outcomes = ["trashed"] * len(garbage) if self.dry_run else parallel_map(self._trash, garbage)
-        for b, outcome in zip(garbage, outcomes):
+        for b, outcome in zip(garbage, outcomes, strict=True):
             if outcome == "trashed":
                 res.blobs_trashed += 1
                 res.bytes_trashed += b.stored_size
@@ -365,7 +365,7 @@ class _Run:
         self.report("empty trash", 0, len(old))
         res.blobs_restored = len(back) if self.dry_run else sum(parallel_map(self._restore, back))
         deleted = [True] * len(old) if self.dry_run else parallel_map(self._delete_trash, old)
-        for t, ok in zip(old, deleted):
+        for t, ok in zip(old, deleted, strict=True):
             if ok:  # else a reader restored it meanwhile, or it changed since the listing
                 res.blobs_deleted += 1
                 res.bytes_deleted += t.stored_size
@@ -458,7 +458,7 @@ class _Run:
         )
 
 
-# -- leftovers, shared with `cas check` ---------------------------------------------------------------------------------
+# -- leftovers, shared with `cas check` --------------------------------------------------------------------------------
 @dataclass
 class Leftovers:
     temp: list[Leftover] = field(default_factory=list)
@@ -520,7 +520,7 @@ def old_quarantine(store: BlobStore, cutoff: float) -> list[Leftover]:
     return old
 
 
-# -- for tools and tests ------------------------------------------------------------------------------------------------
+# -- for tools and tests -----------------------------------------------------------------------------------------------
 def read_root_manifest(store: BlobStore, root: Root):
     """The full manifest a root names (validated as a load would). Brings its blob back from trash if needed (it is
     live). Raises BlobMissing, BlobCorrupt or ManifestError."""

@@ -13,8 +13,8 @@ load would refuse (an illegal path, a size out of range) only keeps blobs alive 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 
@@ -24,7 +24,7 @@ from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
 from .manifest import READABLE_VERSIONS, ZSTD_MAGIC, _decompress
 from .roots import Root, parse_root
 from .scan import SCAN_THREADS, list_prefix, parallel_map
-from .storage import BadObject, NotFound, ObjectInfo, ObjectTooLarge
+from .storage import BadObject, NotFound, ObjectInfo
 
 # Roots and manifests read at once: each is a stat and a read, so on a 2 ms volume or a 20 ms bucket the round trips,
 # not bandwidth, set the time; 32 in flight as elsewhere in `cas`.
@@ -95,7 +95,7 @@ def _unpack(data: bytes, source: object) -> object:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=False,
                                max_str_len=limits.MAX_PATH_BYTES, max_bin_len=_ID_BYTES, max_array_len=5,
                                max_map_len=max(limits.MAX_ENTRIES, limits.MAX_ENV_ITEMS))
-    except Exception as exc:  # msgpack raises assorted types on hostile input (ExtraData, StackError, ValueError...)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises assorted types on hostile input (ExtraData, StackError...)
         raise ManifestError(source, f"not a valid msgpack manifest ({type(exc).__name__}: {exc})") from None
 
 
@@ -146,7 +146,7 @@ def read_manifests(store: BlobStore, ids: set[str], parse: Parse, *, restore: bo
             return BlobCorrupt(f"manifest blob {manifest_id}: cannot read: {exc}")
 
     ordered = sorted(ids)
-    return dict(zip(ordered, parallel_map(one, ordered, threads)))
+    return dict(zip(ordered, parallel_map(one, ordered, threads), strict=True))
 
 
 def gc_refs(data: bytes, manifest_id: str) -> ManifestRefs:

@@ -7,9 +7,10 @@ list through one (`BadObject`). Such entries are returned as `planted`, for gc t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 from . import layout
 from .blobstore import BlobInfo, BlobStore, is_blob_id
@@ -29,7 +30,7 @@ class Listing:
     foreign: list[str] = field(default_factory=list)  # keys of plain objects that are not ours: never touched
     planted: list[str] = field(default_factory=list)  # keys of links, FIFOs, stray directories: never followed
 
-    def extend(self, other: "Listing") -> None:
+    def extend(self, other: Listing) -> None:
         self.blobs += other.blobs
         self.temp += other.temp
         self.foreign += other.foreign

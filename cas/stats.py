@@ -103,11 +103,12 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
     parsed = read_manifests(store, {r.manifest for r in roots.roots}, contents.parse(live_ids), restore=False)
     st.manifests_parsed = len(parsed)
 
-    live_count: Counter[str] = Counter(r.manifest for r in roots.roots if r.manifest in live_ids
-                                       and r.mtime >= now - root_ttl and isinstance(parsed[r.manifest], ManifestRefs))
+    good = {m: refs for m, refs in parsed.items() if isinstance(refs, ManifestRefs)}
+    live_count: Counter[str] = Counter(r.manifest for r in roots.roots
+                                       if r.mtime >= now - root_ttl and r.manifest in good)
     owners: Counter[str] = Counter()  # blob -> live roots keeping it
     for manifest_id, n in live_count.items():
-        for b in parsed[manifest_id].blobs:  # type: ignore[union-attr]
+        for b in good[manifest_id].blobs:
             owners[b] += n
     per_manifest: dict[str, tuple[int, int]] = {}  # manifest -> (stored bytes, exclusive bytes if named once)
 

@@ -241,7 +241,6 @@ def test_cli_defaults_agree_with_the_library(tmp_path):
     import inspect
 
     from b10_transfer.config import read_settings
-
     from cas import timing
     from cas.check import check
     from cas.cli import build_parser, default_org, default_scope

@@ -11,10 +11,10 @@ import pytest
 
 from cas import BlobStore, LockTimeout, Scope, load_tree, save_tree
 from cas.gc import GcRefused, collect
-from cas.timing import LOCK_EXPIRY
 from cas.lock import LockFile
 from cas.pack import PACK_FILE_MAX
 from cas.roots import iter_roots, root_path
+from cas.timing import LOCK_EXPIRY
 
 FRESHEN = 1
 GRACE = 2

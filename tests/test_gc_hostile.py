@@ -34,7 +34,7 @@ OLD = 10 * GRACE
 DAY = 86400
 
 
-# -- helpers ------------------------------------------------------------------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------------------------------
 def write(path, data: bytes = b"x", age: float = 0.0) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -80,7 +80,7 @@ def live_manifests_load(store: BlobStore, scopes, tmp) -> None:
 
 def victims(outside, fan: str) -> None:
     """Files a link-following gc would take: old blob-named files, temp files, stale locks, quarantine evidence."""
-    for i in range(3):
+    for _i in range(3):
         blob = fan + secrets.token_hex(31)
         write(outside / blob, b"not ours", 30 * DAY)
         write(outside / fan / blob, b"not ours either", 30 * DAY)
@@ -221,7 +221,7 @@ def test_planted_directory_link_is_reported_and_never_followed(world, where):
 
 def test_relative_trash_fan_link_into_blobs_never_unlinks_live_blobs(world):
     """trash/<xx> -> ../blobs/<xx>: gc used to see the live blobs of blobs/<xx> as old trash and unlink them."""
-    store, a, b, orphan, outside, tmp = world
+    store, a, b, _orphan, _outside, tmp = world
     live = a.read_manifest("gpu1").entries["big.bin"].stored_id
     fan = live[:2]
     os.makedirs(os.path.join(store.root, "trash"), exist_ok=True)
@@ -244,7 +244,7 @@ def test_relative_trash_fan_link_into_blobs_never_unlinks_live_blobs(world):
 
 
 def test_planted_locks_dir_makes_gc_refuse_at_once_and_check_report_it(world):
-    store, a, b, orphan, outside, tmp = world
+    store, a, b, _orphan, outside, tmp = world
     victims(outside, "67")
     link = os.path.join(store.root, "locks")
     _replace_with_link(link, outside)
@@ -265,7 +265,7 @@ def test_planted_locks_dir_makes_gc_refuse_at_once_and_check_report_it(world):
 
 def test_planted_roots_dir_stops_all_deletion(world):
     """With roots/ unlistable no root can be read: every blob would look like garbage. gc must stop instead."""
-    store, a, b, orphan, outside, tmp = world
+    store, a, b, orphan, _outside, tmp = world
     moved = tmp / "roots-moved"
     os.rename(os.path.join(store.root, "roots"), moved)
     os.symlink(moved, os.path.join(store.root, "roots"))
@@ -288,7 +288,7 @@ def _cas(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("where", ["locks/x.lock", "roots/x.root", "CAS-FORMAT", "locks/gc.lock"])
 def test_fifo_never_hangs_gc_check_or_stats(world, where):
-    store, a, b, orphan, outside, tmp = world
+    store, a, b, _orphan, _outside, _tmp = world
     if where == "roots/x.root":
         where = f"roots/{b.scope_id}/x.root"
     path = os.path.join(store.root, where)
@@ -313,7 +313,7 @@ def test_fifo_never_hangs_gc_check_or_stats(world, where):
     assert os.path.exists(path)  # never deleted: a FIFO is not ours to remove
 
 
-# -- many roots naming one huge manifest --------------------------------------------------------------------------------
+# -- many roots naming one huge manifest -------------------------------------------------------------------------------
 def _huge_org(tmp, roots: int, entries: int = 20_000) -> tuple[BlobStore, FaultyBackend, str]:
     tmp.mkdir()
     plain = BlobStore(tmp / "org", freshen_after=1)
@@ -376,14 +376,14 @@ def test_gc_fast_path_still_refuses_garbage_manifests(tmp_path):
     assert limits.MAX_MANIFEST_BYTES  # the same limits as a load's parser
 
 
-# -- races through the test seam ----------------------------------------------------------------------------------------
+# -- races through the test seam ---------------------------------------------------------------------------------------
 def _seamed(store: BlobStore) -> tuple[BlobStore, FaultyBackend]:
     faulty = FaultyBackend(PosixBackend(store.root))
     return BlobStore(faulty, create=False), faulty
 
 
 def test_save_freshening_a_blob_between_listing_and_second_stat_keeps_it(world):
-    store, a, b, orphan, outside, tmp = world
+    store, a, _b, orphan, _outside, _tmp = world
     seamed, faulty = _seamed(store)
     key = layout.blob(orphan)
 
@@ -399,7 +399,7 @@ def test_save_freshening_a_blob_between_listing_and_second_stat_keeps_it(world):
 def test_freshen_between_second_stat_and_move_then_commit_is_put_back(world):
     """FORMAT §5's narrow window: the freshen lands after gc's second stat; the blob goes to trash with a new trash
     time, the save commits a root naming it, and the next run puts it back (never deletes it)."""
-    store, a, b, orphan, outside, tmp = world
+    store, a, _b, orphan, _outside, _tmp = world
     seamed, faulty = _seamed(store)
     key = layout.blob(orphan)
 
@@ -422,7 +422,7 @@ def test_freshen_between_second_stat_and_move_then_commit_is_put_back(world):
 
 
 def test_dead_root_refreshed_before_its_delete_is_kept(world):
-    store, a, b, orphan, outside, tmp = world
+    store, a, b, _orphan, _outside, tmp = world
     seamed, faulty = _seamed(store)
     root_key = layout.root(b.scope_id, "gpu1")
     set_age(os.path.join(store.root, root_key), 31 * DAY)
@@ -445,7 +445,7 @@ def test_dead_root_refreshed_before_its_delete_is_kept(world):
 
 
 def test_stale_lock_retaken_before_its_delete_survives(world):
-    store, a, b, orphan, outside, tmp = world
+    store, a, _b, _orphan, _outside, _tmp = world
     lock = write(os.path.join(a.manifests, "gpu1.lock"), b"old holder", LOCK_EXPIRY + 60)
     faulty = FaultyBackend(PosixBackend(a.root))
     seamed_scope = Scope(faulty)
@@ -478,7 +478,7 @@ def test_timing_relations_hold_and_a_broken_one_is_caught(monkeypatch):
 
 def test_a_live_slot_at_the_stale_after_cap_is_not_swept(world):
     """A slot held with stale_after at the cap (3600 s) is refreshed every 1200 s: its lock may be that old."""
-    store, a, b, orphan, outside, tmp = world
+    store, a, _b, _orphan, _outside, _tmp = world
     slot = write(os.path.join(a.slots, "slot-0.lock"), b"live holder", heartbeat_interval(MAX_STALE_AFTER) + 60)
     res = collect(store, scope=a, grace=GRACE)
     assert res.locks_deleted == 0 and os.path.exists(slot)
@@ -489,7 +489,7 @@ def test_gc_dying_between_stamp_and_move_keeps_the_second_grace_period(world):
     never one in trash with its old mtime that the next run would delete at once."""
     from cas.errors import StoreUnavailable
 
-    store, a, b, orphan, outside, tmp = world
+    store, a, _b, orphan, _outside, _tmp = world
     seamed, faulty = _seamed(store)
     faulty.fail("move", layout.blob(orphan), StoreUnavailable("gc killed here"), times=1)
     with pytest.raises(StoreUnavailable):
