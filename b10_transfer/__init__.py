@@ -2,7 +2,8 @@
 
     from b10_transfer import load_compile_cache, save_compile_cache, OperationStatus
 
-Same public names as `b10-transfer`, plus `compile` (opt-in Dynamo warm start, b10_transfer/precompile.py); `b10_transfer.core` holds the directory-parametrised engine for other callers.
+Same public names as `b10-transfer`, plus `compile` (opt-in Dynamo warm start, b10_transfer/precompile.py);
+`b10_transfer.core` holds the directory-parametrised engine for other callers.
 """
 
 from .cache import clear_local_cache, load_compile_cache, save_compile_cache

@@ -24,8 +24,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 # The companion module (urllib, ctypes, the engine) is imported when the command runs, not when `b10_transfer` is:
 # the package re-exports save_vllm_compile_cache() from here, and `import b10_transfer` must stay cheap.

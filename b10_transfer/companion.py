@@ -43,9 +43,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cas.paths import is_transient
 
@@ -237,7 +237,7 @@ class _Op:
     def _run(self, fn) -> None:
         try:
             self.result = fn()
-        except BaseException as exc:  # reported by whoever reads the result
+        except BaseException as exc:  # noqa: BLE001 - reported by whoever reads the result
             self.exc = exc
         finally:
             self._done.set()
@@ -324,15 +324,16 @@ class Companion:
             return EXIT_NOT_READY
 
         code = self._save_now("first save after readiness", threads=BACKGROUND_SAVE_THREADS)
-        if self._stop.is_set():
-            return code  # a stop came during the save: _save_now made the final save
+        if self._stop.is_set():  # a stop came during the save: _save_now made the final save
+            return EXIT_OK if code is None else code
         if cfg.once:
             logger.info("--once: done")
             return EXIT_OK if code is None else code
         return self._watch()  # a first save that raised is retried like any failed save
 
     def _stopped_early(self, during: str) -> int:
-        logger.info("stopping on %s while %s: nothing saved (the server never reported ready)", self._stop_reason, during)
+        logger.info("stopping on %s while %s: nothing saved (the server never reported ready)",
+                    self._stop_reason, during)
         return EXIT_OK
 
     # phases -----------------------------------------------------------------------------------------------------
@@ -346,6 +347,7 @@ class Companion:
         if op.exc is not None:
             logger.error("load raised %s: %s; continuing without a cache", type(op.exc).__name__, op.exc)
             return OperationStatus.ERROR
+        assert op.result is not None  # the load returned
         status = op.result[0]
         if status is OperationStatus.ERROR:
             logger.warning("load failed (see the line above); vLLM compiles from scratch, saves will still be tried")
@@ -369,7 +371,8 @@ class Companion:
             if self._stop.is_set():
                 return None
             if cfg.pid is not None and not pid_alive(cfg.pid):
-                logger.error("server process %d exited before it reported ready (%.0fs); nothing saved", cfg.pid, waited)
+                logger.error("server process %d exited before it reported ready (%.0fs); nothing saved",
+                             cfg.pid, waited)
                 return False
             if waited > cfg.timeout_s:
                 logger.error("timed out after %.0fs waiting for readiness at %s (last answer: %s); nothing saved",
@@ -446,13 +449,14 @@ class Companion:
             s = dataclasses.replace(s, io_threads=threads)
         return s
 
-    def _start_save(self, why: str, threads: int | None) -> None:
+    def _start_save(self, why: str, threads: int | None) -> _Op:
         fp = fingerprint(self.cfg.cache_dir)
         self._saving_fp = fp
         self.saves += 1
         logger.info("saving (%s): %s", why, fp.describe())
         settings = self._settings(threads)
         self._saving = _Op("save", lambda: self._save(self.cfg.cache_dir, label=LABEL, settings=settings))
+        return self._saving
 
     def _collect_save(self) -> int | None:
         """If the running save finished: record its outcome; EXIT_SAVE_FAILED if it raised, else None."""
@@ -464,6 +468,7 @@ class Companion:
             self._failures += 1
             logger.error("save raised %s: %s", type(op.exc).__name__, op.exc, exc_info=op.exc)
             return EXIT_SAVE_FAILED
+        assert op.result is not None  # the save returned
         status = op.result[0]
         if status in (OperationStatus.SUCCESS, OperationStatus.SKIPPED):
             self._saved_fp = self._saving_fp
@@ -475,8 +480,8 @@ class Companion:
     def _save_now(self, why: str, threads: int | None) -> int | None:
         """Save and wait for it: None, or EXIT_SAVE_FAILED if it raised. If a stop request comes meanwhile, this
         becomes the final save (bounded by the final-save budget) and returns the exit code."""
-        self._start_save(why, threads)
-        while not self._saving.wait(0.2):
+        saving = self._start_save(why, threads)
+        while not saving.wait(0.2):
             if self._stop.is_set():
                 return self._final_save()
         code = self._collect_save()
@@ -521,8 +526,8 @@ class Companion:
             logger.info("stopped (%s): cache unchanged since the last save (%s); %d saves", self._stop_reason,
                         fp.describe(), self.saves)
             return EXIT_OK
-        self._start_save(f"final, {self._stop_reason}", threads=None)
-        if not self._saving.wait(max(0.0, deadline - time.monotonic())):
+        saving = self._start_save(f"final, {self._stop_reason}", threads=None)
+        if not saving.wait(max(0.0, deadline - time.monotonic())):
             return self._abandon()
         code = self._collect_save()
         logger.info("stopped (%s) after %d saves", self._stop_reason, self.saves)

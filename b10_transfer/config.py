@@ -13,9 +13,9 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from cas.recent import check_family
 
@@ -63,7 +63,7 @@ POD_LOCK_TIMEOUT_CAP_S = 3600
 
 # Values BASETEN_FS_ENABLED may take (as the peer); only the first three enable the volume.
 _TRUE_VALUES = ("1", "true", "True")
-_BOOL_VALUES = _TRUE_VALUES + ("0", "false", "False", "")
+_BOOL_VALUES = (*_TRUE_VALUES, "0", "false", "False", "")
 
 _MIB = 1024 * 1024
 
@@ -144,7 +144,8 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     enabled_raw = env.get("BASETEN_FS_ENABLED", "0")
     if enabled_raw not in _BOOL_VALUES:
-        raise CacheValidationError(f"BASETEN_FS_ENABLED must be one of {sorted(set(_BOOL_VALUES))}, got {enabled_raw!r}")
+        raise CacheValidationError(
+            f"BASETEN_FS_ENABLED must be one of {sorted(set(_BOOL_VALUES))}, got {enabled_raw!r}")
 
     volume_root = _volume_root(env.get("B10FS_VOLUME_ROOT", DEFAULT_VOLUME_ROOT))
     home_cache = Path(os.path.expanduser("~/.cache"))

@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from cas import BlobStore
-from cas import layout
+from cas import BlobStore, layout
 from cas.manifest import Entry, Manifest, loads
 from cas.recent import read_recent
 from cas.roots import read_root
@@ -28,8 +27,9 @@ logger = logging.getLogger("b10_transfer.family")
 # Siblings read per load: the most recent few carry what a new deployment of the model compiles; each costs a root
 # and a manifest read on every load of a family member, so the number stays small.
 SIBLINGS = 4
-# A sibling's manifest is read and decompressed only up to this size (a real one is ~300 KB for thousands of files, ~3 MB at 20,000):
-# four hostile manifests at the 64 MiB format limit would otherwise cost every family load a quarter GB.
+# A sibling's manifest is read and decompressed only up to this size (a real one is ~300 KB for thousands of files,
+# ~3 MB at 20,000): four hostile manifests at the 64 MiB format limit would otherwise cost every family load a
+# quarter GB.
 SIBLING_MANIFEST_BYTES = 16 << 20
 
 

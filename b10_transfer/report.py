@@ -15,7 +15,7 @@ logger = logging.getLogger("b10_transfer")
 
 _MB = 1024 * 1024
 _handler_lock = threading.Lock()
-_last: dict[str, "OperationStats"] = {}
+_last: dict[str, OperationStats] = {}
 
 
 @dataclass

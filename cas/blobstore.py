@@ -8,8 +8,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, cast
 
 import blake3
 import msgpack
@@ -189,7 +190,7 @@ class BlobStore:
         return True
 
     # -- writing -----------------------------------------------------------------------------------------------
-    def put_file(self, src: str, blob_id: str, size: int) -> int:
+    def put_file(self, src: str | int, blob_id: str, size: int) -> int:
         """Store local file `src`, which hashed to `blob_id`. Returns bytes written. Raises SourceChanged if the
         file no longer hashes to `blob_id`; the blob is then not stored."""
 
@@ -254,10 +255,10 @@ class BlobStore:
 
         return blob_id, self._put(blob_id, fill).size
 
-    def compressed_size(self, src: str) -> int:
+    def compressed_size(self, src: str | int) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""
         with localfs.open_source(src) as fh:
-            counter = self._cctx.stream_writer(_Counter(), closefd=False)
+            counter = self._cctx.stream_writer(cast(BinaryIO, _Counter()), closefd=False)  # duck-typed sink
             while chunk := fh.read(CHUNK):
                 counter.write(chunk)
             counter.flush(zstandard.FLUSH_FRAME)
@@ -343,8 +344,8 @@ class BlobStore:
         hasher = blake3.blake3()
         written = 0
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(_Prefixed(header, fh), read_across_frames=False,
-                                                                closefd=False)
+            reader = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, _Prefixed(header, fh)),  # duck-typed
+                                                                read_across_frames=False, closefd=False)
             while chunk := reader.read(CHUNK):
                 written += len(chunk)
                 if written > size:

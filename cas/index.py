@@ -44,7 +44,7 @@ class Index:
                                   max_map_len=limits.MAX_ENTRIES)
             for rel, (size, mtime, ino, ctime, blob) in doc["entries"].items():
                 self._entries[rel] = ((size, mtime, ino, ctime), blob.hex())
-        except Exception as exc:  # an optimisation only: start over
+        except Exception as exc:  # noqa: BLE001 - an optimisation only: start over
             log.debug("ignoring unreadable index %s: %s", self.path, exc)
             self._entries.clear()
 

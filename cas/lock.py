@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgpack
 
@@ -49,7 +49,7 @@ def _pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _at(target: "str | os.PathLike | Backend", key: str | None) -> tuple[Backend, str]:
+def _at(target: str | os.PathLike | Backend, key: str | None) -> tuple[Backend, str]:
     """(backend, key) of a lock given either both or a plain path on a volume (its directory is the backend)."""
     if isinstance(target, Backend):
         if key is None:
@@ -65,7 +65,7 @@ class LockFile:
 
     def __init__(
         self,
-        target: "str | os.PathLike | Backend",
+        target: str | os.PathLike | Backend,
         key: str | None = None,
         *,
         stale_after: float = timing.DEFAULT_STALE_AFTER,
@@ -106,7 +106,7 @@ class LockFile:
             return self._create()
         return False
 
-    def acquire(self) -> "LockFile":
+    def acquire(self) -> LockFile:
         deadline = self._clock() + self.timeout
         delay = _POLL_MIN_S
         while not self.try_acquire():
@@ -149,10 +149,10 @@ class LockFile:
 
     def _is_stale(self, content: bytes, mtime: float) -> bool:
         holder = _parse(content)
-        if holder and holder.get("host") == _HOST and isinstance(holder.get("pid"), int):
-            if holder["pid"] != os.getpid() and not _pid_alive(holder["pid"]):
-                log.info("breaking lock %s of dead local pid %s", self.path, holder["pid"])
-                return True
+        if (holder and holder.get("host") == _HOST and isinstance(holder.get("pid"), int)
+                and holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])):
+            log.info("breaking lock %s of dead local pid %s", self.path, holder["pid"])
+            return True
         now = self._clock()
         key = (content, mtime)
         first = self._seen.setdefault(key, now)
@@ -207,7 +207,7 @@ class LockFile:
     def still_held(self) -> bool:
         info = self._read()
         parsed = _parse(info[0]) if info else None
-        return bool(parsed) and parsed.get("token") == self._token
+        return bool(parsed) and parsed is not None and parsed.get("token") == self._token
 
     def release(self) -> None:
         self._stop.set()
@@ -229,7 +229,7 @@ class LockFile:
         info = self._read()
         return _describe(_parse(info[0]) if info else None)
 
-    def __enter__(self) -> "LockFile":
+    def __enter__(self) -> LockFile:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -239,7 +239,7 @@ class LockFile:
 def _parse(content: bytes) -> dict | None:
     try:
         value = msgpack.unpackb(content, raw=False, max_str_len=1024, max_map_len=16, max_array_len=16)
-    except Exception:
+    except Exception:  # noqa: BLE001 - msgpack's assorted errors on garbage: holder unknown
         return None
     return value if isinstance(value, dict) else None
 
@@ -251,7 +251,7 @@ def _describe(holder: dict | None) -> str:
 
 
 def acquire_slot(
-    target: "str | os.PathLike | Backend",
+    target: str | os.PathLike | Backend,
     slots: int,
     *,
     timeout: float,

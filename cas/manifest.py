@@ -42,7 +42,7 @@ class Entry:
         """The blob the store must keep for this entry: its pack, or the file's own blob."""
         return self.pack or self.blob_id
 
-    def located(self, pack: str | None, offset: int = 0) -> "Entry":
+    def located(self, pack: str | None, offset: int = 0) -> Entry:
         return Entry(self.blob_id, self.size, self.mode, pack, offset)
 
     def pack_fields(self) -> list:
@@ -75,7 +75,7 @@ class Manifest:
         """The subset of `entries` this manifest does not already hold identically."""
         return {p: e for p, e in entries.items() if self.entries.get(p) != e}
 
-    def merged(self, incoming: dict[str, Entry], env: dict[str, str], now: float | None = None) -> "Manifest":
+    def merged(self, incoming: dict[str, Entry], env: dict[str, str], now: float | None = None) -> Manifest:
         """Union with `incoming`; on a path held by both with different content, `incoming` (the newer save) wins."""
         now = time.time() if now is None else now
         entries = dict(self.entries)
@@ -136,7 +136,7 @@ def loads(data: bytes, source: object = "<manifest>", limit: int = limits.MAX_MA
         raise ManifestError(source, "trailing bytes after the manifest") from None
     except (ValueError, msgpack.UnpackException, RecursionError, MemoryError) as exc:
         raise ManifestError(source, f"not a valid msgpack manifest ({type(exc).__name__}: {exc})") from None
-    except Exception as exc:  # msgpack raises assorted types on hostile input (e.g. StackError for deep nesting)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises assorted types on hostile input (StackError: deep nesting)
         raise ManifestError(source, f"not a valid msgpack manifest ({type(exc).__name__}: {exc})") from None
 
     if not isinstance(doc, dict):

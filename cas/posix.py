@@ -21,8 +21,9 @@ import os
 import stat as stat_mod
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from . import _faults
 from .atomic import temp_name
@@ -571,7 +572,7 @@ class PosixBackend(Backend):
     def __del__(self) -> None:
         try:
             self._dirs.close_all()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a finalizer never raises
             pass
 
 
@@ -580,8 +581,8 @@ def _info(key: str, name: str, st: os.stat_result) -> ObjectInfo:
     if stat_mod.S_ISDIR(mode):
         return ObjectInfo(key + "/", 0, st.st_mtime, version_of(st), "prefix")
     if stat_mod.S_ISREG(mode):
-        kind = "temp" if name.startswith(TEMP_PREFIX) else "object"
-        return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st), kind)
+        return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st),
+                          "temp" if name.startswith(TEMP_PREFIX) else "object")
     return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st), "other")
 
 

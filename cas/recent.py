@@ -61,9 +61,9 @@ def _parse(data: bytes) -> list[tuple[str, float]]:
         return out
     for item in doc:
         if (isinstance(item, list) and len(item) == 2 and layout.is_scope_id(item[0])
-                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
-            if item[0] not in {s for s, _ in out}:
-                out.append((item[0], float(item[1])))
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
+                and item[0] not in {s for s, _ in out}):
+            out.append((item[0], float(item[1])))
     return out[:RECENT_MAX]
 
 

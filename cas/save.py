@@ -16,7 +16,6 @@ import blake3
 
 from . import _faults, layout, limits, localfs, pack, recent
 from .blobstore import BlobStore, SourceChanged
-from .index import Index
 from .errors import (
     BlobCorrupt,
     BlobMissing,
@@ -27,6 +26,7 @@ from .errors import (
     StoreUnavailable,
     TooLarge,
 )
+from .index import Index
 from .manifest import Entry, Manifest, loads
 from .roots import read_root, write_root
 from .scope import Scope, check_env_key
@@ -105,7 +105,7 @@ def save_tree(
         # A manifest whose gc root is missing or names another manifest may reference blobs gc has collected
         # (its root died, or a save died between manifest and root), and a loader that missed a blob asks for
         # an audit: re-check every entry instead of trusting the manifest.
-        audit = current is not None and (
+        audit = current is not None and data is not None and (  # a parsed manifest always has its bytes
             marker.result() or rooted.result() != blake3.blake3(data).hexdigest())
         delta = dict(entries) if audit or current is None else current.changes_from(entries)
         if not delta and not audit:
@@ -122,7 +122,7 @@ def save_tree(
         # An audit distrusts recorded locations (that is what it checks): its small files go into new packs.
         located = {} if audit else _located(store, scope, env_key, current, small, pool)
         present = list(pool.map(store.ensure_fresh, large))
-        missing = [bid for bid, ok in zip(large, present) if not ok]
+        missing = [bid for bid, ok in zip(large, present, strict=True) if not ok]
         to_pack = [b for b in small if b not in located]
         result.blobs_present = len(needed) - len(missing) - len(to_pack)
         require_free_bytes(store.backend, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
@@ -131,9 +131,10 @@ def save_tree(
         uploads = [pool.submit(_upload, store, bid, by_id[bid]) for bid in missing]
         groups = pack.plan([(bid, by_id[bid]) for bid in to_pack])
         # A pack is built in memory (at most PACK_TARGET bytes plus its frame): a few at a time bound the memory.
-        with ThreadPoolExecutor(max_workers=min(len(groups), PACK_WRITERS) or 1, thread_name_prefix="cas-pack") as packers:
+        with ThreadPoolExecutor(max_workers=min(len(groups), PACK_WRITERS) or 1,
+                                thread_name_prefix="cas-pack") as packers:
             packs = [packers.submit(_write_pack, store, group) for group in groups]
-            for bid, fut in zip(missing, uploads):
+            for bid, fut in zip(missing, uploads, strict=True):
                 written = fut.result()
                 if written is None:
                     changed.add(bid)
@@ -141,13 +142,14 @@ def save_tree(
                     result.blobs_uploaded += 1
                     result.bytes_uploaded += written
                     result.raw_bytes_uploaded += by_id[bid].size
-            for fut in packs:
-                written_pack = fut.result()
+            for pack_fut in packs:
+                written_pack = pack_fut.result()
                 changed.update(written_pack.changed)
-                for bid, offset in written_pack.offsets.items():
-                    located[bid] = (written_pack.pack_id, offset)
-                    result.blobs_uploaded += 1
-                    result.raw_bytes_uploaded += by_id[bid].size
+                if written_pack.pack_id is not None:  # else every file changed: no offsets
+                    for bid, offset in written_pack.offsets.items():
+                        located[bid] = (written_pack.pack_id, offset)
+                        result.blobs_uploaded += 1
+                        result.raw_bytes_uploaded += by_id[bid].size
                 result.bytes_uploaded += written_pack.stored_bytes
                 result.packs_written += written_pack.pack_id is not None
         # A file that changed under us is left for the next save: drop every entry that expected that content.
@@ -230,7 +232,7 @@ def _located(
         for manifest in _peer_manifests(store, scope, env_key, pool):
             collect(manifest)
     packs = sorted({p for spots in candidates.values() for p, _ in spots})
-    alive = {p for p, ok in zip(packs, pool.map(store.ensure_fresh, packs)) if ok}
+    alive = {p for p, ok in zip(packs, pool.map(store.ensure_fresh, packs), strict=True) if ok}
     found: dict[str, tuple[str, int]] = {}
     for bid, spots in candidates.items():
         spot = next((s for s in spots if s[0] in alive), None)
@@ -252,7 +254,8 @@ def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPo
         except Exception:  # noqa: BLE001 - absent (another environment), unreadable or garbage: no dedup from it
             return None
 
-    roots = [r for r in pool.map(root, names) if r is not None and r.env_key == env_key and r.scope_id == r.key.split("/")[1]]
+    roots = [r for r in pool.map(root, names)
+             if r is not None and r.env_key == env_key and r.scope_id == r.key.split("/")[1]]
 
     def manifest(r) -> Manifest | None:
         try:
@@ -357,7 +360,7 @@ def _root_manifest_id(store: BlobStore, scope: Scope, env_key: str) -> str | Non
         return read_root(store, layout.root(scope_id, env_key)).manifest
     except (CasError, ValueError):
         return None
-    except Exception:  # msgpack's assorted errors on a garbage root: replace it
+    except Exception:  # noqa: BLE001 - msgpack's assorted errors on a garbage root: replace it
         return None
 
 
@@ -375,8 +378,9 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
             family=None):
     """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written).
 
-    An audit (the manifest's root was missing or stale, or a loader asked for one) also drops entries whose blob is gone from the store, so
-    replicas stop asking for them and the files this or a later replica compiles are uploaded again."""
+    An audit (the manifest's root was missing or stale, or a loader asked for one) also drops entries whose blob is gone
+    from the store, so replicas stop asking for them and the files this or a later replica compiles are uploaded
+    again."""
     with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
         _faults.checkpoint("locked")
         data, current = _read_current(scope, env_key)
@@ -395,12 +399,13 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
             others = {p: e for p, e in current.entries.items() if p not in delta}
             ids = sorted({e.stored_id for e in others.values()})
             with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
-                gone = {b for b, ok in zip(ids, pool.map(store.ensure_fresh, ids)) if not ok}
+                gone = {b for b, ok in zip(ids, pool.map(store.ensure_fresh, ids), strict=True) if not ok}
                 dropped = [p for p, e in others.items() if e.stored_id in gone]
             dropped += _misplaced(store, {p: e for p, e in others.items() if e.pack and e.pack not in gone})
         if not changes and not dropped:
             if audit:  # every blob is there: the root just has to name this manifest again
-                _write_root(store, scope, env_key, data)
+                if data is not None:  # (none to name if the manifest vanished since the save began)
+                    _write_root(store, scope, env_key, data)
                 scope.clear_audit(env_key)
             return 0, False  # a concurrent replica already recorded the same content
         merged = current.merged(changes, env)
@@ -434,11 +439,11 @@ def _misplaced(store: BlobStore, packed: dict[str, Entry]) -> list[str]:
     """Audit of packed entries: the paths whose pack is unreadable or does not hold their content where they say."""
     by_pack: dict[str, list[tuple[str, Entry]]] = {}
     for path, entry in packed.items():
-        by_pack.setdefault(entry.pack, []).append((path, entry))
+        by_pack.setdefault(entry.stored_id, []).append((path, entry))  # packed: stored_id is the pack
 
     def bad(items: list[tuple[str, Entry]]) -> list[str]:
         try:
-            content = store.get_bytes(items[0][1].pack, limits.MAX_PACK_BYTES)
+            content = store.get_bytes(items[0][1].stored_id, limits.MAX_PACK_BYTES)
         except (BlobMissing, BlobCorrupt):
             return [path for path, _ in items]
         out = []

@@ -18,7 +18,7 @@ check_env_key = layout.check_env_key
 _SCOPE_ID_READ = 256
 
 
-def read_scope_id(scope: "str | os.PathLike | Backend") -> str | None:
+def read_scope_id(scope: str | os.PathLike | Backend) -> str | None:
     """The id in `<scope>/scope.id` (its first 256 bytes, stripped, 32 lowercase hex digits); None if absent,
     unreadable or malformed. Never creates it."""
     backend = scope if isinstance(scope, Backend) else PosixBackend(scope)
@@ -34,7 +34,7 @@ class Scope:
     """One deployment's scope over a storage backend (a directory path is a POSIX volume). `create=True` makes the
     scope's own directory (one level below an existing parent, never more: FORMAT §3)."""
 
-    def __init__(self, root: "str | os.PathLike | Backend", *, create: bool = False):
+    def __init__(self, root: str | os.PathLike | Backend, *, create: bool = False):
         self.backend: Backend = root if isinstance(root, Backend) else PosixBackend(root, create=create)
         self.root = self.backend.location
         self.manifests = os.path.join(self.root, "manifests")  # paths for messages and tests

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, Literal, Union
+from typing import BinaryIO, Literal
 
 from .errors import CasError, StoreUnavailable
 
@@ -37,7 +38,7 @@ _COMPONENT = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 Kind = Literal["object", "prefix", "temp", "other"]
 # A writer either hands over the bytes, or a function that writes them into the sink the backend provides (a temp
 # file on a volume, a spooled buffer or multipart upload on S3): large blobs are compressed straight into it.
-Payload = Union[bytes, Callable[[BinaryIO], None]]
+Payload = bytes | Callable[[BinaryIO], None]
 
 
 class NotFound(CasError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from . import limits
 from .errors import UnsafePath
