@@ -37,9 +37,9 @@ from .errors import CasError, UnsafePath
 from .index import INDEX_NAME, Index
 from .manifest import Entry, Manifest, loads
 from .paths import check_entry_path
+from .posix import PosixBackend
 from .roots import parse_root
 from .scope import Scope, check_env_key, read_scope_id
-from .posix import PosixBackend
 from .storage import Backend, NotFound
 from .tree import Unreadable, walk
 
