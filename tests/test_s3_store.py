@@ -204,3 +204,76 @@ def test_sigkill_mid_save_loses_nothing(moto_bucket: S3Bucket, tmp_path: Path, k
     assert code == 0, output
     final = load_tree(tmp_path / "dst2", store, scope, ENV_KEY, threads=8)
     assert not final.misses and contents(tmp_path / "dst2") == new
+
+
+# -- gc on S3 --------------------------------------------------------------------------------------------------------
+
+
+def test_gc_trashes_then_deletes_garbage_and_keeps_live_blobs(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    import time
+
+    from cas import layout
+    from cas.gc import collect
+    from cas.storage import NotFound
+
+    store = BlobStore(s3_bucket.backend("org/b10_cas"), create=True, freshen_after=1)
+    scope = Scope(s3_bucket.backend("model/compile_cache"), create=True)
+    files = make_tree(tmp_path / "src", seed=5, n=50)
+    save_tree(tmp_path / "src", store, scope, ENV_KEY)
+    garbage = store.put_bytes(random.Random(6).randbytes(2 << 20))
+    time.sleep(3)  # past the 2 s grace (LastModified has one-second resolution)
+    first = collect(store, scope=scope, grace=2, root_ttl=86400)
+    assert first.collected and first.blobs_trashed == 1 and not first.problems
+    time.sleep(3)
+    second = collect(store, scope=scope, grace=2, root_ttl=86400)
+    assert second.blobs_deleted == 1 and second.blobs_trashed == 0
+    for key in (layout.blob(garbage), layout.trash(garbage)):
+        with pytest.raises(NotFound):
+            store.backend.stat(key)
+    loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY)
+    assert not loaded.misses and contents(tmp_path / "dst") == files
+
+
+def test_gc_racing_savers_with_a_short_grace_loses_nothing(moto_bucket: S3Bucket, tmp_path: Path) -> None:
+    """gc runs back to back (grace 2 s) while two deployments save growing trees: every manifest loads whole."""
+    import threading
+    import time
+
+    from cas.gc import collect
+
+    BlobStore(moto_bucket.backend("org/b10_cas"), create=True, freshen_after=1)
+    stop = threading.Event()
+    runs: list[int] = []
+
+    def gc_loop() -> None:
+        store = BlobStore(moto_bucket.backend("org/b10_cas"))
+        while not stop.is_set():
+            result = collect(store, grace=2, root_ttl=86400, lock_wait=30)
+            runs.append(result.blobs_trashed + result.blobs_deleted)
+            time.sleep(0.2)
+
+    def deployment(d: int) -> dict[str, bytes]:
+        store = BlobStore(moto_bucket.backend("org/b10_cas"))
+        scope = Scope(moto_bucket.backend(f"model{d}/compile_cache"), create=True)
+        tree: dict[str, bytes] = {}
+        for step in range(4):
+            tree.update({f"s{step}/{rel}": data for rel, data in random_tree(random.Random(d * 10 + step), 20).items()})
+            write_tree(tmp_path / f"d{d}", tree)
+            save_tree(tmp_path / f"d{d}", store, scope, ENV_KEY, threads=2)
+            time.sleep(1.5)  # blobs age past gc's cutoff between saves
+        return tree
+
+    gc_thread = threading.Thread(target=gc_loop)
+    gc_thread.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            trees = list(pool.map(deployment, range(2)))
+    finally:
+        stop.set()
+        gc_thread.join()
+    assert len(runs) >= 3 and sum(runs) > 0  # superseded manifest blobs were trashed or deleted meanwhile
+    store = BlobStore(moto_bucket.backend("org/b10_cas"))
+    for d, tree in enumerate(trees):
+        scope = Scope(moto_bucket.backend(f"model{d}/compile_cache"))
+        loaded = load_tree(tmp_path / f"dst{d}", store, scope, ENV_KEY)
+        assert not loaded.misses and contents(tmp_path / f"dst{d}") == tree
