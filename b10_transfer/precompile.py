@@ -107,14 +107,18 @@ def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: A
     except Refused as exc:
         logger.info("precompile: off for %s: %s; compiling normally", type(model).__name__, exc)
         return torch.compile(model, **torch_compile_kwargs)
-    wrapper = _make_wrapper(model, fp)
-    key = _torch_key(wrapper)
-    record = _Compiled(type(model).__name__, fp, key)
-    with _precompile_flag(), _checked_entry_load(record):
-        compiled = torch.compile(wrapper, **torch_compile_kwargs)
+    record = _Compiled(type(model).__name__, fp, "")
+    compiled = _compile_wrapper(model, record, torch_compile_kwargs, use_entry=True)
+    key = record.key
+    fallback = None
     if record.loaded_codes >= 0:
         _skip_installed_names(compiled)
-    _scope_flag_to_calls(compiled)
+
+        def fallback() -> Any:  # the loaded entry failed at run time: compile a fresh wrapper normally
+            record.loaded_codes = -1
+            return _compile_wrapper(model, record, torch_compile_kwargs, use_entry=False)
+
+    _scope_flag_to_calls(compiled, record, fallback)
     _compiled[key] = record
     state = "hit" if record.loaded_codes >= 0 else "miss (compiles, and save_compile_cache() records the entry)"
     logger.info("precompile: %s fingerprint %s entry dynamo/%s: %s", record.name, fp, key[:16], state)
@@ -319,6 +323,16 @@ def _make_wrapper(model: Any, fp: str) -> Any:
     return wrapper
 
 
+def _compile_wrapper(model: Any, record: _Compiled, kwargs: Mapping[str, Any], *, use_entry: bool) -> Any:
+    """torch.compile of a fresh wrapper of `model` with the flag on; its entry looked up only if `use_entry`."""
+    import torch
+
+    wrapper = _make_wrapper(model, record.fingerprint)
+    record.key = _torch_key(wrapper)
+    with _precompile_flag(), _checked_entry_load(record, use_entry):
+        return torch.compile(wrapper, **kwargs)
+
+
 def _torch_key(wrapper: Any) -> str:
     from torch._dynamo.package import CompilePackage
 
@@ -349,14 +363,28 @@ def _precompile_flag() -> Iterator[None]:
                 dynamo_config.caching_precompile = bool(_flag_prior)
 
 
-def _scope_flag_to_calls(compiled: Any) -> None:
+def _scope_flag_to_calls(compiled: Any, record: _Compiled, fallback: Callable[[], Any] | None) -> None:
     """Run the compiled module's forward with the flag on: torch reads it when it compiles a frame (guards it
-    drops, bundled autograd artifacts, the package it records), which happens at the first calls."""
-    inner_forward = compiled.forward
+    drops, bundled autograd artifacts, the package it records), which happens at the first calls.
+
+    With a loaded entry (`fallback` given), the first exception raised through it switches, once and for good, to a
+    wrapper compiled normally (hot Inductor cache), and the call is run again there: an entry torch accepted can
+    still fail at run time (a global it did not save: NameError). A genuine error of the model raises again."""
+    state: dict[str, Any] = {"forward": compiled.forward, "fallback": fallback}
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         with _precompile_flag():
-            return inner_forward(*args, **kwargs)
+            if state["fallback"] is None:
+                return state["forward"](*args, **kwargs)
+            try:
+                return state["forward"](*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure of the loaded entry: compile normally instead
+                make, state["fallback"] = state["fallback"], None
+                logger.warning("precompile: %s entry dynamo/%s failed at run time (%s: %s); compiling normally",
+                               record.name, record.key[:16], type(exc).__name__, exc)
+                state["module"] = make()  # keeps the fresh wrapper alive
+                state["forward"] = state["module"].forward
+                return state["forward"](*args, **kwargs)
 
     compiled.forward = forward
 
@@ -389,7 +417,7 @@ def _guarded_codes(entry: Any) -> int:
 
 
 @contextmanager
-def _checked_entry_load(record: _Compiled) -> Iterator[None]:
+def _checked_entry_load(record: _Compiled, use_entry: bool = True) -> Iterator[None]:
     """While torch.compile looks up the entry: take it only if good; otherwise compile normally, saying why."""
     from torch._dynamo.package import DynamoCache
 
@@ -398,6 +426,8 @@ def _checked_entry_load(record: _Compiled) -> Iterator[None]:
     def load(fn: Any) -> Any:
         if _torch_key_of(fn) != record.key:
             return original(fn)
+        if not use_entry:
+            return None
         entry = original(fn)  # None on a miss, or when torch could not read it (it logs why)
         if entry is None:
             if (Path(DynamoCache.path_prefix()) / record.key / _ENTRY).exists():

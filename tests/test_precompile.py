@@ -94,9 +94,14 @@ if spec.get("corrupt_entry"):
             path = os.path.join(root, name)
             if spec["corrupt_entry"] == "garbage":
                 open(path, "wb").write(b"not a pickle")
-            else:  # "no_backends": what a writer that compiled from Inductor cache hits leaves
+            else:
                 entry = pickle.load(open(path, "rb"))
-                entry.backends.clear()
+                if spec["corrupt_entry"] == "no_backends":  # what a writer that compiled from Inductor hits leaves
+                    entry.backends.clear()
+                else:  # "unsaved_global": as torch 2.13 writes it, without the modules its code loads
+                    for code in entry.dynamo.codes:
+                        code.import_sources = {k: v for k, v in code.import_sources.items()
+                                               if not k.startswith("___module_")}
                 open(path, "wb").write(pickle.dumps(entry))
 compiled = b10_transfer.compile(model)
 inputs = [torch.randn(b, 32, generator=torch.Generator().manual_seed(b)) for b in spec["batches"]]
@@ -222,11 +227,12 @@ def test_changed_model_is_not_served_the_stale_entry(replica_a, volume_after_a, 
     assert len(dynamo_entries(volume_after_a, tmp_path / "x")) == 2  # one entry per model version
 
 
-@pytest.mark.parametrize("damage", ["garbage", "no_backends"])
+@pytest.mark.parametrize("damage", ["garbage", "no_backends", "unsaved_global"])
 def test_bad_entry_falls_back_to_the_hot_inductor_cache(replica_a, volume_after_a, tmp_path, damage):
     _, model_dir, _ = replica_a
     r = replica(volume_after_a, tmp_path / "r" / "inductor", model_dir, [2], corrupt_entry=damage, save=False)
-    why = "could not be loaded" if damage == "garbage" else "is not good"
+    why = {"garbage": "could not be loaded", "no_backends": "is not good",
+           "unsaved_global": "failed at run time (NameError"}[damage]
     assert f"precompile: Tiny entry dynamo/" in r["log"] and why in r["log"], r["log"]
     assert traced(r) >= 1  # torch counts a read entry as a hit; it was not used: Dynamo traced the model
     assert r["counters"]["inductor"].get("fxgraph_cache_hit", 0) >= 1  # the normal hot path
