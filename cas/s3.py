@@ -378,7 +378,7 @@ class S3Backend(Backend):
             if size > limit:
                 raise ObjectTooLarge(f"{self._where(key)}: {size} bytes, limit {limit}")
             raw = _StreamReader(iter(result.stream(min_chunk_size=1 << 20)), self._where(key))
-            return io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[return-value]
+            return io.BufferedReader(raw, buffer_size=1 << 20)
 
         return self._call("get", key, start)
 
@@ -477,7 +477,8 @@ class S3Backend(Backend):
         from email.utils import parsedate_to_datetime
         from urllib.parse import urlsplit
 
-        url = urlsplit(self.credentials.endpoint or f"https://s3.{self.credentials.region or 'us-east-1'}.amazonaws.com")
+        region = self.credentials.region or "us-east-1"
+        url = urlsplit(self.credentials.endpoint or f"https://s3.{region}.amazonaws.com")
         cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         timeout = self.settings.connect_timeout_s + self.settings.read_timeout_s
         try:

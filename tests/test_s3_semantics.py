@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 
 obstore = pytest.importorskip("obstore")
-from obstore.exceptions import (
+from obstore.exceptions import (  # noqa: E402
     AlreadyExistsError,
     GenericError,
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
 )
-from obstore.store import S3Store
-from s3_servers import S3Bucket, blackhole_listener, moto_server, refused_endpoint
+from obstore.store import S3Store  # noqa: E402
+from s3_servers import S3Bucket, blackhole_listener, moto_server, refused_endpoint  # noqa: E402
 
 # What a missing object raises: obstore 0.12 raises the builtin FileNotFoundError (NotFoundError on some paths).
 MISSING = (FileNotFoundError, NotFoundError)
@@ -246,9 +246,16 @@ def stub() -> Iterator[tuple[type[_Stub], S3Store]]:
     thread.join()
 
 
-CREATE: Callable[[S3Store], object] = lambda s: obstore.put(s, "k", b"x", mode="create")
-UPDATE: Callable[[S3Store], object] = lambda s: obstore.put(s, "k", b"x", mode={"e_tag": '"e"'})
-GET: Callable[[S3Store], object] = lambda s: obstore.get(s, "k").bytes()
+def CREATE(s: S3Store) -> object:
+    return obstore.put(s, "k", b"x", mode="create")
+
+
+def UPDATE(s: S3Store) -> object:
+    return obstore.put(s, "k", b"x", mode={"e_tag": '"e"'})
+
+
+def GET(s: S3Store) -> object:
+    return obstore.get(s, "k").bytes()
 
 
 @pytest.mark.parametrize("status, code, call, raised, requests", [
