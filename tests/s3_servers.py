@@ -437,3 +437,98 @@ def fault_proxy(endpoint: S3Endpoint, delay_s: float = 0.0) -> Iterator[tuple[Fa
                                 endpoint.region)
     finally:
         proxy.close()
+
+
+# --- added network latency: a delaying TCP proxy on 127.0.0.1 --------------------------------------------------------
+
+
+class LatencyProxy:
+    """A TCP proxy on 127.0.0.1 that delivers every chunk `one_way_delay_s` after it arrived, in each direction, so
+    a request/response round trip costs 2 x one_way_delay_s more while throughput is not serialised (a chunk's
+    delay overlaps the next chunk's). For benchmarks "behind added latency" without touching the network stack."""
+
+    def __init__(self, upstream: str, one_way_delay_s: float):
+        import queue
+        import threading
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self._upstream = (target.hostname or HOST, target.port or 80)
+        self.delay = one_way_delay_s
+        self._queue_cls = queue.Queue
+        self._threading = threading
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(256)
+        self._closed = threading.Event()
+        self._socks: list[socket.socket] = []
+        self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self._upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.settimeout(None)
+            self._socks += [client, server]
+            self._pipe(client, server)
+            self._pipe(server, client)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        """Reader stamps each chunk with its arrival; writer sends it at arrival + delay (order kept)."""
+        chunks: Any = self._queue_cls()
+
+        def read() -> None:
+            try:
+                while data := src.recv(1 << 16):
+                    chunks.put((time.monotonic() + self.delay, data))
+            except OSError:
+                pass
+            chunks.put((time.monotonic() + self.delay, b""))
+
+        def write() -> None:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        self._threading.Thread(target=read, daemon=True).start()
+        self._threading.Thread(target=write, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+@contextmanager
+def latency_proxy(endpoint: S3Endpoint, one_way_delay_s: float) -> Iterator[S3Endpoint]:
+    """`endpoint` as seen through a LatencyProxy (SigV4 signs the host the client sees: the proxy's)."""
+    proxy = LatencyProxy(endpoint.url, one_way_delay_s)
+    try:
+        yield S3Endpoint(endpoint.kind, proxy.url, endpoint.access_key_id, endpoint.secret_access_key,
+                         endpoint.region)
+    finally:
+        proxy.close()

@@ -361,3 +361,19 @@ def test_s5cmd_round_trip(s3_bucket: S3Bucket, tmp_path) -> None:  # type: ignor
     assert down.returncode == 0, down.stderr
     for i in range(20):
         assert (tmp_path / "dst" / "d" / f"f{i}").read_bytes() == (src / "d" / f"f{i}").read_bytes()
+
+
+def test_latency_proxy_adds_a_round_trip_per_request(s3_bucket: S3Bucket) -> None:
+    """The benchmark's added latency (tests/s3_servers.LatencyProxy): each request costs >= 2 x the one-way delay,
+    and SigV4 still verifies (SeaweedFS checks signatures) through the proxy."""
+    from s3_servers import latency_proxy
+
+    obstore.put(s3_bucket.store(), "k", b"x" * 100_000)
+    with latency_proxy(s3_bucket.endpoint, 0.010) as slow:
+        store = slow.obstore(s3_bucket.name)
+        assert bytes(obstore.get(store, "k").bytes()) == b"x" * 100_000  # warm the connection
+        started = time.monotonic()
+        for _ in range(5):
+            obstore.head(store, "k")
+        per_request = (time.monotonic() - started) / 5
+    assert 0.020 <= per_request < 0.2
