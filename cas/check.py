@@ -90,6 +90,27 @@ def in_subset(blob_id: str, subset: tuple[int, int] | None) -> bool:
     return int(blob_id[:8], 16) % m == n - 1  # by id, so slices are stable across runs and across hosts
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A fully validated manifest reduced to what check needs: memory per distinct stored blob, not per entry (the
+    parallel readers hand these back, so a thousand manifests are never held whole at once)."""
+
+    env_key: str
+    entries: int
+    stored: dict[str, str]  # stored blob id -> the first entry path (sorted) that needs it, for messages
+    packed: dict[str, dict[tuple[str, int, int], str]]  # with read_data: pack -> (file id, size, offset) -> path
+
+
+def summarize(manifest: Manifest, keep_packs: bool) -> Checked:
+    stored: dict[str, str] = {}
+    packed: dict[str, dict[tuple[str, int, int], str]] = {}
+    for path, entry in sorted(manifest.entries.items()):
+        stored.setdefault(entry.stored_id, path)
+        if keep_packs and entry.pack is not None:
+            packed.setdefault(entry.pack, {}).setdefault((entry.blob_id, entry.size, entry.offset), path)
+    return Checked(manifest.env_key, len(manifest.entries), stored, packed)
+
+
 def _planted(backend: Backend, key: str) -> Problem:
     return Problem("planted", os.path.join(backend.location, key),
                    "not a plain object or directory (a planted link, FIFO or device?): never followed; remove it")
@@ -103,7 +124,7 @@ class _Checker:
         self.blobs: dict[str, int] = {}
         self.trash: dict[str, int] = {}
         self.referenced: set[str] = set()
-        self.parsed: dict[str, Manifest | None] = {}  # manifest content id -> checked (None: unreadable)
+        self.parsed: set[str] = set()  # manifest content ids already checked
         self.packed: dict[str, dict[tuple[str, int, int], str]] = {}  # pack -> (file id, size, offset) -> who
 
     def problem(self, kind: str, path: str, detail: str) -> None:
@@ -116,17 +137,18 @@ class _Checker:
         self.res.problems += [_planted(self.store.backend, key) for key in listing.planted]
         return listing
 
-    def manifest(self, manifest: Manifest, where: str, keep_packs: bool) -> None:
+    def manifest(self, checked: Checked, where: str) -> None:
         res = self.res
         res.manifests += 1
-        res.entries += len(manifest.entries)
-        for path, entry in sorted(manifest.entries.items()):
-            if keep_packs and entry.pack is not None:
-                self.packed.setdefault(entry.pack, {}).setdefault((entry.blob_id, entry.size, entry.offset),
-                                                                  f"{where}: {path}")
-            if entry.stored_id not in self.referenced:
-                self.referenced.add(entry.stored_id)
-                self.present(entry.stored_id, f"{where}: {path}")
+        res.entries += checked.entries
+        for pack_id, files in checked.packed.items():
+            mine = self.packed.setdefault(pack_id, {})
+            for located, path in files.items():
+                mine.setdefault(located, f"{where}: {path}")
+        for stored_id, path in checked.stored.items():
+            if stored_id not in self.referenced:
+                self.referenced.add(stored_id)
+                self.present(stored_id, f"{where}: {path}")
 
     def present(self, blob_id: str, where: str) -> bool:
         if blob_id in self.blobs:
@@ -226,22 +248,22 @@ def _check_roots(ck: _Checker, now: float, root_ttl: float, read_data: bool, rep
     res.roots_live = len(live)
     report("roots", 0, len(live))
     present = {r.manifest for r in live if ck.present(r.manifest, f"root {r.scope_id}/{r.env_key} manifest")}
-    parsed = read_manifests(store, present, lambda data, mid: loads(data, f"blob {mid}"), restore=False)
+    parsed = read_manifests(store, present, lambda data, mid: summarize(loads(data, f"blob {mid}"), read_data),
+                            restore=False)
     for root in live:
-        manifest = parsed.get(root.manifest)
-        if manifest is None:
+        checked = parsed.get(root.manifest)
+        if checked is None:
             continue  # reported missing above
-        if isinstance(manifest, Manifest) and manifest.env_key != root.env_key:
-            manifest = ManifestError(f"blob {root.manifest}", f"holds env_key {manifest.env_key!r}, root says "
-                                                              f"{root.env_key!r}")
-        if not isinstance(manifest, Manifest):
-            ck.problem("unreadable-manifest", root.path, str(manifest))
+        if isinstance(checked, Checked) and checked.env_key != root.env_key:
+            checked = ManifestError(f"blob {root.manifest}", f"holds env_key {checked.env_key!r}, root says "
+                                                             f"{root.env_key!r}")
+        if not isinstance(checked, Checked):
+            ck.problem("unreadable-manifest", root.path, str(checked))
             continue
         ck.referenced.add(root.manifest)
         if root.manifest not in ck.parsed:  # each distinct manifest once, however many roots name it
-            ck.parsed[root.manifest] = manifest
-            ck.manifest(manifest, f"root {root.scope_id}/{root.env_key}", read_data)
-    ck.parsed = dict.fromkeys(ck.parsed)  # the entries are checked: keep only which ids were
+            ck.parsed.add(root.manifest)
+            ck.manifest(checked, f"root {root.scope_id}/{root.env_key}")
     report("roots", len(live), len(live))
     return roots.temp
 
@@ -263,8 +285,8 @@ def _check_scope(ck: _Checker, scope: Scope, now: float, read_data: bool) -> Non
                 manifest = loads(data, path)
                 if manifest.env_key != env_key:
                     raise ManifestError(path, f"holds env_key {manifest.env_key!r}, stored under {env_key!r}")
-                ck.parsed[digest] = None
-                ck.manifest(manifest, f"manifest {path}", read_data)
+                ck.parsed.add(digest)
+                ck.manifest(summarize(manifest, read_data), f"manifest {path}")
         except (ManifestError, CasError) as exc:
             ck.problem("unreadable-manifest", path, str(exc))
             continue
