@@ -19,7 +19,7 @@ import blake3
 
 from . import layout, limits, pack
 from .blobstore import BlobStore
-from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError, StoreUnavailable
+from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
 from .gc import Progress, find_leftovers
 from .manifest import Manifest, loads
 from .refs import list_roots, read_manifests
@@ -189,7 +189,8 @@ def check(
     ck = _Checker(store, res)
 
     report("scan blobs", 0, 0)
-    _require_areas(store)
+    # A missing blobs/ or trash/ is empty (an object store has no empty prefixes); what references it is then a
+    # missing-blob problem.
     listings = {area: ck.scan(area) for area in ("blobs", "trash")}
     ck.blobs = {b.id: b.stored_size for b in listings["blobs"].blobs}
     ck.trash = {b.id: b.stored_size for b in listings["trash"].blobs}
@@ -218,17 +219,6 @@ def check(
     res.problems.sort(key=lambda p: (p.kind, p.path))
     res.seconds = time.monotonic() - started
     return res
-
-
-def _require_areas(store: BlobStore) -> None:
-    """A store without its blobs/ or trash/ is not a store, or a damaged one (a planted link there is reported by the
-    scan instead)."""
-    top, listing = list_prefix(store.backend, "")
-    present = {layout.name_of(i.key) for i in top if i.kind == "prefix"}
-    present |= {layout.name_of(k) for k in listing.planted}
-    for area in ("blobs", "trash"):
-        if area not in present:
-            raise StoreUnavailable(f"{os.path.join(store.root, area)} is missing: not a store, or a damaged one")
 
 
 def _check_roots(ck: _Checker, now: float, root_ttl: float, read_data: bool, report: Progress):
