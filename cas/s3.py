@@ -112,6 +112,7 @@ class S3Credentials:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     session_token: str | None = None
+    virtual_hosted_style: bool | None = None  # AWS_VIRTUAL_HOSTED_STYLE_REQUEST; else path-style on an endpoint
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Credentials:
@@ -126,6 +127,7 @@ class S3Credentials:
             access_key_id=get("AWS_ACCESS_KEY_ID"),
             secret_access_key=get("AWS_SECRET_ACCESS_KEY"),
             session_token=get("AWS_SESSION_TOKEN"),
+            virtual_hosted_style=_flag(get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST")),
         )
 
 
@@ -169,6 +171,10 @@ class S3Settings:
         }
 
 
+def _flag(value: str | None) -> bool | None:
+    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _import_obstore() -> Any:
     try:
         import obstore
@@ -188,7 +194,8 @@ def make_store(loc: S3Location, creds: S3Credentials, settings: S3Settings, *, w
     config: dict[str, Any] = {}
     if creds.endpoint:
         config["endpoint"] = creds.endpoint
-        config["virtual_hosted_style_request"] = False  # a custom endpoint is path-style (MinIO, SeaweedFS, moto)
+        # a custom endpoint is path-style unless told otherwise (MinIO, SeaweedFS, moto, Ceph RGW all take it)
+        config["virtual_hosted_style_request"] = bool(creds.virtual_hosted_style)
         if creds.endpoint.startswith("http://"):
             client["allow_http"] = True
     for name in ("region", "access_key_id", "secret_access_key", "session_token"):

@@ -47,6 +47,7 @@ def test_credentials_from_standard_variables() -> None:
     assert creds == S3Credentials("http://127.0.0.1:2", "eu-west-1", "id", "secret", "tok")
     assert S3Credentials.from_env({"AWS_REGION": "us-east-2", "AWS_DEFAULT_REGION": "x"}).region == "us-east-2"
     assert S3Credentials.from_env({}) == S3Credentials()
+    assert S3Credentials.from_env({"AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "true"}).virtual_hosted_style is True
 
 
 def test_backend_from_url_and_environment(moto_bucket: S3Bucket) -> None:
