@@ -476,13 +476,17 @@ def find_leftovers(store: BlobStore, scope: Scope | None, now: float,
     temp_cutoff, lock_cutoff = now - TEMP_EXPIRY, now - LOCK_EXPIRY
     sb = store.backend
     temp = list(listed_temp)
-    for prefix in ("", layout.LOCKS, layout.QUARANTINE):
+    prefixes = ["", layout.LOCKS, layout.QUARANTINE, *RECORD_PREFIXES]
+    while prefixes:
+        prefix = prefixes.pop()
         entries, extra = list_prefix(sb, prefix)
         temp += extra.temp
         if prefix:  # the store root's own odd entries are check's business (areas), not leftovers
             out.planted += extra.planted
         if prefix == layout.LOCKS:
             out.locks += _old_locks(sb, entries, lock_cutoff)
+        if prefix == FAMILIES:
+            prefixes += [i.key for i in entries if i.kind == "prefix"]  # families/<family>/
     seen: set[str] = set()
     for info in temp:
         if info.mtime < temp_cutoff and info.key not in seen:
@@ -491,6 +495,12 @@ def find_leftovers(store: BlobStore, scope: Scope | None, now: float,
     if scope is not None:
         _scope_leftovers(scope.backend, temp_cutoff, lock_cutoff, out)
     return out
+
+
+# The saver records of FORMAT §4a (cas/recent.py): written by put like any object, so a writer killed mid-put leaves a
+# temp object there too.
+FAMILIES = "families/"
+RECORD_PREFIXES = ("recent/", FAMILIES)
 
 
 def _scope_leftovers(backend: Backend, temp_cutoff: float, lock_cutoff: float, out: Leftovers) -> None:

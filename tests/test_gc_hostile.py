@@ -497,3 +497,12 @@ def test_gc_dying_between_stamp_and_move_keeps_the_second_grace_period(world):
     res = collect(store, scope=a, grace=GRACE)
     assert res.blobs_deleted == 0
     assert os.path.isfile(store.blob_path(orphan)) or os.path.isfile(store.trash_path(orphan))
+
+
+def test_old_temp_objects_in_the_saver_records_are_swept(world):
+    store, a, _b, _orphan, _outside, _tmp = world
+    old = [write(os.path.join(store.root, d, ".tmp-host-9-0123456789abcdef"), b"t", 2 * 3600)
+           for d in ("recent", "families/llama")]
+    young = write(os.path.join(store.root, "recent", ".tmp-host-9-fedcba9876543210"), b"t")
+    res = collect(store, scope=a, grace=GRACE)
+    assert res.temp_deleted >= 2 and not any(map(os.path.exists, old)) and os.path.exists(young)
