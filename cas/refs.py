@@ -120,7 +120,7 @@ def _entry_ids(entries: dict, version: int, source: object,
             raw += size
             if contents is not None:
                 contents[blob] = size
-    except TypeError:  # an entry that is not an array
+    except (TypeError, KeyError, IndexError):  # an entry that is not an array (a number, a map, ...)
         raise ManifestError(source, "an entry is not an array") from None
     return stored, raw
 

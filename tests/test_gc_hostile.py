@@ -363,6 +363,12 @@ def test_gc_fast_path_still_refuses_garbage_manifests(tmp_path):
         b"\xc1garbage",
         msgpack.packb({**doc, "entries": {"a": [b"short", 1, 0o644]}}, use_bin_type=True),
         msgpack.packb({**doc, "entries": {"a": "not an array"}}, use_bin_type=True),
+        msgpack.packb({**doc, "entries": {"a": {"x": 1, "y": 2, "z": 3}}}, use_bin_type=True),
+        msgpack.packb({**doc, "entries": {"a": 7}}, use_bin_type=True),
+        msgpack.packb({**doc, "entries": {"a": [b"\x11" * 32, "1", 0o644]}}, use_bin_type=True),
+        msgpack.packb({**doc, "entries": {"a": [b"\x11" * 32, 1, 0o644, b"\x22" * 32]}}, use_bin_type=True),
+        msgpack.packb({**doc, "entries": []}, use_bin_type=True),
+        msgpack.packb({**doc, "env_key": None}, use_bin_type=True),
         msgpack.packb({**doc, "format": 99}, use_bin_type=True),
         good + b"trailing",
     ]
@@ -506,3 +512,33 @@ def test_old_temp_objects_in_the_saver_records_are_swept(world):
     young = write(os.path.join(store.root, "recent", ".tmp-host-9-fedcba9876543210"), b"t")
     res = collect(store, scope=a, grace=GRACE)
     assert res.temp_deleted >= 2 and not any(map(os.path.exists, old)) and os.path.exists(young)
+
+
+def test_fast_parse_is_never_stricter_than_a_load_and_raises_only_manifest_error():
+    """Mutated manifests: whatever a load accepts, gc's parser accepts with the same stored ids (it is never stricter
+    than safety needs), and whatever it refuses it refuses with ManifestError (never a traceback in gc)."""
+    import random
+
+    from cas.errors import ManifestError
+    from cas.manifest import loads
+    from cas.refs import stored_refs
+
+    rng = random.Random(12)
+    entries = {f"d/{i}": Entry(secrets.token_hex(32), i, 0o644, secrets.token_hex(32) if i % 2 else None, 0)
+               for i in range(20)}
+    plain = Manifest("gpu1", {"k": "v"}, entries, 1.0, 2.0).dumps_plain()
+    for _ in range(400):
+        data = bytearray(plain)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            full = loads(bytes(data))
+        except ManifestError:
+            full = None
+        try:
+            fast = stored_refs(bytes(data), "mutant")
+        except ManifestError:
+            assert full is None, "gc's parser refused a manifest a load accepts"
+            continue
+        if full is not None:
+            assert fast.stored == full.blob_ids()
