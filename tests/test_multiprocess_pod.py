@@ -136,12 +136,16 @@ def wait_all(sync: Path, names, suffix: str, timeout: float = 120.0) -> None:
         _wait_for(sync / f"{n}.{suffix}", timeout)
 
 
+# 4 ranks on 2 cores: no compile worker pool per rank (its start-up is most of a tiny model's compile time).
+QUIET_COMPILE = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+
+
 def pod_env(volume: Path, local: Path, **extra: str) -> dict[str, str]:
     from conftest import child_environ
 
     env = child_environ(volume, local)
     env.pop("TRITON_CACHE_DIR", None)
-    env.update({"B10_TRANSFER_POD_LOCK_TIMEOUT_S": LONG_LOCK_TIMEOUT, **extra})
+    env.update({"B10_TRANSFER_POD_LOCK_TIMEOUT_S": LONG_LOCK_TIMEOUT, **QUIET_COMPILE, **extra})
     return env
 
 
@@ -160,7 +164,8 @@ def seeded(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pod-seed")
     volume = fresh_volume(root)
-    r = spawn_replica(child_environ(volume, root / "seed" / "inductor"), [SEED_SHAPE], load=False, save=True)
+    env = {**child_environ(volume, root / "seed" / "inductor"), **QUIET_COMPILE}
+    r = spawn_replica(env, [SEED_SHAPE], load=False, save=True)
     assert r["save"] == "SUCCESS", r["log"]
     return volume
 
