@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import _faults, limits, localfs, pack
-from .atomic import temp_name, write_all
+from .atomic import write_all
 from .blobstore import BlobStore
 from .index import Index
 from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
@@ -99,7 +99,8 @@ def load_tree(
 def _restore_all(target: TargetDir, store: BlobStore, scope: Scope, env_key: str, manifest: Manifest,
                  result: LoadResult, threads: int, verify: bool) -> None:
     """Restore every entry of `manifest` missing from `target` (the body of load_tree, fds open)."""
-    todo = [(p, e) for p, e in manifest.entries.items() if not _already_there(target.root, p, e, verify)]
+    top = _top_level_names(target)
+    todo = [(p, e) for p, e in manifest.entries.items() if not _already_there(target.root, p, e, verify, top)]
     result.present = result.files - len(todo)
     require_free(target.root, sum(e.size for _, e in todo), "restoring the cache")
 
@@ -209,7 +210,17 @@ class _LocalMiss(Exception):
     """The target holds something at that path we will not replace (a directory), or a local write failed."""
 
 
-def _already_there(root: str, rel: str, entry: Entry, verify: bool) -> bool:
+def _top_level_names(target: TargetDir) -> set[str] | None:
+    """The names in the target's root (one listing), or None if it cannot be listed."""
+    try:
+        return set(os.listdir(target.root_fd))
+    except OSError:
+        return None
+
+
+def _already_there(root: str, rel: str, entry: Entry, verify: bool, top: set[str] | None = None) -> bool:
+    if top is not None and rel.partition("/")[0] not in top:
+        return False  # nothing at its first component: no lstat per file in a fresh target
     path = os.path.join(root, rel)
     try:
         st = os.lstat(path)
@@ -243,7 +254,7 @@ def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry, da
 
 def _write_into(store: BlobStore, dir_fd: int, name: str, entry: Entry, data: bytes | None) -> os.stat_result:
     """Create a temp file in `dir_fd`, fill it, rename it to `name`; the stat of the result (for the index)."""
-    tmp = temp_name()
+    tmp = localfs.temp_name()
     fd = os.open(tmp, localfs.CREATE_FLAGS, 0o600, dir_fd=dir_fd)
     try:
         if data is None:
@@ -274,7 +285,7 @@ def _local_error(exc: OSError, where: str) -> Exception:
 
 def _remove_old_temp_files(target: TargetDir, expiry: float) -> None:
     """Temp files a killed load left in the target (FORMAT §7), by age; through dir fds, never following a link."""
-    localfs.remove_old_temp_files(target.root_fd, TEMP_PREFIX, time.time() - expiry)
+    localfs.remove_old_temp_files(target, TEMP_PREFIX, time.time() - expiry)
 
 
 def _unlink(name: str, dir_fd: int) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat
 import threading
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import blake3
 
+from .atomic import temp_name as _store_temp_name
 from .errors import OverlappingDirs, UnsafePath
 
 log = logging.getLogger("cas.localfs")
@@ -203,13 +205,14 @@ class TargetDir:
             return len(self._open)
 
     @contextmanager
-    def parent(self, rel: str) -> Iterator[tuple[int, str]]:
-        """(fd of the directory holding entry `rel`, `rel`'s last component), valid inside the with block."""
+    def parent(self, rel: str, *, create: bool = True) -> Iterator[tuple[int, str]]:
+        """(fd of the directory holding entry `rel`, `rel`'s last component), valid inside the with block. Missing
+        directories are created, or with `create=False` are FileNotFoundError."""
         head, _, name = rel.rpartition("/")
         if not head:
             yield self.root_fd, name
             return
-        fd = self._acquire(head, rel)
+        fd = self._acquire(head, rel, create)
         try:
             yield fd, name
         finally:
@@ -219,19 +222,19 @@ class TargetDir:
                     slot[1] -= 1
                 self._trim()
 
-    def _acquire(self, head: str, rel: str) -> int:
+    def _acquire(self, head: str, rel: str, create: bool) -> int:
         # Under the lock: opening is a few syscalls per new directory, and holding it keeps any fd in use from being
         # closed by another thread's eviction.
         with self._lock:
             slot = self._open.get(head)
             if slot is None:
-                slot = self._open_dirs(head, rel)
+                slot = self._open_dirs(head, rel, create)
             slot[1] += 1
             self._open.move_to_end(head)
             self._trim()
             return slot[0]
 
-    def _open_dirs(self, head: str, rel: str) -> list[int]:
+    def _open_dirs(self, head: str, rel: str, create: bool) -> list[int]:
         """Open (creating as needed) `head` from its nearest open ancestor, caching every directory on the way."""
         parts = head.split("/")
         start = len(parts) - 1
@@ -240,7 +243,7 @@ class TargetDir:
         fd = self.root_fd if start == 0 else self._open["/".join(parts[:start])][0]
         slot: list[int] = [fd, 0]
         for i in range(start, len(parts)):
-            fd = _open_child(fd, parts[i], rel)
+            fd = _open_child(fd, parts[i], rel, create)
             slot = [fd, 0]
             self._open["/".join(parts[:i + 1])] = slot
         return slot
@@ -253,13 +256,14 @@ class TargetDir:
             os.close(self._open.pop(key)[0])
 
 
-def _open_child(parent_fd: int, name: str, rel: str) -> int:
-    """Open directory `name` under `parent_fd` without following a symlink, creating it if absent."""
+def _open_child(parent_fd: int, name: str, rel: str, create: bool = True) -> int:
+    """Open directory `name` under `parent_fd` without following a symlink, creating it if absent (`create`)."""
     # mkdir first: in a fresh target nearly every parent is new (about one directory per file in an Inductor cache).
-    try:
-        os.mkdir(name, 0o755, dir_fd=parent_fd)
-    except FileExistsError:
-        pass
+    if create:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
     try:
         return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
@@ -268,37 +272,49 @@ def _open_child(parent_fd: int, name: str, rel: str) -> int:
         raise
 
 
-def remove_old_temp_files(root_fd: int, prefix: str, cutoff: float, max_depth: int = 256) -> int:
-    """Unlink files named `prefix`* whose mtime is before `cutoff` anywhere under the directory `root_fd`, walking
-    through directory fds (O_NOFOLLOW): a symlink or a directory swapped for one is never followed. One fd per level
-    of the current path is open; deeper than `max_depth` is not visited. Returns the number removed."""
+def remove_old_temp_files(target: TargetDir, prefix: str, cutoff: float) -> int:
+    """Unlink files named `prefix`* whose mtime is before `cutoff` anywhere under `target` (temp files of a killed
+    load). The listing is a plain walk by path (as cheap as before; symlinks are never descended into) and only
+    yields candidate names; each candidate is checked and unlinked through its parent's fd (TargetDir.parent,
+    O_NOFOLLOW on every component, nothing created), so a directory swapped for a symlink during the walk can never
+    make us remove a file outside the target. Returns the number removed."""
     removed = 0
-    stack: list[tuple[int, Iterator[os.DirEntry]]] = []
-
-    def enter(fd: int) -> None:
-        try:
-            stack.append((fd, iter(list(os.scandir(fd)))))
-        except OSError:
-            os.close(fd)
-
-    enter(os.dup(root_fd))
-    while stack:
-        fd, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            os.close(fd)
-            stack.pop()
-            continue
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                if len(stack) < max_depth:
-                    enter(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
-            elif entry.name.startswith(prefix) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                os.unlink(entry.name, dir_fd=fd)
-                removed += 1
-        except OSError:
-            continue  # gone, swapped for a symlink (ELOOP), unreadable: not ours to clean this time
+    for directory, _, names in os.walk(target.root):
+        candidates = [n for n in names if n.startswith(prefix)]
+        if not candidates:
+            continue  # nearly every directory: no syscall beyond the listing
+        rel_dir = os.path.relpath(directory, target.root)
+        for name in candidates:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            try:
+                with target.parent(rel, create=False) as (dir_fd, leaf):
+                    if os.lstat(leaf, dir_fd=dir_fd).st_mtime < cutoff:
+                        os.unlink(leaf, dir_fd=dir_fd)
+                        removed += 1
+            except (OSError, UnsafePath):
+                continue  # gone, or a parent is now a symlink: not ours to clean
     return removed
+
+
+_temp_prefix: str = ""
+
+
+def temp_name() -> str:
+    """A temp name in atomic.temp_name's format (FORMAT §1) without a getpid(2) per file: the `.tmp-<host>-<pid>-`
+    prefix is computed once per process (again after a fork). A load names one temp file per restored file."""
+    global _temp_prefix
+    if not _temp_prefix:
+        sample = _store_temp_name()
+        _temp_prefix = sample[:len(sample) - 16]
+    return _temp_prefix + secrets.token_hex(8)
+
+
+def _forget_temp_prefix() -> None:
+    global _temp_prefix
+    _temp_prefix = ""
+
+
+os.register_at_fork(after_in_child=_forget_temp_prefix)
 
 
 # -- both: the cache directory must not overlap the volume's directories ------------------------------------------------
