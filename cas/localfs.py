@@ -45,8 +45,9 @@ CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEX
 MAX_OPEN_DIRS = 128
 CHUNK = 1 << 20
 
-# Test seam: called as hook(event, path) before each local file a save opens ("read", its absolute path) and before
-# each file a load restores ("restore", the entry path). None in production.
+# Test seam: called as hook(event, path) before each local file a save opens ("read", its absolute path), before
+# each file a load restores ("restore", the entry path) and before each old temp file a load removes ("sweep", its
+# path in the target). None in production.
 hook: Callable[[str, str], None] | None = None
 
 
@@ -286,6 +287,7 @@ def remove_old_temp_files(target: TargetDir, prefix: str, cutoff: float) -> int:
         rel_dir = os.path.relpath(directory, target.root)
         for name in candidates:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            before("sweep", rel)
             try:
                 with target.parent(rel, create=False) as (dir_fd, leaf):
                     if os.lstat(leaf, dir_fd=dir_fd).st_mtime < cutoff:

@@ -184,6 +184,31 @@ def test_killed_loads_temp_files_are_cleaned_without_following_links(tmp_path):
     assert os.listdir(outside) == [".tmp-host-1-deadbeefdeadbeef"]
 
 
+def test_directory_swapped_during_the_temp_sweep_never_loses_a_file_outside(tmp_path, seam):
+    """The sweep found an old temp file in dst/real by listing it; before it removes it, dst/real becomes a link to
+    a directory outside holding a file of the same name. The removal goes through O_NOFOLLOW dir fds: refused."""
+    store, scope = saved_store(tmp_path, {"keep/f.py": b"f"})
+    name = ".tmp-host-2-0000000000000000"
+    old = 1_000_000_000
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / name).write_bytes(b"someone else's file")
+    os.utime(outside / name, (old, old))
+    dst = tmp_path / "dst"
+    (dst / "real").mkdir(parents=True)
+    (dst / "real" / name).write_bytes(b"a dead load's")
+    os.utime(dst / "real" / name, (old, old))
+
+    def swap(event, rel):
+        if event == "sweep" and rel == f"real/{name}":
+            os.rename(dst / "real", dst / "real.moved")
+            os.symlink(outside, dst / "real")
+
+    seam(swap)
+    load_tree(dst, store, scope, ENV_KEY, temp_expiry=60)
+    assert (outside / name).read_bytes() == b"someone else's file"
+
+
 # -- save: a file swapped after the scan -----------------------------------------------------------------------------
 def _swap(kind: str, victim: Path, secret_dir: Path) -> None:
     """Replace `victim` (after the scan saw it) according to `kind`; the secret lies in `secret_dir`."""
