@@ -34,7 +34,7 @@ AFTER_KILL_BOUND_S = 30.0
 
 @pytest.fixture(autouse=True)
 def _no_outside_settings(monkeypatch):
-    """The developer's own TRITON_CACHE_DIR or lock timeout must not leak into these tests (conftest clears the rest)."""
+    """The developer's own TRITON_CACHE_DIR or lock timeout must not leak into these tests (conftest: the rest)."""
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.delenv("B10_TRANSFER_POD_LOCK_TIMEOUT_S", raising=False)
 
@@ -57,7 +57,7 @@ def _wait_for(path: Path, timeout: float = 120.0) -> None:
 
 def child(spec: dict) -> dict:
     """One process of the pod: barrier, load (measured), compile `shapes`, optional barrier + save."""
-    import torch  # noqa: F401 - imported before the barrier so that all ranks reach load() together
+    import torch
     from torch._dynamo.utils import counters
 
     from b10_transfer import core
@@ -70,9 +70,10 @@ def child(spec: dict) -> dict:
     measuring = [False]
 
     def audit(event: str, args: tuple) -> None:
-        if measuring[0] and event == "open" and isinstance(args[0], str):
-            if os.path.realpath(args[0]).startswith(volume + os.sep):
-                opened.append(args[0])
+        if not (measuring[0] and event == "open" and isinstance(args[0], str)):
+            return
+        if os.path.realpath(args[0]).startswith(volume + os.sep):
+            opened.append(args[0])
 
     sys.addaudithook(audit)
     if spec.get("hold"):
@@ -87,7 +88,7 @@ def child(spec: dict) -> dict:
     (sync / f"{name}.loading").touch()
     result: dict = {"name": name, "pid": os.getpid()}
     before, measuring[0] = _proc_io(), True
-    status, stats = core.load()
+    _, stats = core.load()
     measuring[0], after = False, _proc_io()
     result["load"] = stats.as_dict()
     result["load_rchar"] = after["rchar"] - before["rchar"]
@@ -105,7 +106,7 @@ def child(spec: dict) -> dict:
     if spec.get("save"):
         (sync / f"{name}.compiled").touch()
         _wait_for(sync / "save-go")
-        status, stats = core.save()
+        _, stats = core.save()
         result["save"] = stats.as_dict()
     return result
 
@@ -159,8 +160,9 @@ def fresh_volume(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """A volume holding one replica's compile of SEED_SHAPE (one process compiled and saved)."""
-    from b10_transfer.demo import spawn_replica
     from conftest import child_environ
+
+    from b10_transfer.demo import spawn_replica
 
     root = tmp_path_factory.mktemp("pod-seed")
     volume = fresh_volume(root)
@@ -282,11 +284,12 @@ def test_holder_sigkilled_while_loading_others_proceed(seeded, tmp_path):
 def test_saves_of_four_ranks_merge(seeded, tmp_path):
     """4 ranks load, each compiles a shape of its own (a miss each: its own static graph), then all save at once:
     the manifest holds every rank's files; a save after them has nothing new."""
+    from conftest import b10_environ
+
     from b10_transfer import OperationStatus, core
     from b10_transfer.config import read_settings
     from cas import Scope
     from cas.tree import scan
-    from conftest import b10_environ
 
     volume = copy_volume(seeded, tmp_path / "volume")
     local, sync = tmp_path / "pod" / "inductor", tmp_path / "sync"
