@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import blake3
 
-from . import _faults, layout, limits, localfs, pack, recent
+from . import _faults, layout, limits, localfs, pack, recent, timing
 from .blobstore import BlobStore, SourceChanged
 from .errors import (
     BlobCorrupt,
@@ -75,8 +75,8 @@ def save_tree(
     env: dict[str, str] | None = None,
     threads: int = DEFAULT_THREADS,
     max_stored_bytes: int | None = None,
-    lock_timeout: float = 60.0,
-    stale_after: float = 30.0,
+    lock_timeout: float = timing.MANIFEST_LOCK_TIMEOUT,
+    stale_after: float = timing.DEFAULT_STALE_AFTER,
     use_index: bool = True,
     family: str | None = None,
 ) -> SaveResult:
