@@ -117,14 +117,15 @@ def _open_lock(path: Path) -> UnixFileLock | None:
 
 
 def _try(lock: UnixFileLock, timeout_s: float) -> bool:
-    """Acquire within `timeout_s` (0: one attempt). False on timeout; an unusable lock file counts as acquired
-    (we then run uncoordinated, as before) so a read-only parent never turns a load into an error."""
+    """Acquire within `timeout_s` (0: one attempt). False on timeout; an unusable lock counts as acquired (we then
+    run uncoordinated, as before) so a read-only parent, or a file system without flock (filelock 3 raises
+    NotImplementedError; filelock 4 falls back to a marker whose dead owner it detects), never fails a load."""
     try:
         lock.acquire(timeout=timeout_s, poll_interval=0.05)
     except Timeout:
         return False
-    except OSError as exc:
-        logger.warning("pod lock %s unusable (%s): going on without it", lock.lock_file, exc.strerror or exc)
+    except (OSError, NotImplementedError) as exc:
+        logger.warning("pod lock %s unusable (%s): going on without it", lock.lock_file, exc)
     return True
 
 

@@ -429,6 +429,25 @@ def test_threads_of_one_process_share_one_load(b10_env):
     assert st2.files_transferred == st1.files_transferred == 2
 
 
+@pytest.mark.parametrize("failure", [NotImplementedError("no flock here"), PermissionError(13, "Permission denied")])
+def test_unusable_lock_means_uncoordinated_not_an_error(b10_env, monkeypatch, caplog, failure):
+    """A file system without flock, or a lock file we may not open: load and save work as before, with a WARNING."""
+    import filelock
+
+    from b10_transfer import OperationStatus, core
+
+    def refuse(*_a, **_k):
+        raise failure
+
+    monkeypatch.setattr(filelock.UnixFileLock, "acquire", refuse)
+    (b10_env.local / "k").mkdir(parents=True)
+    (b10_env.local / "k" / "kernel.py").write_text("x = 1\n")
+    with caplog.at_level(logging.INFO, logger="b10_transfer"):
+        assert core.save()[0] is OperationStatus.SUCCESS
+        assert core.load()[0] is OperationStatus.SKIPPED
+    assert any("going on without it" in r.getMessage() for r in caplog.records)
+
+
 def test_invalid_pod_lock_timeout_is_an_error(b10_env, monkeypatch):
     from b10_transfer import OperationStatus, core
 
