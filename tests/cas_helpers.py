@@ -179,6 +179,8 @@ def _store_name_ok(rel_dir: str, name: str, is_blob_id) -> bool:
         return is_blob_id(name) and name[:2] == parts[1]
     if parts[0] == "roots" and len(parts) == 2:
         return name.endswith(".root")
+    if (rel_dir == "recent" or (parts[0] == "families" and len(parts) == 2)) and name.endswith(".recent"):
+        return True  # recent-savers records (FORMAT §4a)
     return False  # quarantine/, trash/, locks/ must stay empty in these tests
 
 
