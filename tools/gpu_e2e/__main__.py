@@ -280,7 +280,7 @@ class Runner:
                                             local=None, impl=impl, vol=vol)
                 self.flush()
         if "ours" in impls:
-            self.run_precompile(model, C, spec, allshapes, p, cases & {"pc-hot"})
+            self.run_precompile(model, C, spec, allshapes, p, cases & {"pc-hot", "pc-prof"})
 
     def run_precompile(self, model: str, C: dict, spec, allshapes: list, p: dict,
                        cases: set[str]) -> None:
@@ -299,6 +299,12 @@ class Runner:
             C["ours-pc-C"] = self.spawn("run", model, "ours-pc-C",
                                         spec(allshapes, load=True, save=True, precompile=True),
                                         local=None, impl="ours", vol=vol, case_env=pc)
+            self.flush()
+        if "pc-prof" in cases:  # replica C again under cProfile: where its time goes (log only)
+            vol = self.volume(model, "ours-pc")
+            C["ours-pc-prof"] = self.spawn("run", model, "ours-pc-prof",
+                                           spec(allshapes, load=True, precompile=True, profile=True),
+                                           local=None, impl="ours", vol=vol, case_env=pc)
             self.flush()
         if "pc-hot" in cases and C.get("ours-C", {}).get("ok"):
             vol = self.volume(model, "ours-replicas")
@@ -359,7 +365,7 @@ def main(argv=None) -> int:
                     help="comma list: baseline (prime, cold, hot local), single (seed save + "
                          "load into an empty cache), replicas (A -> B -> C), precompile (ours "
                          "replicas with B10_TRANSFER_PRECOMPILE=1), pc-hot (a writer in the mode "
-                         "on the hot ours-replicas volume)")
+                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile)")
     ap.add_argument("--quick", action="store_true",
                     help="small models: a GPU smoke run (or a CPU one with --device cpu)")
     ap.add_argument("--size", choices=("full", "quick", "tiny"), default=None,

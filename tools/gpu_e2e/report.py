@@ -20,6 +20,7 @@ WHAT = {
     "ours-pc-B": "ours + precompile replica B: load, sets 1+2, save",
     "ours-pc-C": "ours + precompile replica C: load, sets 1+2, save",
     "ours-pc-hot": "ours + precompile on the ours-replicas volume (no entry, hot Inductor cache)",
+    "ours-pc-prof": "precompile replica C again under cProfile (slower: not a measurement)",
 }
 
 
