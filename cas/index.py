@@ -10,7 +10,7 @@ import time
 
 import msgpack
 
-from . import limits, localfs
+from . import limits, localfs, nogc
 from .atomic import replace_atomically
 
 log = logging.getLogger("cas.index")
@@ -40,10 +40,11 @@ class Index:
             data = localfs.read_regular(self.path, limits.MAX_MANIFEST_BYTES)
             if data is None:
                 return
-            doc = msgpack.unpackb(data, raw=False, max_array_len=5, max_bin_len=32, max_str_len=limits.MAX_PATH_BYTES,
-                                  max_map_len=limits.MAX_ENTRIES)
-            for rel, (size, mtime, ino, ctime, blob) in doc["entries"].items():
-                self._entries[rel] = ((size, mtime, ino, ctime), blob.hex())
+            with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
+                doc = msgpack.unpackb(data, raw=False, max_array_len=5, max_bin_len=32,
+                                      max_str_len=limits.MAX_PATH_BYTES, max_map_len=limits.MAX_ENTRIES)
+                for rel, (size, mtime, ino, ctime, blob) in doc["entries"].items():
+                    self._entries[rel] = ((size, mtime, ino, ctime), blob.hex())
         except Exception as exc:  # noqa: BLE001 - an optimisation only: start over
             log.debug("ignoring unreadable index %s: %s", self.path, exc)
             self._entries.clear()

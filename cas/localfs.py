@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
+import random
 import stat
 import threading
 from collections import OrderedDict
@@ -251,9 +251,17 @@ class TargetDir:
 
     def _trim(self) -> None:
         """Close least recently used directory fds no thread is using, down to max_open."""
-        if len(self._open) <= self._max_open:
+        excess = len(self._open) - self._max_open
+        if excess <= 0:
             return
-        for key in [k for k, (_, users) in self._open.items() if users == 0][:len(self._open) - self._max_open]:
+        # Oldest first, stopping at the first `excess` idle ones: nearly always the first (this runs twice per file).
+        victims = []
+        for key, (_, users) in self._open.items():
+            if users == 0:
+                victims.append(key)
+                if len(victims) == excess:
+                    break
+        for key in victims:
             os.close(self._open.pop(key)[0])
 
 
@@ -303,12 +311,15 @@ _temp_prefix: str = ""
 
 def temp_name() -> str:
     """A temp name in atomic.temp_name's format (FORMAT §1) without a getpid(2) per file: the `.tmp-<host>-<pid>-`
-    prefix is computed once per process (again after a fork). A load names one temp file per restored file."""
+    prefix is computed once per process (again after a fork). A load names one temp file per restored file: the 16
+    hex digits come from `random` (reseeded after a fork), not from a getrandom(2) per file. They only keep this
+    process's own temp names apart (host and pid are in the prefix; O_EXCL refuses a clash); nothing relies on
+    them being unpredictable."""
     global _temp_prefix
     if not _temp_prefix:
         sample = _store_temp_name()
         _temp_prefix = sample[:len(sample) - 16]
-    return _temp_prefix + secrets.token_hex(8)
+    return f"{_temp_prefix}{random.getrandbits(64):016x}"
 
 
 def _forget_temp_prefix() -> None:

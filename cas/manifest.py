@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import msgpack
 import zstandard
 
-from . import limits
+from . import limits, nogc
 from .errors import ManifestError, TooLarge, UnsafePath
 from .paths import check_entry_path
 
@@ -112,6 +112,11 @@ class Manifest:
 def loads(data: bytes, source: object = "<manifest>", limit: int = limits.MAX_MANIFEST_BYTES) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError naming `source` on any violation. `limit` bounds the
     manifest's plain size (compressed or not): readers of other deployments' manifests use a lower one."""
+    with nogc.paused():  # a few objects per entry, no cycles: collections would only walk the heap (cas/nogc.py)
+        return _loads(data, source, limit)
+
+
+def _loads(data: bytes, source: object, limit: int) -> Manifest:
     if len(data) > limit:
         raise ManifestError(source, f"{len(data)} bytes exceeds the {limit} byte limit")
     if not data:

@@ -32,7 +32,7 @@ from concurrent.futures import Future
 
 import blake3
 
-from . import layout, limits
+from . import layout, limits, nogc
 from .errors import CasError, UnsafePath
 from .index import INDEX_NAME, Index
 from .manifest import Entry, Manifest, loads
@@ -81,16 +81,17 @@ def nothing_new(
         manifest_f = pool.submit(_read, scope.backend, layout.manifest(env_key), limits.MAX_MANIFEST_BYTES)
         root_f = _gc_root(pool, store_root, scope, env_key)
         audit_f = pool.submit(_exists, scope.backend, layout.audit(env_key))
-        entries = _local_entries(src)  # this thread, while the volume answers
-        if entries is None:
-            return None  # reads still in flight finish on their own
-        data = manifest_f.result()
-        if data is None or audit_f.result():
-            return None
-        digest = blake3.blake3(data).hexdigest()
-        current = _parsed(manifest_path, data, digest)
-        if current is None or current.env_key != env_key or current.changes_from(entries):
-            return None
+        with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
+            entries = _local_entries(src)  # this thread, while the volume answers
+            if entries is None:
+                return None  # reads still in flight finish on their own
+            data = manifest_f.result()
+            if data is None or audit_f.result():
+                return None
+            digest = blake3.blake3(data).hexdigest()
+            current = _parsed(manifest_path, data, digest)
+            if current is None or current.env_key != env_key or current.changes_from(entries):
+                return None
         root = root_f.result()
         if root is None or root.manifest != digest:
             return None  # no root, or it names other bytes: save_tree audits the manifest (FORMAT §3)

@@ -7,7 +7,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import limits
+from . import limits, nogc
 from .errors import UnsafePath
 from .paths import check_entry_path, is_transient
 
@@ -86,6 +86,8 @@ def _skip(directory: str, why: str, strict: bool) -> None:
 
 def scan(root: str | os.PathLike) -> list[LocalFile]:
     """The files a save takes under `root` (walk's rules), sorted by path."""
-    found = [LocalFile(rel, path, st.st_size, stat.S_IMODE(st.st_mode) & 0o777, st) for rel, path, st in walk(root)]
-    found.sort(key=lambda f: f.rel)
+    with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
+        found = [LocalFile(rel, path, st.st_size, stat.S_IMODE(st.st_mode) & 0o777, st)
+                 for rel, path, st in walk(root)]
+        found.sort(key=lambda f: f.rel)
     return found

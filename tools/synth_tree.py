@@ -36,33 +36,41 @@ def _binary(rng: random.Random, size: int) -> bytes:
     return bytes(out)
 
 
-def sizes(rng: random.Random, n: int, total: int) -> list[int]:
-    sigma = (math.log(P90) - math.log(MEDIAN)) / 1.2816
-    raw = sorted(int(rng.lognormvariate(math.log(MEDIAN), sigma)) for _ in range(n - 1))
-    raw = [min(s, LARGEST // 2) for s in raw]
+def sizes(rng: random.Random, n: int, total: int, median: int = MEDIAN, p90: int = P90,
+          largest: int = LARGEST) -> list[int]:
+    sigma = (math.log(p90) - math.log(median)) / 1.2816
+    raw = sorted(int(rng.lognormvariate(math.log(median), sigma)) for _ in range(n - 1))
+    raw = [min(s, largest // 2) for s in raw]
     rest = total - sum(raw)
-    raw.append(max(min(rest, LARGEST), 1))
+    raw.append(max(min(rest, largest), 1))
     # Spread any remainder over the big files so the total matches without changing the median.
     remainder = total - sum(raw)
     for i in range(n - 2, n - 12, -1):
         if remainder <= 0:
             break
-        add = min(remainder, LARGEST - raw[i])
+        add = min(remainder, largest - raw[i])
         raw[i] += add
         remainder -= add
     rng.shuffle(raw)
     return raw
 
 
-def make_tree(root: str, files: int = 680, total_mb: float = 56.6, seed: int = 0) -> list[str]:
+def make_tree(root: str, files: int = 680, total_mb: float = 56.6, seed: int = 0, *, median: int = MEDIAN,
+              p90: int = P90, largest: int = LARGEST, per_dir: int = 1) -> list[str]:
+    """`median`, `p90`, `largest`: the size law (defaults: the measured H100 cache; tools/bench scale uses a
+    max-autotune-like law of many tiny files for its 5,000 and 20,000 file trees). `per_dir`: triton files per
+    kernel directory (default 1, one directory per file, the worst case for a walk; Triton itself writes each
+    kernel's .source/.ttir/.ttgir/.llir/.ptx/.cubin/.json side by side, about 7)."""
     rng = random.Random(seed)
     made = []
+    kernel_dir = ""
     n_triton = int(files * 608 / 680)
     n_graph = max(1, files // 40)
-    for i, size in enumerate(sizes(rng, files, int(total_mb * 1e6))):
+    for i, size in enumerate(sizes(rng, files, int(total_mb * 1e6), median, p90, largest)):
         h = f"{rng.getrandbits(128):032x}"
         if i < n_triton:
-            kernel_dir = f"triton/0/{h[:26].upper()}"
+            if i % max(1, per_dir) == 0:
+                kernel_dir = f"triton/0/{h[:26].upper()}"
             binary = i % 5 == 0
             ext = rng.choice(_BIN_EXT if binary else _TEXT_EXT)
             rel = f"{kernel_dir}/triton_{i}{ext}"

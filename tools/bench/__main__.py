@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tools.bench            # full run (~15 min on 2 cores), writes docs/benchmarks.md
     .venv/bin/python -m tools.bench --quick    # development run (~2 min), prints only (add --write to record)
+    .venv/bin/python -m tools.bench scale [--quick]   # issue 14: N deployments, large caches (tools/bench/scale.py)
 
 Each implementation runs in its own interpreter (ours: this venv; the peer: .scratch/peer-venv, created on first use
 with `pip install torch==2.13.0 b10-transfer`), both driven by tools/bench/driver.py over stdin/stdout, so both pay the
@@ -697,6 +698,11 @@ def write_section(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["scale"]:  # issue 14: organisations of N deployments, caches of 20,000 files
+        from tools.bench import scale
+
+        return scale.main(args[1:])
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="development run: a quarter-size synthetic tree, 1 run, 4 concurrent loaders (~2 min)")
