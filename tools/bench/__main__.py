@@ -3,6 +3,7 @@
     .venv/bin/python -m tools.bench            # full run (~15 min on 2 cores), writes docs/benchmarks.md
     .venv/bin/python -m tools.bench --quick    # development run (~2 min), prints only (add --write to record)
     .venv/bin/python -m tools.bench scale [--quick]   # issue 14: N deployments, large caches (tools/bench/scale.py)
+    .venv/bin/python -m tools.bench s3 [--quick]      # issue 13: ours on S3 (SeaweedFS + latency) vs s5cmd (s3bench.py)
 
 Each implementation runs in its own interpreter (ours: this venv; the peer: .scratch/peer-venv, created on first use
 with `pip install torch==2.13.0 b10-transfer`), both driven by tools/bench/driver.py over stdin/stdout, so both pay the
@@ -703,6 +704,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench import scale
 
         return scale.main(args[1:])
+    if args[:1] == ["s3"]:  # issue 13: object storage behind added latency, against s5cmd
+        from tools.bench import s3bench
+
+        return s3bench.main(args[1:])
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="development run: a quarter-size synthetic tree, 1 run, 4 concurrent loaders (~2 min)")
