@@ -20,6 +20,7 @@ import errno
 import os
 import stat as stat_mod
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -523,8 +524,6 @@ class PosixBackend(Backend):
 
     # -- the server ------------------------------------------------------------------------------------------------
     def now(self) -> float:
-        import time
-
         if self._clock_offset is None:
             try:
                 with self._dir("") as d:
