@@ -402,6 +402,10 @@ class S3Backend(Backend):
         for common in found["common_prefixes"]:
             yield ObjectInfo(common.rstrip("/") + "/", 0, 0.0, "", "prefix")
         for meta in found["objects"]:
+            if path is not None and str(meta["path"]).rstrip("/") == path:
+                # The listed prefix itself: SeaweedFS keeps a prefix whose last object was deleted as a directory
+                # entry and lists it as an object of that name. It is no object of ours (found by the torture run).
+                continue
             yield _listed(meta)
 
     # -- writing ---------------------------------------------------------------------------------------------------

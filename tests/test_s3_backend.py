@@ -104,6 +104,18 @@ def test_list_kinds_and_prefix_isolation(s3_bucket: S3Bucket) -> None:
     assert list(backend.list("nothing/")) == []
 
 
+def test_emptied_prefix_lists_nothing(s3_bucket: S3Bucket) -> None:
+    """SeaweedFS keeps a prefix whose last object was deleted as a directory and lists it as an object named like
+    the prefix: the backend must not report it (cas check called it a foreign file in blobs/<xx>)."""
+    backend = s3_bucket.backend("org/store")
+    backend.put("blobs/ab/x", b"1")
+    backend.put("blobs/cd/y", b"2")
+    backend.delete("blobs/ab/x")
+    assert list(backend.list("blobs/ab/")) == []
+    assert {i.key: i.kind for i in backend.list("blobs/")}.get("blobs/cd/") == "prefix"
+    assert all(i.kind == "prefix" for i in backend.list("blobs/"))
+
+
 def test_many_keys_listed_across_pages(moto_bucket: S3Bucket) -> None:
     backend = moto_bucket.backend("s")
     keys = [f"blobs/ab/{i:064x}" for i in range(1050)]
