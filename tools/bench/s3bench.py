@@ -586,7 +586,7 @@ def versions(server: str) -> dict:
         from s3_servers import weed_binary
 
         v = subprocess.run([weed_binary(), "version"], capture_output=True, text=True).stdout.split()
-        out["server"] = next((x for x in v if x[:1].isdigit()), "?")
+        out["server"] = next((x for x in v if x[:1].isdigit() and "." in x), "?")
     return out
 
 

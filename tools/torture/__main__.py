@@ -3,6 +3,7 @@
     python -m tools.torture                         # full run: 64 workers for 120 s, 200+ kills, every fault
     python -m tools.torture --workers 12 --seconds 30 --kills 40      # a short run
     python -m tools.torture --json out.json --markdown out.md         # also write the figures
+    python -m tools.torture --backend s3 --workers 12 --seconds 60 --kills 40   # org store + scopes on SeaweedFS
 
 Phases (--phases, default all): `load` (many processes saving, loading, collecting and checking on one org store
 and --scopes deployment scopes, SIGKILLed at random moments and at the cas/_faults.py kill points, some with skewed
@@ -10,6 +11,11 @@ clocks), `faults` (stale locks of dead and foreign holders, disk full on the vol
 volume vanishing mid-load, clock skew), `hostile` (tests/test_hostile.py: hostile or broken input through the public
 API). Bounded by --seconds/--max-ops and stops by itself; exit status 0 when there are no violations, 1 otherwise.
 Faults that need `mount` (root) are reported as skipped where it is not permitted.
+
+`--backend s3` starts SeaweedFS on 127.0.0.1 (tests/s3_servers.py) and runs the `load` phase with the org store and
+the scopes in one of its buckets: the same saves, loads, gcs with a short grace and checks, the same random SIGKILLs
+and kill points (mid-save, mid-commit, mid-gc), the same end-state checks (tools/torture/backends.py says what
+differs). The `faults` and `hostile` phases are volume scenarios (mounts, ENOSPC, planted files) and run only on posix.
 """
 from __future__ import annotations
 
@@ -44,15 +50,19 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json", dest="json_out", default=None, help="write the figures as JSON to this file")
     ap.add_argument("--markdown", default=None, help="write the figures as markdown to this file")
+    ap.add_argument("--backend", choices=("posix", "s3"), default="posix",
+                    help="where the org store and scopes live: a directory (default) or a SeaweedFS bucket")
     a = ap.parse_args(argv)
     seed = a.seed if a.seed is not None else int(time.time()) & 0xFFFFFF
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
+    if a.backend == "s3":
+        phases = [p for p in phases if p == "load"]
     work = a.dir or tempfile.mkdtemp(prefix="torture-")
     os.makedirs(work, exist_ok=True)
     figures: dict = {"command": " ".join(["python -m tools.torture", *(argv if argv is not None else sys.argv[1:])]),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seed": seed,
                      "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                              "kernel": platform.release()}}
+                              "kernel": platform.release()}, "backend": a.backend}
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -60,12 +70,17 @@ def main(argv=None) -> int:
 
     try:
         if "load" in phases:
+            from contextlib import nullcontext
+
+            from .backends import seaweed_bucket
             from .load import run_load
 
-            figures["load"] = run_load(os.path.join(work, "load"), workers=a.workers, seconds=a.seconds,
-                                       max_ops=a.max_ops, kills=a.kills, freshen=a.freshen_after,
-                                       grace=a.grace or 2 * a.freshen_after, scopes=a.scopes, seed=seed,
-                                       point_frac=a.point_kills, say=say)
+            where = seaweed_bucket(os.path.join(work, "s3"), say) if a.backend == "s3" else nullcontext(None)
+            with where as s3:
+                figures["load"] = run_load(os.path.join(work, "load"), workers=a.workers, seconds=a.seconds,
+                                           max_ops=a.max_ops, kills=a.kills, freshen=a.freshen_after,
+                                           grace=a.grace or 2 * a.freshen_after, scopes=a.scopes, seed=seed,
+                                           point_frac=a.point_kills, say=say, s3=s3)
         if "faults" in phases:
             from .faults import run_faults
 

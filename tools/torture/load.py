@@ -34,18 +34,26 @@ class Worker:
 
 def run_load(base: str, *, workers: int, seconds: float, max_ops: int | None, kills: int, freshen: float,
              grace: float, scopes: int = 4, seed: int = 0, point_frac: float = 0.3, skew_frac: float = 0.15,
-             mtime_faults: bool = True, say=print) -> dict:
+             mtime_faults: bool = True, say=print, s3: str | None = None) -> dict:
+    """`s3`: an s3://bucket URL (AWS_* in the environment) for the org store and scopes instead of the volume. The
+    API operations (api_save, api_load) and the blob mtime shifts are then left out: the API's s3:// settings are
+    tested elsewhere, and an object's LastModified cannot be set by a client."""
     from cas import BlobStore, Scope
+
+    from .backends import open_backend
 
     rng = random.Random(seed)
     shutil.rmtree(base, ignore_errors=True)
-    L = layout(base)
-    os.makedirs(os.path.join(L["vol"], "model"))
-    os.makedirs(os.path.join(L["vol"], "org"))
+    L = layout(base, s3)
     os.makedirs(os.path.join(base, "logs"))
-    store = BlobStore(L["org"], freshen_after=freshen)
+    if s3:
+        mtime_faults = False
+    else:
+        os.makedirs(os.path.join(L["vol"], "model"))
+        os.makedirs(os.path.join(L["vol"], "org"))
+    store = BlobStore(open_backend(L["org"]), freshen_after=freshen)
     for i in range(scopes):
-        Scope(L["scope"](i), create=True)
+        Scope(open_backend(L["scope"](i)), create=True)
     started = time.time()
     deadline = started + seconds
     per_worker_ops = -(-max_ops // workers) if max_ops else None
@@ -72,6 +80,8 @@ def run_load(base: str, *, workers: int, seconds: float, max_ops: int | None, ki
                 "--grace", str(grace), "--skew", str(skew)]
         if per_worker_ops:
             args += ["--max-ops", str(per_worker_ops)]
+        if s3:
+            args += ["--s3", s3, "--weights", "30,30,8,4,0,0"]
         err_path = os.path.join(base, "logs", f"w{wid:03d}-g{gen:03d}.err")
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -80,7 +90,7 @@ def run_load(base: str, *, workers: int, seconds: float, max_ops: int | None, ki
     for wid in range(workers):
         spawn(wid)
     say(f"load: {workers} workers, {scopes} scopes, {seconds:.0f}s, freshen_after {freshen:g}s, grace {grace:g}s, "
-        f"target {kills} random kills")
+        f"target {kills} random kills, store {L['org']}")
 
     kill_times = sorted(rng.uniform(1.0, max(1.5, seconds * 0.92)) for _ in range(kills))
     next_mtime_fault = started + 1.0
@@ -139,8 +149,9 @@ def run_load(base: str, *, workers: int, seconds: float, max_ops: int | None, ki
 
     figures = _tally(base, kill_log, crashes)
     figures.update(workers=workers, scopes=scopes, seconds=round(run_seconds, 1), freshen_after=freshen, grace=grace,
-                   mtime_shifts=dict(mtime_shifts), processes_started=sum(gens.values()))
-    figures["final"] = final_checks(base, scopes, figures.pop("_saved"), say)
+                   mtime_shifts=dict(mtime_shifts), processes_started=sum(gens.values()),
+                   backend="s3" if s3 else "posix")
+    figures["final"] = final_checks(base, scopes, figures.pop("_saved"), say, s3)
     figures["violations"].update(figures["final"].pop("violations"))
     figures["violation_count"] = sum(figures["violations"].values())
     return figures
@@ -292,21 +303,23 @@ def _tally(base: str, kill_log: list[dict], crashes: list[str]) -> dict:
     }
 
 
-def final_checks(base: str, scopes: int, saved: dict, say) -> dict:
+def final_checks(base: str, scopes: int, saved: dict, say, s3: str | None = None) -> dict:
     """End state: every reported entry is in its manifest; every manifest loads completely and verified, before and
     after a final gc; `cas check --read-data` is clean for every scope."""
     from cas import BlobStore, Scope, load_tree
     from cas.roots import iter_roots
     from b10_transfer.environment import environment_key
 
-    L = layout(base)
-    store = BlobStore(L["org"], create=False)
+    from .backends import open_backend
+
+    L = layout(base, s3)
+    store = BlobStore(open_backend(L["org"]), create=False)
     violations = collections.Counter()
     examples: list[str] = []
     out: dict = {}
     entries_checked = 0
     for (scope_i, key), want in sorted(saved.items()):
-        m = Scope(L["scope"](scope_i)).read_manifest(key)
+        m = Scope(open_backend(L["scope"](scope_i))).read_manifest(key)
         have = m.entries if m else {}
         for rel, (bid, size, mode) in want.items():
             entries_checked += 1
@@ -321,7 +334,7 @@ def final_checks(base: str, scopes: int, saved: dict, say) -> dict:
     stale_roots = 0
     roots = {(r.scope_id, r.env_key): r for r in iter_roots(store) if not isinstance(r, tuple)}
     for i in range(scopes):
-        scope = Scope(L["scope"](i))
+        scope = Scope(open_backend(L["scope"](i)))
         for key in keys:
             data = scope.read_manifest_bytes(key)
             if data is None:
@@ -334,7 +347,7 @@ def final_checks(base: str, scopes: int, saved: dict, say) -> dict:
     def load_all(tag: str) -> int:
         files = 0
         for i in range(scopes):
-            scope = Scope(L["scope"](i))
+            scope = Scope(open_backend(L["scope"](i)))
             for key in keys:
                 dst = os.path.join(base, "final", f"{tag}-{i}-{key}")
                 res = load_tree(dst, store, scope, key, threads=8, verify=True)
@@ -352,6 +365,18 @@ def final_checks(base: str, scopes: int, saved: dict, say) -> dict:
     out["files_loaded_and_verified"] = load_all("before-gc")
     out["check"] = {}
     for i in range(scopes):
+        if s3:  # the check itself in this process (the CLI's s3:// arguments are another change's)
+            from cas.check import check
+
+            res = check(store, scope=Scope(open_backend(L["scope"](i))), read_data=i == 0)
+            doc = {"problems": [str(p) for p in res.problems], "blobs_read": res.blobs_read, "blobs": res.blobs}
+            proc = subprocess.CompletedProcess([], 1 if res.problems else 0)
+            out["check"][f"scope{i}"] = {"exit": proc.returncode, "problems": len(doc["problems"]),
+                                         "blobs_read": doc["blobs_read"], "blobs": doc["blobs"]}
+            if proc.returncode != 0:
+                violations["cas-check-not-clean"] += 1
+                examples.append(f"check scope{i}: {str(doc['problems'])[:300]}")
+            continue
         args = [sys.executable, "-c", "import sys; from cas.cli import main; sys.exit(main())", "--org", L["org"],
                 "--scope", L["scope"](i), "--json", "check"] + (["--read-data"] if i == 0 else [])
         proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -368,7 +393,7 @@ def final_checks(base: str, scopes: int, saved: dict, say) -> dict:
 
     # A last gc with every grace long past: whatever it deletes must not be needed by any manifest.
     time.sleep(0)
-    res = collect(store, scope=Scope(L["scope"](0)), grace=2 * store.freshen_after)
+    res = collect(store, scope=Scope(open_backend(L["scope"](0))), grace=2 * store.freshen_after)
     out["final_gc"] = {"trashed": res.blobs_trashed, "deleted": res.blobs_deleted, "problems": res.problems[:3]}
     if res.problems:
         violations["final-gc-problem"] += 1

@@ -18,7 +18,8 @@ def to_markdown(f: dict) -> str:
         out += [
             "### Load", "",
             "| figure | value |", "|---|---|",
-            f"| workers × scopes | {ld['workers']} processes × {ld['scopes']} deployment scopes, one org store |",
+            f"| workers × scopes | {ld['workers']} processes × {ld['scopes']} deployment scopes, one org store"
+            + (" (store and scopes in a SeaweedFS bucket)" if ld.get("backend") == "s3" else "") + " |",
             f"| duration | {ld['seconds']} s (freshen_after {ld['freshen_after']:g} s, gc grace {ld['grace']:g} s) |",
             f"| operations done | {ld['operations']} ({_kv(ld['operations_by_kind'])}) |",
             f"| errors by kind | {_kv(ld['errors_by_kind'])} |",

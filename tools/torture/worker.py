@@ -18,10 +18,14 @@ FAKE_ENV = {"device_type": "cpu", "cpu_architecture": "x86_64", "torch_version":
 OPS = ("save", "load", "gc", "check", "api_save", "api_load")
 
 
-def layout(base: str) -> dict:
+def layout(base: str, s3: str | None = None) -> dict:
+    """Where everything is; with `s3` (an s3://bucket URL) the org store and the scopes are prefixes of that bucket
+    (tools/torture/backends.py), the rest stays local."""
     vol = os.path.join(base, "vol")
-    return {"vol": vol, "org": os.path.join(vol, "org", "b10_cas"),
-            "scope": lambda i: os.path.join(vol, "model", f"scope{i}"),
+    org, scope_root = (f"{s3}/org/b10_cas", f"{s3}/model") if s3 else (os.path.join(vol, "org", "b10_cas"),
+                                                                        os.path.join(vol, "model"))
+    return {"vol": vol, "org": org, "s3": s3,
+            "scope": lambda i: f"{scope_root}/scope{i}" if s3 else os.path.join(scope_root, f"scope{i}"),
             "journal": os.path.join(base, "journal"), "local": os.path.join(base, "local"),
             "stop": os.path.join(base, "STOP")}
 
@@ -51,6 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grace", type=float, required=True)
     ap.add_argument("--skew", type=float, default=0.0, help="seconds this worker's clock is off")
     ap.add_argument("--weights", default="30,30,8,4,14,14", help="save,load,gc,check,api_save,api_load")
+    ap.add_argument("--s3", default=None, help="s3://bucket holding the org store and scopes (AWS_* from the env)")
     a = ap.parse_args(argv)
 
     if a.skew:
@@ -70,11 +75,13 @@ def main(argv=None) -> None:
     environment.environment = lambda: dict(FAKE_ENV)  # no torch import in 64 processes
     core.environment = environment.environment
 
-    L = layout(a.base)
+    from .backends import open_backend
+
+    L = layout(a.base, a.s3)
     rng = random.Random(a.seed)
     weights = [float(w) for w in a.weights.split(",")]
-    store = BlobStore(L["org"], create=False)
-    scopes = [Scope(L["scope"](i)) for i in range(a.scopes)]
+    store = BlobStore(open_backend(L["org"]), create=False)
+    scopes = [Scope(open_backend(L["scope"](i))) for i in range(a.scopes)]
     os.makedirs(L["journal"], exist_ok=True)
     journal = open(os.path.join(L["journal"], f"w{a.id:03d}-g{a.gen:03d}.jsonl"), "a", buffering=1)
     home = os.path.join(L["local"], f"w{a.id:03d}")  # this worker's persistent cache dir, like a pod's /tmp
@@ -190,7 +197,7 @@ class Ctx:
                 return m
 
         target = self._target(n)
-        scope = Recording(self.scopes[scope_i].root)
+        scope = Recording(self.scopes[scope_i].backend)
         res = load_tree(target, self.store, scope, key, threads=4)
         bad = []
         if res.manifest_found:
