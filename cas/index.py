@@ -32,6 +32,10 @@ class Index:
         self.path = os.path.join(os.fspath(directory), INDEX_NAME)
         self._entries: dict[str, tuple[StatKey, str]] = {}
         self._dirty = False
+        # (manifest, blake3 of its bytes): every entry of this index is recorded identically in that manifest
+        # (FORMAT §7). Set only by the no-op check (cas/quick.py) after comparing them all; any change to an entry
+        # drops it, so it never vouches for a file that was recorded here after the comparison.
+        self.verified: tuple[str, str] | None = None
         self._read()
 
     def _read(self) -> None:
@@ -45,6 +49,10 @@ class Index:
                                       max_str_len=limits.MAX_PATH_BYTES, max_map_len=limits.MAX_ENTRIES)
                 for rel, (size, mtime, ino, ctime, blob) in doc["entries"].items():
                     self._entries[rel] = ((size, mtime, ino, ctime), blob.hex())
+                verified = doc.get("verified")
+                if (isinstance(verified, list) and len(verified) == 2
+                        and all(isinstance(v, str) for v in verified)):
+                    self.verified = (verified[0], verified[1])
         except Exception as exc:  # noqa: BLE001 - an optimisation only: start over
             log.debug("ignoring unreadable index %s: %s", self.path, exc)
             self._entries.clear()
@@ -62,6 +70,16 @@ class Index:
         if self._entries.get(rel) != (key, blob_id):
             self._entries[rel] = (key, blob_id)
             self._dirty = True
+            self.verified = None  # this entry was never compared with the manifest
+
+    def mark_verified(self, manifest: str, digest: str) -> None:
+        """Every entry now held is recorded identically in the manifest `manifest` whose bytes hash to `digest`."""
+        if self.verified != (manifest, digest):
+            self.verified = (manifest, digest)
+            self._dirty = True
+
+    def paths(self) -> set[str]:
+        return set(self._entries)
 
     def retain(self, paths: set[str]) -> None:
         stale = self._entries.keys() - paths
@@ -72,7 +90,9 @@ class Index:
     def write(self) -> None:
         if not self._dirty:
             return
-        doc = {"format": 1, "entries": {r: [*k, bytes.fromhex(b)] for r, (k, b) in self._entries.items()}}
+        doc: dict = {"format": 1, "entries": {r: [*k, bytes.fromhex(b)] for r, (k, b) in self._entries.items()}}
+        if self.verified is not None:
+            doc["verified"] = list(self.verified)
         try:
             replace_atomically(self.path, msgpack.packb(doc, use_bin_type=True), fsync=False)
             self._dirty = False

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import _faults, limits, localfs, pack
+from . import _faults, limits, localfs, nogc, pack
 from .atomic import write_all
 from .blobstore import BlobStore
 from .index import Index
@@ -89,7 +89,8 @@ def load_tree(
         raise _local_error(exc, dst) from exc
     with target:
         _remove_old_temp_files(target, temp_expiry)
-        _restore_all(target, store, scope, env_key, manifest, result, threads, verify)
+        with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
+            _restore_all(target, store, scope, env_key, manifest, result, threads, verify)
     result.seconds = time.monotonic() - started
     log.debug("load %s: restored %d, present %d, misses %d", env_key, result.restored, result.present,
               len(result.misses))

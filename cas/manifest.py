@@ -217,6 +217,25 @@ def _map_without_duplicates(pairs: list) -> dict:
 
 
 def _entry(value: object, path: str, source: object, version: int) -> Entry:
+    # The common case, checked in one expression (`type(x) is int` also refuses bool, as the full check does); any
+    # doubt goes to the full check, which says what is wrong.
+    if type(value) is list:
+        if len(value) == 5 and version >= 2:
+            blob, size, mode, pack, offset = value
+            if (type(blob) is bytes and len(blob) == _ID_BYTES and type(size) is int
+                    and 0 <= size <= limits.MAX_ENTRY_SIZE and type(mode) is int and 0 <= mode <= 0o777
+                    and type(pack) is bytes and len(pack) == _ID_BYTES and type(offset) is int
+                    and 0 <= offset and offset + size <= limits.MAX_PACK_BYTES):
+                return Entry(blob.hex(), size, mode, pack.hex(), offset)
+        elif len(value) == 3:
+            blob, size, mode = value
+            if (type(blob) is bytes and len(blob) == _ID_BYTES and type(size) is int
+                    and 0 <= size <= limits.MAX_ENTRY_SIZE and type(mode) is int and 0 <= mode <= 0o777):
+                return Entry(blob.hex(), size, mode)
+    return _entry_checked(value, path, source, version)
+
+
+def _entry_checked(value: object, path: str, source: object, version: int) -> Entry:
     lengths = (3, 5) if version >= 2 else (3,)
     if not (isinstance(value, list) and len(value) in lengths):
         raise ManifestError(source, f"entry {path!r} is not [id, size, mode] or [id, size, mode, pack, offset]")

@@ -65,7 +65,9 @@ def nothing_new(
     env_key: str,
 ) -> int | None:
     """The number of files of `src_dir` if a save would record nothing (every file indexed and recorded identically,
-    no audit pending, the gc root names the manifest), else None ("maybe": run save_tree). Never writes.
+    no audit pending, the gc root names the manifest), else None ("maybe": run save_tree). Never writes to the
+    volume. Locally it may note in `.cas-index` that every indexed file is recorded in the manifest with these bytes
+    (FORMAT §7), so that the next check, in any process, skips parsing the manifest and comparing entry by entry.
 
     `store_root` may be a callable returning it: it is then called once, in a worker thread, so that finding which
     store is in use (a request to the volume, in b10_transfer) overlaps the other reads."""
@@ -82,20 +84,27 @@ def nothing_new(
         root_f = _gc_root(pool, store_root, scope, env_key)
         audit_f = pool.submit(_exists, scope.backend, layout.audit(env_key))
         with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
-            entries = _local_entries(src)  # this thread, while the volume answers
-            if entries is None:
+            index = Index(src)
+            hits = _local_hits(src, index)  # this thread, while the volume answers
+            if hits is None:
                 return None  # reads still in flight finish on their own
             data = manifest_f.result()
             if data is None or audit_f.result():
                 return None
             digest = blake3.blake3(data).hexdigest()
-            current = _parsed(manifest_path, data, digest)
-            if current is None or current.env_key != env_key or current.changes_from(entries):
-                return None
+            # Every file is the one the index holds; if the index was compared whole with exactly these manifest
+            # bytes since its last change, every file is recorded: no parse, no entry-by-entry comparison.
+            known = index.verified == (manifest_path, digest)
+            if not known:
+                current = _parsed(manifest_path, data, digest)
+                if current is None or current.env_key != env_key or current.changes_from(_entries_of(hits)):
+                    return None
         root = root_f.result()
         if root is None or root.manifest != digest:
             return None  # no root, or it names other bytes: save_tree audits the manifest (FORMAT §3)
-        return len(entries)
+        if not known:
+            _note_verified(index, hits, manifest_path, digest)
+        return len(hits)
     except Exception as exc:  # noqa: BLE001 - any doubt is a "maybe"
         log.debug("no-op check inconclusive: %s: %s", type(exc).__name__, exc)
         return None
@@ -203,8 +212,15 @@ def _copy(source: Future, target: Future) -> None:
 def _local_entries(src: str) -> dict[str, Entry] | None:
     """path -> Entry of every file `tree.scan(src)` would return, from the index alone; None at the first file the
     index does not vouch for (new, changed, or modified too recently to trust its stat)."""
-    lookup = Index(src).lookup
-    entries: dict[str, Entry] = {}
+    hits = _local_hits(src, Index(src))
+    return None if hits is None else _entries_of(hits)
+
+
+def _local_hits(src: str, index: Index) -> list[tuple[str, str, os.stat_result]] | None:
+    """(path, blob id, lstat) of every file `tree.scan(src)` would return, from the index alone; None at the first
+    file the index does not vouch for."""
+    lookup = index.lookup
+    hits: list[tuple[str, str, os.stat_result]] = []
     try:
         # Names are checked only on an index miss: the index records only files a save took, so a hit is valid.
         for rel, _, st in walk(src, validate=False, strict=True):
@@ -215,10 +231,23 @@ def _local_entries(src: str) -> dict[str, Entry] | None:
                 except UnsafePath:
                     continue  # scan never takes it (and says why): not a change
                 return None
-            entries[rel] = Entry(blob_id, st.st_size, stat.S_IMODE(st.st_mode) & 0o777)
+            hits.append((rel, blob_id, st))
     except Unreadable:
         return None  # scan skips it with a warning: let save_tree say so
-    return entries
+    return hits
+
+
+def _entries_of(hits: list[tuple[str, str, os.stat_result]]) -> dict[str, Entry]:
+    return {rel: Entry(blob_id, st.st_size, stat.S_IMODE(st.st_mode) & 0o777) for rel, blob_id, st in hits}
+
+
+def _note_verified(index: Index, hits: list[tuple[str, str, os.stat_result]], manifest_path: str,
+                   digest: str) -> None:
+    """Record in the local index that each of its entries (only the files just compared: the others are dropped)
+    is in the manifest with `digest`. Best effort: a lost write only means the next check compares again."""
+    index.retain({rel for rel, _, _ in hits})
+    index.mark_verified(manifest_path, digest)
+    index.write()
 
 
 def _read(backend: Backend, key: str, limit: int) -> bytes | None:
