@@ -253,7 +253,7 @@ class Runner:
                                   impl=None, vol=None)
         self.flush()
         if "ours" in impls:  # first: the device time of a run may end before the peer's cases
-            self.run_precompile(model, C, spec, allshapes, p, cases & {"precompile"})
+            self.run_precompile(model, C, spec, allshapes, p, cases & {"precompile", "pc-repeat"})
         for impl in impls:
             if "single" in cases and C.get("cold", {}).get("ok"):
                 vol = self.volume(model, f"{impl}-single")
@@ -300,6 +300,18 @@ class Runner:
                                         spec(allshapes, load=True, save=True, precompile=True),
                                         local=None, impl="ours", vol=vol, case_env=pc)
             self.flush()
+        if "pc-repeat" in cases and C.get("ours-pc-C", {}).get("ok") and C.get("hot", {}).get("ok"):
+            # hot and precompile C again, interleaved, for the spread of both (setup is 10-15 s of
+            # imports and varies run to run)
+            vol = self.volume(model, "ours-pc")
+            cold_local = self.dirs(model, "cold")["local"]
+            for i in (2, 3):
+                C[f"hot-{i}"] = self.spawn("run", model, f"hot-{i}", spec(allshapes), local=cold_local,
+                                           impl=None, vol=None)
+                C[f"ours-pc-C-{i}"] = self.spawn(
+                    "run", model, f"ours-pc-C-{i}", spec(allshapes, load=True, precompile=True),
+                    local=None, impl="ours", vol=vol, case_env=pc)
+                self.flush()
         if "pc-prof" in cases:  # replica C again under cProfile: where its time goes (log only)
             vol = self.volume(model, "ours-pc")
             C["ours-pc-prof"] = self.spawn("run", model, "ours-pc-prof",
@@ -365,7 +377,7 @@ def main(argv=None) -> int:
                     help="comma list: baseline (prime, cold, hot local), single (seed save + "
                          "load into an empty cache), replicas (A -> B -> C), precompile (ours "
                          "replicas with B10_TRANSFER_PRECOMPILE=1), pc-hot (a writer in the mode "
-                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile)")
+                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile), pc-repeat (hot and precompile C twice more)")
     ap.add_argument("--quick", action="store_true",
                     help="small models: a GPU smoke run (or a CPU one with --device cpu)")
     ap.add_argument("--size", choices=("full", "quick", "tiny"), default=None,
