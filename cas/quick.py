@@ -112,8 +112,11 @@ def nothing_new(
 
 def _overlaps_scope(src: str, scope_root: str) -> bool:
     """The cache directory is, contains or lies inside the scope. Real path of the local side only: the scope's
-    resolution costs requests on the volume (save_tree checks both sides, and the store, with real paths)."""
-    here, there = os.path.realpath(src), os.path.abspath(scope_root)
+    resolution costs requests on the volume (save_tree checks both sides, and the store, with real paths). A scope
+    that is not a local path (an object store) cannot overlap."""
+    if not os.path.isabs(scope_root):
+        return False
+    here, there = os.path.realpath(src), os.path.normpath(scope_root)
     return here == there or here.startswith(there + "/") or there.startswith(here.rstrip("/") + "/")
 
 
