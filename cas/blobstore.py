@@ -17,8 +17,8 @@ import msgpack
 import zstandard
 
 from . import _faults, layout, limits, localfs, timing
+from .backends import open_location
 from .errors import BlobCorrupt, BlobMissing, CasError, FormatError, StoreUnavailable
-from .posix import PosixBackend
 from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectInfo, ObjectTooLarge, Payload
 
 log = logging.getLogger("cas.blobstore")
@@ -71,7 +71,8 @@ class BlobInfo:
 
 
 class BlobStore:
-    """The org store: blobs, trash and quarantine over a storage backend (a directory path is a POSIX volume).
+    """The org store: blobs, trash and quarantine over a storage backend (a directory path is a POSIX volume, an
+    `s3://bucket/prefix` URL an object store: cas/backends.py).
     Creates the format file on first write use; refuses other format versions."""
 
     def __init__(
@@ -82,7 +83,7 @@ class BlobStore:
         freshen_after: float | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.backend: Backend = root if isinstance(root, Backend) else PosixBackend(root, create=create)
+        self.backend: Backend = open_location(root, create=create)
         self.root = self.backend.location
         self._clock = clock
         self._local = threading.local()  # zstd contexts are not thread-safe: one per thread

@@ -7,7 +7,8 @@
 
 Every command takes --org PATH (default $B10FS_ORG_CACHE_DIR, else <volume>/org/b10_cas, or <volume>/model/b10_cas
 when <volume>/org is not mounted, as the library; <volume> is $B10FS_VOLUME_ROOT, else /cache), --scope PATH
-(default $B10FS_CACHE_DIR, else <volume>/model/compile_cache), --json and -v. Exit status: 0 clean, 1 problems found
+(default $B10FS_CACHE_DIR, else <volume>/model/compile_cache), --json and -v. Either may be an s3://bucket/prefix
+URL (credentials, region and endpoint from the AWS_* variables, as the library). Exit status: 0 clean, 1 problems found
 (planted links included), 2 usage or I/O error. Progress goes to stderr, and only when stderr is a terminal.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout, limits
+from .backends import is_url
 from .blobstore import BlobStore
 from .check import check, parse_subset
 from .errors import CasError, LockTimeout
@@ -90,6 +92,8 @@ def parse_duration(text: str) -> float:
 def default_org(env: Mapping[str, str]) -> str:
     """The store a pod with this environment writes (b10_transfer.config.Settings.store_root): the org store, or the
     deployment volume's fallback store when the org store would lie on an org mount that is absent."""
+    if is_url(env.get(ORG_ENV)):  # an object store: no mount to look for
+        return env[ORG_ENV]
     volume = Path(env.get(VOLUME_ENV) or VOLUME_DEFAULT)
     org = Path(env.get(ORG_ENV) or volume / "org" / "b10_cas")
     if org.is_relative_to(volume / "org") and not (volume / "org").is_dir():  # the mount point, not the store

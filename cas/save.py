@@ -6,8 +6,10 @@ second, the GC root is replaced last, all manifest work under the manifest lock.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from .errors import (
     BlobCorrupt,
     BlobMissing,
     CasError,
+    LockTimeout,
     ManifestError,
     NoSpace,
     StoreReadOnly,
@@ -28,9 +31,10 @@ from .errors import (
 )
 from .index import Index
 from .manifest import Entry, Manifest, loads
-from .roots import read_root, write_root
+from .roots import encode_root, parse_root, read_root, write_root
 from .scope import Scope, check_env_key
 from .space import require_free_bytes
+from .storage import AlreadyExists, NotFound, PreconditionFailed
 from .tree import LocalFile, scan
 
 log = logging.getLogger("cas.save")
@@ -357,82 +361,225 @@ def _root_manifest_id(store: BlobStore, scope: Scope, env_key: str) -> str | Non
         scope_id = scope.existing_scope_id()  # a reader: no scope.id means no root, and it is not made here
         if scope_id is None:
             return None
-        return read_root(store, layout.root(scope_id, env_key)).manifest
+        key = layout.root(scope_id, env_key)  # one GET: the name it holds is all that is needed here
+        return parse_root(key, store.backend.get(key, limit=limits.MAX_SMALL_FILE_BYTES), 0.0).manifest
     except (CasError, ValueError):
         return None
     except Exception:  # noqa: BLE001 - msgpack's assorted errors on a garbage root: replace it
         return None
 
 
-def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, current: Manifest) -> bool:
+def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, current: Manifest, *,
+                     lagging_ok: bool = False) -> bool:
     """True when this scope's gc root names a manifest that is neither the scope's current one nor the one it
     replaced (a save killed between manifest and root leaves the latter): another scope with the same scope.id
-    wrote it (FORMAT §4, copied scopes). An absent or unreadable root is not foreign (a dead root, or gc)."""
+    wrote it (FORMAT §4, copied scopes). An absent or unreadable root is not foreign (a dead root, or gc).
+
+    `lagging_ok` (lock-free commits, FORMAT §3a): concurrent savers may leave the root several manifests behind for a
+    moment, so a root naming an older manifest of this scope (every path of it still in the current manifest: merges
+    never remove a path) is not foreign either; a clone's manifest holds paths this one lacks."""
     named = _root_manifest_id(store, scope, env_key)
-    if named is None:
+    if named is None or named in (blake3.blake3(data).hexdigest(), current.parent):
         return False
-    return named not in (blake3.blake3(data).hexdigest(), current.parent)
+    if not lagging_ok:
+        return True
+    try:
+        older = loads(store.read_bytes(named, limits.MAX_MANIFEST_BYTES), f"blob {named}")
+    except Exception:  # noqa: BLE001 - unreadable: it protects nothing of ours either way; not proof of a clone
+        return False
+    return any(p not in current.entries for p in older.entries)
 
 
 def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS,
             family=None):
-    """Merge `delta` into the manifest under its lock. Returns (entries changed, manifest written).
+    """Merge `delta` into the manifest. Returns (entries changed, manifest written).
+
+    On a volume (`atomic_replace` False) under the manifest's lock (FORMAT §3). On an object store (S3: `put` with
+    If-Match / If-None-Match is a true compare-and-swap) without any lock: read the manifest and its version, merge,
+    put it only if it is still that version, and on a conflict read, merge and try again (FORMAT §3a), for at most
+    `lock_timeout` seconds.
 
     An audit (the manifest's root was missing or stale, or a loader asked for one) also drops entries whose blob is gone
     from the store, so replicas stop asking for them and the files this or a later replica compiles are uploaded
     again."""
-    with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
-        _faults.checkpoint("locked")
-        data, current = _read_current(scope, env_key)
-        current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
-        audit = audit and _needs_audit(store, scope, env_key, data)  # a concurrent save may have done it
-        if audit and data is not None and _root_is_foreign(store, scope, env_key, data, current):
-            old = scope.scope_id
-            log.warning("scope %s: gc root %s names a manifest this scope never wrote (a copied volume shares its "
-                        "scope.id): taking a fresh identity", scope.root, old)
-            scope.renew_scope_id(old)
-        # An audit re-checked (and re-packed) every local file: its entries replace recorded ones even where the
-        # content is the same, since the recorded location is what it distrusts.
-        changes = dict(delta) if audit else current.changes_from(delta)
-        dropped: list[str] = []
-        if audit:
-            others = {p: e for p, e in current.entries.items() if p not in delta}
-            ids = sorted({e.stored_id for e in others.values()})
-            with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
-                gone = {b for b, ok in zip(ids, pool.map(store.ensure_fresh, ids), strict=True) if not ok}
-                dropped = [p for p, e in others.items() if e.stored_id in gone]
-            dropped += _misplaced(store, {p: e for p, e in others.items() if e.pack and e.pack not in gone})
-        if not changes and not dropped:
-            if audit:  # every blob is there: the root just has to name this manifest again
-                if data is not None:  # (none to name if the manifest vanished since the save began)
-                    _write_root(store, scope, env_key, data)
-                scope.clear_audit(env_key)
-            return 0, False  # a concurrent replica already recorded the same content
-        merged = current.merged(changes, env)
-        merged.parent = blake3.blake3(data).hexdigest() if data is not None else ""
-        for path in dropped:
-            del merged.entries[path]
-        if dropped:
-            log.warning("manifest %s: dropped %d entries whose blobs the store no longer has", env_key, len(dropped))
-        data = merged.dumps()  # refuses (TooLarge) a manifest any reader would refuse
-        # A store or scope unmounted or renamed mid-save must fail the save, not receive a manifest in its ghost.
-        store.backend.check_alive()
-        scope.backend.check_alive()
-        # The manifest's copy in the store first: if the volume is full there, the save fails with the old manifest
-        # untouched (a copy nobody names is garbage for gc). Then the manifest, then the root naming the copy.
+    if not scope.backend.atomic_replace:
+        with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
+            _faults.checkpoint("locked")
+            return _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, {}, swap=False)
+    deadline = time.monotonic() + lock_timeout
+    delay = CAS_RETRY_MIN_S
+    checked: dict[str, bool] = {}  # stored blob id -> present, kept across attempts (an audit checks each once)
+    for attempt in itertools.count(1):
+        _faults.checkpoint("locked")  # the point where the volume's commit holds its lock
         try:
-            manifest_id = store.put_bytes(data)
-            scope.write_manifest(data, env_key)
-            _faults.checkpoint("manifest-renamed")
-        except OSError as exc:
-            raise _store_error(exc, store) from exc
-        _write_root(store, scope, env_key, data, manifest_id)
-        # Peers and family loads find this deployment through the recent-savers records (FORMAT §4a).
-        for group in (None, family) if family else (None,):
-            recent.note_saver(store, env_key, scope.scope_id, group)
-        if audit:
+            return _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, checked, swap=True)
+        except _Conflict as exc:
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"manifest {scope.manifest_path(env_key)} was replaced by other savers "
+                                  f"{attempt} times in {lock_timeout:.0f}s; last: {exc}") from None
+            log.debug("manifest %s: concurrent commit (%s), attempt %d", env_key, exc, attempt + 1)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, CAS_RETRY_MAX_S)
+    raise AssertionError("unreachable")
+
+
+class _Conflict(Exception):
+    """Another saver replaced the manifest between this commit's read and its conditional put."""
+
+
+def _read_versioned(scope: Scope, env_key: str) -> tuple[bytes | None, Manifest | None, str | None]:
+    """The manifest's bytes, parsed form and version (None: no manifest). The version is taken *before* the bytes:
+    if the manifest is replaced in between, the put conditioned on that older version fails, so a commit never
+    merges into bytes older than the version it replaces."""
+    key = layout.manifest(env_key)
+    try:
+        version: str | None = scope.backend.stat(key).version
+    except NotFound:
+        version = None
+    data, current = _read_current(scope, env_key)
+    if data is None and version is not None:
+        raise _Conflict("manifest deleted between stat and read")
+    if data is not None and version is None:
+        raise _Conflict("manifest created between stat and read")
+    return data, current, version
+
+
+def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, checked, *, swap):
+    """One read-merge-write of the manifest (FORMAT §3): under the lock (`swap` False), or as a compare-and-swap
+    that raises _Conflict when another saver won (`swap` True)."""
+    if swap:
+        data, current, version = _read_versioned(scope, env_key)
+    else:
+        (data, current), version = _read_current(scope, env_key), None
+    current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
+    audit = audit and _needs_audit(store, scope, env_key, data)  # a concurrent save may have done it
+    if audit and data is not None and _root_is_foreign(store, scope, env_key, data, current, lagging_ok=swap):
+        old = scope.scope_id
+        log.warning("scope %s: gc root %s names a manifest this scope never wrote (a copied volume shares its "
+                    "scope.id): taking a fresh identity", scope.root, old)
+        scope.renew_scope_id(old)
+    # An audit re-checked (and re-packed) every local file: its entries replace recorded ones even where the
+    # content is the same, since the recorded location is what it distrusts.
+    changes = dict(delta) if audit else current.changes_from(delta)
+    dropped: list[str] = []
+    if audit:
+        others = {p: e for p, e in current.entries.items() if p not in delta}
+        ids = sorted({e.stored_id for e in others.values()} - checked.keys())
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
+            checked.update(zip(ids, pool.map(store.ensure_fresh, ids), strict=True))
+        gone = {b for b, ok in checked.items() if not ok}
+        dropped = [p for p, e in others.items() if e.stored_id in gone]
+        dropped += _misplaced(store, {p: e for p, e in others.items() if e.pack and e.pack not in gone})
+    if not changes and not dropped:
+        if audit:  # every blob is there: the root just has to name this manifest again
+            if data is not None:  # (none to name if the manifest vanished since the save began)
+                if swap:
+                    _settle_root(store, scope, env_key, data, version)
+                else:
+                    _write_root(store, scope, env_key, data)
             scope.clear_audit(env_key)
-        return len(changes) + len(dropped), True
+        return 0, False  # a concurrent replica already recorded the same content
+    merged = current.merged(changes, env)
+    merged.parent = blake3.blake3(data).hexdigest() if data is not None else ""
+    for path in dropped:
+        del merged.entries[path]
+    if dropped:
+        log.warning("manifest %s: dropped %d entries whose blobs the store no longer has", env_key, len(dropped))
+    new = merged.dumps()  # refuses (TooLarge) a manifest any reader would refuse
+    # A store or scope unmounted or renamed mid-save must fail the save, not receive a manifest in its ghost.
+    store.backend.check_alive()
+    scope.backend.check_alive()
+    # The manifest's copy in the store first: if the volume is full there, the save fails with the old manifest
+    # untouched (a copy nobody names is garbage for gc). Then the manifest, then the root naming the copy.
+    try:
+        manifest_id = store.put_bytes(new)
+        if swap:
+            try:
+                written = scope.backend.put(layout.manifest(env_key), new, if_absent=version is None,
+                                            if_version=version)
+            except (PreconditionFailed, AlreadyExists) as exc:
+                raise _Conflict(str(exc)) from None  # its copy in the store is garbage gc collects
+        else:
+            scope.write_manifest(new, env_key)
+        _faults.checkpoint("manifest-renamed")
+    except OSError as exc:
+        raise _store_error(exc, store) from exc
+    if swap:
+        _settle_root(store, scope, env_key, new, written.version, manifest_id)
+    else:
+        _write_root(store, scope, env_key, new, manifest_id)
+    # Peers and family loads find this deployment through the recent-savers records (FORMAT §4a).
+    for group in (None, family) if family else (None,):
+        recent.note_saver(store, env_key, scope.scope_id, group)
+    if audit:
+        scope.clear_audit(env_key)
+    return len(changes) + len(dropped), True
+
+
+# Rounds of "make the root name the manifest, check the manifest is still that one" after a lock-free commit
+# (FORMAT §3a); each round is a few requests, and a round is only repeated when another saver committed meanwhile.
+SETTLE_ROUNDS = 16
+CAS_RETRY_MIN_S = 0.05
+CAS_RETRY_MAX_S = 1.0
+
+
+def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, version: str | None,
+                 manifest_id: str | None = None) -> None:
+    """Point the gc root at the manifest without a lock (FORMAT §3a).
+
+    Savers that commit one after the other may reach the root in the other order, so each one, after committing:
+    reads the root (version, and the manifest it names); if it names another manifest, replaces it *conditionally*
+    (If-Match on the version read, If-None-Match when absent), so a root write never silently overwrites one it did
+    not see (measured on SeaweedFS: of two unconditional PUTs of one key, the one acknowledged last did not always
+    win); then checks that the manifest is still the version whose bytes the root now names, and if another saver
+    replaced it meanwhile, starts again with the manifest found. The last committer's check finds its own manifest,
+    and every root write is followed by its writer's check, so once every saver has returned the root names the
+    final manifest. The manifest blob of a version found this way was stored by its writer before its put
+    (FORMAT §3), so only its id is needed."""
+    rkey = layout.root(scope.scope_id, env_key)
+    mkey = layout.manifest(env_key)
+    delay = CAS_RETRY_MIN_S
+    for _ in range(SETTLE_ROUNDS):
+        want = manifest_id or blake3.blake3(data).hexdigest()
+        named, rversion = _root_as_is(store, rkey)
+        if named != want:
+            body = encode_root(scope.scope_id, env_key, want, scope.root)
+            try:
+                store.backend.put(rkey, body, if_absent=rversion is None, if_version=rversion)
+            except (PreconditionFailed, AlreadyExists):
+                time.sleep(delay * random.uniform(0.5, 1.5))  # another saver wrote it since: look again
+                delay = min(delay * 2, CAS_RETRY_MAX_S)
+                continue
+            except OSError as exc:
+                raise _store_error(exc, store) from exc
+        try:
+            now = scope.backend.stat(mkey).version
+        except NotFound:
+            return  # deleted: nothing to name (the next save writes both)
+        if now == version:
+            return
+        # The bytes read after this version: if the manifest changes again before the next check, that check fails.
+        found = scope.read_manifest_bytes(env_key)
+        if found is None:
+            return
+        data, version, manifest_id = found, now, None
+    log.info("manifest %s: still being replaced after %d rounds; the next save corrects its root",
+             env_key, SETTLE_ROUNDS)
+
+
+def _root_as_is(store: BlobStore, key: str) -> tuple[str | None, str | None]:
+    """(manifest id the root names or None when unreadable, its version or None when absent). The version is taken
+    before the bytes, so a root replaced in between fails the conditional put made on that version."""
+    try:
+        version = store.backend.stat(key).version
+    except NotFound:
+        return None, None
+    try:
+        return parse_root(key, store.backend.get(key, limit=limits.MAX_SMALL_FILE_BYTES), 0.0).manifest, version
+    except NotFound:
+        return None, version  # deleted since the stat: the put on that version fails and the next round sees it
+    except Exception:  # noqa: BLE001 - garbage or planted: replaced (conditionally) like a stale one
+        return None, version
 
 
 def _misplaced(store: BlobStore, packed: dict[str, Entry]) -> list[str]:

@@ -6,10 +6,10 @@ import re
 import secrets
 
 from . import layout, limits, timing
+from .backends import open_location
 from .errors import CasError, ManifestError, StoreUnavailable
 from .lock import LockFile
 from .manifest import Manifest, loads
-from .posix import PosixBackend
 from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectTooLarge
 
 MANIFEST_SUFFIX = layout.MANIFEST_SUFFIX
@@ -21,7 +21,7 @@ _SCOPE_ID_READ = 256
 def read_scope_id(scope: str | os.PathLike | Backend) -> str | None:
     """The id in `<scope>/scope.id` (its first 256 bytes, stripped, 32 lowercase hex digits); None if absent,
     unreadable or malformed. Never creates it."""
-    backend = scope if isinstance(scope, Backend) else PosixBackend(scope)
+    backend = open_location(scope)
     try:
         data = backend.get(layout.SCOPE_ID, limit=_SCOPE_ID_READ, length=_SCOPE_ID_READ)
     except CasError:
@@ -31,11 +31,12 @@ def read_scope_id(scope: str | os.PathLike | Backend) -> str | None:
 
 
 class Scope:
-    """One deployment's scope over a storage backend (a directory path is a POSIX volume). `create=True` makes the
-    scope's own directory (one level below an existing parent, never more: FORMAT §3)."""
+    """One deployment's scope over a storage backend (a directory path is a POSIX volume, an s3:// URL an object
+    store: cas/backends.py). `create=True` makes the scope's own directory (one level below an existing parent, never
+    more: FORMAT §3); an object store has nothing to make."""
 
     def __init__(self, root: str | os.PathLike | Backend, *, create: bool = False):
-        self.backend: Backend = root if isinstance(root, Backend) else PosixBackend(root, create=create)
+        self.backend: Backend = open_location(root, create=create)
         self.root = self.backend.location
         self.manifests = os.path.join(self.root, "manifests")  # paths for messages and tests
         self.slots = os.path.join(self.root, "slots")

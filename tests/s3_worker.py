@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cas import BlobStore, Scope, save_tree
+from cas.faulty import FaultyBackend
 from cas.s3 import S3Backend
 
 
@@ -28,12 +29,16 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--ready", action="store_true")
     a = ap.parse_args(argv)
     store = BlobStore(S3Backend(a.store), create=True)
-    scope = Scope(S3Backend(a.scope), create=True)
+    puts: list[str] = []
+    scope_backend = FaultyBackend(S3Backend(a.scope), before=lambda verb, key: puts.append(key) if verb == "put" else None)
+    scope = Scope(scope_backend, create=True)
     if a.ready:
         print("READY", flush=True)
     res = save_tree(a.src, store, scope, a.env_key, threads=a.threads, lock_timeout=120, stale_after=a.stale_after)
-    print(json.dumps({"manifest_written": res.manifest_written, "new": res.new_entries, "files": res.files}),
-          flush=True)
+    # lock_puts: lock objects this saver created in the scope (a lock-free manifest commit on S3 creates none, only
+    # its save slot when the caller takes one: save_tree itself takes none).
+    print(json.dumps({"manifest_written": res.manifest_written, "new": res.new_entries, "files": res.files,
+                      "lock_puts": [k for k in puts if k.endswith(".lock")]}), flush=True)
 
 
 if __name__ == "__main__":

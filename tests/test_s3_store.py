@@ -84,15 +84,21 @@ def test_16_concurrent_savers_lose_no_entry(s3_bucket: S3Bucket, tmp_path: Path)
         write_tree(tmp_path / f"src{i}", tree)
         trees.append(tree)
 
+    puts: list[str] = []
+
     def save(i: int) -> bool:
         replica_store = BlobStore(s3_bucket.backend("org/b10_cas"))
-        replica_scope = Scope(s3_bucket.backend("model/compile_cache"))
+        replica_scope = Scope(FaultyBackend(s3_bucket.backend("model/compile_cache"),
+                                            before=lambda verb, key: puts.append(key) if verb == "put" else None))
         return save_tree(tmp_path / f"src{i}", replica_store, replica_scope, ENV_KEY, threads=2,
                          lock_timeout=120).manifest_written
 
     with ThreadPoolExecutor(16) as pool:
         written = list(pool.map(save, range(16)))
     assert any(written)
+    # The lock-free commit (FORMAT §3a): conditional puts of the manifest, never a lock object.
+    assert not [k for k in puts if k.endswith(".lock")], puts
+    assert puts.count("manifests/test-env.manifest") >= sum(written)
     union = {rel: data for tree in trees for rel, data in tree.items()}
     loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
     assert not loaded.misses and contents(tmp_path / "dst") == union
@@ -160,9 +166,19 @@ def run_saver(bucket: S3Bucket, src: Path, *, kill_at: str | None = None, stale_
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_16_processes_save_overlapping_trees_into_one_manifest(seaweed_bucket: S3Bucket, tmp_path: Path) -> None:
+def test_16_processes_save_overlapping_trees_into_one_manifest(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    """Sixteen saver processes, one manifest, the lock-free If-Match commit (FORMAT §3a): no entry lost, no lock
+    object created, the gc root names the final manifest."""
+    import json
     import subprocess
     import sys
+
+    import blake3
+
+    from cas import layout
+    from cas.roots import read_root
+
+    seaweed_bucket = s3_bucket
 
     core = random_tree(random.Random(11), 40, max_size=4000)
     union = dict(core)
@@ -177,9 +193,16 @@ def test_16_processes_save_overlapping_trees_into_one_manifest(seaweed_bucket: S
         for i in range(16)]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 16, outputs
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert all(r["lock_puts"] == [] for r in reports), reports
     store, scope, _, _ = s3_store_and_scope(seaweed_bucket)
+    assert not [i.key for i in scope.backend.list(layout.MANIFESTS) if i.key.endswith(".lock")]
     loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
     assert not loaded.misses and contents(tmp_path / "dst") == union
+    data = scope.read_manifest_bytes(ENV_KEY)
+    assert data is not None
+    root = read_root(store, layout.root(scope.scope_id, ENV_KEY))
+    assert root.manifest == blake3.blake3(data).hexdigest()  # the roots' write order settled (FORMAT §3a)
 
 
 @pytest.mark.parametrize("kill_at", ["hashed", "blob-written:1", "uploaded", "locked", "blob-written:2",
