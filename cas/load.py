@@ -253,10 +253,15 @@ def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry, da
         raise _local_error(exc, os.path.join(target.root, rel)) from exc
 
 
+# Read once: a process's umask does not change under a library (and reading it per file costs a file read).
+_umask = localfs.process_umask()
+
+
 def _write_into(store: BlobStore, dir_fd: int, name: str, entry: Entry, data: bytes | None) -> os.stat_result:
     """Create a temp file in `dir_fd`, fill it, rename it to `name`; the stat of the result (for the index)."""
     tmp = localfs.temp_name()
-    fd = os.open(tmp, localfs.CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+    mode = safe_mode(entry.mode)
+    fd = os.open(tmp, localfs.CREATE_FLAGS, mode, dir_fd=dir_fd)
     try:
         if data is None:
             with open(fd, "wb", closefd=False) as out:
@@ -264,7 +269,8 @@ def _write_into(store: BlobStore, dir_fd: int, name: str, entry: Entry, data: by
         else:  # a packed file, in memory already: plain syscalls, no file object per file
             write_all(fd, data)
         _faults.checkpoint("restored-temp")
-        os.fchmod(fd, safe_mode(entry.mode))
+        if _umask is None or mode & _umask:  # created with exactly `mode` unless the umask took bits away
+            os.fchmod(fd, mode)
         # No fsync: a pod whose machine crashes loses its local /tmp; a torn file after a power cut would fail
         # Inductor's own checks and be recompiled. The rename keeps other processes from ever seeing it partial.
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

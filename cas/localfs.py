@@ -23,8 +23,8 @@ import random
 import stat
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable
+from typing import BinaryIO
 
 import blake3
 
@@ -167,7 +167,7 @@ def _read_upto(fd: int, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-# -- load: writing into the target ---------------------------------------------------------------------------------------
+# -- load: writing into the target -------------------------------------------------------------------------------------
 class TargetDir:
     """A directory files are restored into, reached only through directory descriptors.
 
@@ -194,7 +194,7 @@ class TargetDir:
                 os.close(self.root_fd)
                 self.root_fd = -1
 
-    def __enter__(self) -> "TargetDir":
+    def __enter__(self) -> TargetDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -205,23 +205,18 @@ class TargetDir:
         with self._lock:
             return len(self._open)
 
-    @contextmanager
-    def parent(self, rel: str, *, create: bool = True) -> Iterator[tuple[int, str]]:
+    def parent(self, rel: str, *, create: bool = True) -> _Parent:
         """(fd of the directory holding entry `rel`, `rel`'s last component), valid inside the with block. Missing
-        directories are created, or with `create=False` are FileNotFoundError."""
-        head, _, name = rel.rpartition("/")
-        if not head:
-            yield self.root_fd, name
-            return
-        fd = self._acquire(head, rel, create)
-        try:
-            yield fd, name
-        finally:
-            with self._lock:
-                slot = self._open.get(head)
-                if slot is not None:
-                    slot[1] -= 1
-                self._trim()
+        directories are created, or with `create=False` are FileNotFoundError. (A class, not a generator: a load
+        enters one per restored file, and a generator-based context manager costs several times as much.)"""
+        return _Parent(self, rel, create)
+
+    def _release(self, head: str) -> None:
+        with self._lock:
+            slot = self._open.get(head)
+            if slot is not None:
+                slot[1] -= 1
+            self._trim()
 
     def _acquire(self, head: str, rel: str, create: bool) -> int:
         # Under the lock: opening is a few syscalls per new directory, and holding it keeps any fd in use from being
@@ -265,6 +260,25 @@ class TargetDir:
             os.close(self._open.pop(key)[0])
 
 
+class _Parent:
+    __slots__ = ("create", "head", "rel", "target")
+
+    def __init__(self, target: TargetDir, rel: str, create: bool):
+        self.target, self.rel, self.create, self.head = target, rel, create, ""
+
+    def __enter__(self) -> tuple[int, str]:
+        head, _, name = self.rel.rpartition("/")
+        if not head:
+            return self.target.root_fd, name
+        fd = self.target._acquire(head, self.rel, self.create)
+        self.head = head  # only once acquired: __exit__ releases what __enter__ took
+        return fd, name
+
+    def __exit__(self, *exc: object) -> None:
+        if self.head:
+            self.target._release(self.head)
+
+
 def _open_child(parent_fd: int, name: str, rel: str, create: bool = True) -> int:
     """Open directory `name` under `parent_fd` without following a symlink, creating it if absent (`create`)."""
     # mkdir first: in a fresh target nearly every parent is new (about one directory per file in an Inductor cache).
@@ -306,6 +320,19 @@ def remove_old_temp_files(target: TargetDir, prefix: str, cutoff: float) -> int:
     return removed
 
 
+def process_umask() -> int | None:
+    """This process's umask from /proc/self/status (Linux >= 4.7), or None if unknown. Read, never set: os.umask
+    would change it for every thread for an instant."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 _temp_prefix: str = ""
 
 
@@ -330,7 +357,7 @@ def _forget_temp_prefix() -> None:
 os.register_at_fork(after_in_child=_forget_temp_prefix)
 
 
-# -- both: the cache directory must not overlap the volume's directories ------------------------------------------------
+# -- both: the cache directory must not overlap the volume's directories -----------------------------------------------
 def refuse_overlap(local: str | os.PathLike, **volume_dirs: str | os.PathLike) -> None:
     """Raise OverlappingDirs if the local cache directory `local` is, contains or lies inside any of `volume_dirs`
     (name=path, e.g. scope=..., store=...), comparing real paths (symlinks resolved). A save from such a directory
