@@ -178,7 +178,14 @@ def _gc_root(pool: _Readers, store_root, scope: Scope, env_key: str) -> Future:
                 return
         try:
             scope_id = scope_id_f.result()
-            store, guess, guessed = store_f.result()
+            store, owned, guess, guessed = store_f.result()
+            if owned:
+                # A backend opened here keeps directory descriptors on the volume: close it once the root is read
+                # (a reference cycle through these callbacks would otherwise keep them open until the next GC,
+                # and an unmount of the volume fails while they are). Descriptors still in use close after use.
+                result.add_done_callback(lambda _: store.close())
+                if guessed is not None:
+                    guessed.add_done_callback(lambda _: store.close())
             if scope_id is None:
                 result.set_result(None)
                 return
@@ -199,9 +206,10 @@ def _gc_root(pool: _Readers, store_root, scope: Scope, env_key: str) -> Future:
 
 def _store_and_guess(pool: _Readers, store_root, scope_root: str, env_key: str):
     found = store_root() if callable(store_root) else store_root
-    store = found if isinstance(found, Backend) else PosixBackend(found)
+    owned = not isinstance(found, Backend)
+    store = PosixBackend(found) if owned else found
     guess = _last_scope_id.get((scope_root, store.location))
-    return store, guess, pool.submit(_root, store, guess, env_key) if guess else None
+    return store, owned, guess, pool.submit(_root, store, guess, env_key) if guess else None
 
 
 def _copy(source: Future, target: Future) -> None:
