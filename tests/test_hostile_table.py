@@ -19,6 +19,8 @@ import pytest
 from cas import BlobStore, Scope, layout, load_tree, save_tree
 from cas.check import check
 from cas.errors import CasError
+from cas.faulty import FaultyBackend
+from cas.posix import PosixBackend
 from cas.gc import collect
 from cas.stats import compute
 
@@ -63,6 +65,7 @@ class World:
         self.scope_id = scope.scope_id
         entries = scope.read_manifest(ENV_KEY).entries
         self.pack_id = entries["fx/a/k0"].pack
+        self.seen: list[tuple[str, str]] = []
 
     def path(self, target: str) -> Path:
         area, key = TARGETS[target]
@@ -99,9 +102,15 @@ def plant(world: World, target: str, kind: str) -> Path:
     return path
 
 
+def _seam(root: Path, create: bool, seen: list[tuple[str, str]]) -> FaultyBackend:
+    """The hardened POSIX backend behind the test seam: every verb and key an operation uses is recorded."""
+    return FaultyBackend(PosixBackend(root, create=create), before=lambda verb, key: seen.append((verb, key)))
+
+
 def run_op(world: World, op: str):
-    store = BlobStore(world.store_dir, create=(op == "save"), freshen_after=1)
-    scope = Scope(world.scope_dir, create=(op == "save"))
+    create = op == "save"
+    store = BlobStore(_seam(world.store_dir, create, world.seen), create=create, freshen_after=1)
+    scope = Scope(_seam(world.scope_dir, create, world.seen), create=create)
     if op == "load":
         return load_tree(world.dst, store, scope, ENV_KEY)
     if op == "save":
@@ -141,8 +150,11 @@ def test_plant_at_every_path_for_every_operation(tmp_path, target, kind):
     before = world.outside_state()
     planted = plant(world, target, kind)
     for op in OPS:
+        world.seen.clear()
         bounded(run_op, world, op)
         assert world.outside_state() == before, f"{op} changed something outside the store"
+        if op in ("check", "stats"):  # read-only commands: not one write verb, whatever is planted
+            assert not [(v, k) for v, k in world.seen if v in ("put", "delete", "move", "touch")], op
     # Nothing saved is lost: with the plant removed, the original files load again.
     if planted.is_dir() and not planted.is_symlink():
         shutil.rmtree(planted)
