@@ -15,16 +15,15 @@ import threading
 from pathlib import Path
 
 import pytest
+from cas_helpers import ENV_KEY, read_tree, write_tree
 
 from cas import BlobStore, Scope, layout, load_tree, save_tree
 from cas.check import check
 from cas.errors import CasError
 from cas.faulty import FaultyBackend
-from cas.posix import PosixBackend
 from cas.gc import collect
+from cas.posix import PosixBackend
 from cas.stats import compute
-
-from cas_helpers import ENV_KEY, read_tree, write_tree
 
 # Far above any case's real duration (milliseconds), far below pytest's own timeout: a case over it is a hang.
 DEADLINE_S = 20.0
