@@ -1,8 +1,10 @@
 """Settings, read from the environment at call time (not import time) so a model can set them in `load()`.
 
 Every variable of the `b10-transfer` package is honoured with the same name, default, cap and path check; ours are
-`B10FS_ORG_CACHE_DIR`, `B10_TRANSFER_IO_THREADS` and `B10FS_VOLUME_ROOT`. Invalid values raise
-`CacheValidationError` naming the variable; the load/save wrappers turn that into `OperationStatus.ERROR`.
+`B10FS_ORG_CACHE_DIR`, `B10_TRANSFER_IO_THREADS` and `B10FS_VOLUME_ROOT`. `B10FS_CACHE_DIR` and `B10FS_ORG_CACHE_DIR`
+may also be `s3://bucket/prefix` URLs (object storage; `Settings.needs_volume` says whether the volume is used).
+Invalid values raise `CacheValidationError` naming the variable; the load/save wrappers turn that into
+`OperationStatus.ERROR`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cas.recent import check_family
+from cas.s3 import SCHEME as S3_SCHEME
+from cas.s3 import parse_s3_url
 
 from .errors import CacheValidationError
 
@@ -75,8 +79,8 @@ class Settings:
     b10fs_enabled: bool
     volume_root: Path
     torch_cache_dir: Path
-    b10fs_cache_dir: Path
-    org_cache_dir: Path
+    b10fs_cache_dir: Path | str  # a resolved path on the volume, or an s3://bucket/prefix URL (object storage)
+    org_cache_dir: Path | str
     local_work_dir: Path
     max_cache_size_mb: int
     max_cache_size_cap_mb: int
@@ -108,13 +112,30 @@ class Settings:
         """Free space a load requires locally for `incoming_bytes` of restored files."""
         return max(int(incoming_bytes * self.local_space_multiplier), self.min_local_space_mb * _MIB)
 
-    def store_root(self) -> Path:
-        """The blob store in use: the org store if its mount exists, else the deployment fallback."""
-        if self.org_cache_dir.is_relative_to(self.volume_root / ORG_SUBDIR) and not is_dir(
+    @property
+    def scope_on_volume(self) -> bool:
+        """The deployment scope is a directory on the volume (not an s3:// URL)."""
+        return isinstance(self.b10fs_cache_dir, Path)
+
+    @property
+    def store_on_volume(self) -> bool:
+        return isinstance(self.org_cache_dir, Path)
+
+    @property
+    def needs_volume(self) -> bool:
+        """Some location lies on the b10fs volume, so BASETEN_FS_ENABLED and the mount are required. With both the
+        scope and the org store on object storage nothing is: a pod without any volume works."""
+        return self.scope_on_volume or self.store_on_volume
+
+    def store_root(self) -> Path | str:
+        """The blob store in use: the org store if its mount exists (or it is an s3:// URL), else the deployment
+        fallback."""
+        org = self.org_cache_dir
+        if isinstance(org, Path) and org.is_relative_to(self.volume_root / ORG_SUBDIR) and not is_dir(
             self.volume_root / ORG_SUBDIR
         ):
             return self.model_mount / FALLBACK_STORE_LEAF
-        return self.org_cache_dir
+        return org
 
 
 def is_dir(path: Path) -> bool:
@@ -154,10 +175,12 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     work_prefixes = [Path("/app"), Path("/tmp"), Path("/cache"), volume_root]
 
     torch_cache_dir = _checked_path(env, "TORCHINDUCTOR_CACHE_DIR", default_torch_cache_dir(), torch_prefixes)
-    scope_dir = _checked_path(
+    # A deployment scope or org store may also be an s3://bucket/prefix URL (object storage, docs/configuration.md):
+    # the peer's path-prefix checks apply to paths; a URL is checked as a URL.
+    scope_dir = _location(
         env, "B10FS_CACHE_DIR", str(volume_root / MODEL_SUBDIR / DEFAULT_SCOPE_LEAF), [volume_root / MODEL_SUBDIR]
     )
-    org_dir = _checked_path(
+    org_dir = _location(
         env, "B10FS_ORG_CACHE_DIR", str(volume_root / ORG_SUBDIR / DEFAULT_ORG_LEAF), [volume_root]
     )
     work_dir = _checked_path(env, "LOCAL_WORK_DIR", "/app", work_prefixes)
@@ -221,6 +244,18 @@ def _reject_unsafe(raw: str, name: str) -> None:
         raise CacheValidationError(f"{name} must not be empty")
     if raw != raw.strip() or ".." in Path(raw).parts or "\x00" in raw:
         raise CacheValidationError(f"{name} contains unsafe path components: {raw!r}")
+
+
+def _location(env: Mapping[str, str], name: str, default: str, allowed: list[Path]) -> Path | str:
+    """A checked path, or for a value starting with s3:// the normalised URL (bucket name and key-safe prefix
+    components; credentials, region and endpoint come from the AWS_* variables, never from the URL)."""
+    raw = env.get(name, default)
+    if raw.startswith(S3_SCHEME):
+        try:
+            return parse_s3_url(raw).url
+        except ValueError as exc:
+            raise CacheValidationError(f"{name}: {exc}") from None
+    return _checked_path(env, name, default, allowed)
 
 
 def _checked_path(env: Mapping[str, str], name: str, default: str, allowed: list[Path]) -> Path:

@@ -7,8 +7,11 @@ other callers (e.g. the vLLM companion, whose cache lives elsewhere) reuse it wi
     status, stats = core.save(Path(vllm_root), label="vllm")
 
 `env` replaces the environment dict of this process (see `environment.environment()`), e.g. for a process that
-should not initialise CUDA just to name its manifest. Neither function raises: every failure becomes `OperationStatus.ERROR` with a reason, logged in the one summary
-line each call emits (logger `b10_transfer`).
+should not initialise CUDA just to name its manifest. Neither function raises: every failure becomes
+`OperationStatus.ERROR` with a reason, logged in the one summary line each call emits (logger `b10_transfer`).
+
+The scope and the org store may be directories on the volume or s3:// URLs (object storage); with both in a bucket
+the volume is not used at all (`Settings.needs_volume`).
 """
 
 from __future__ import annotations
@@ -17,23 +20,21 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping
 
 from cas import BlobStore, Manifest, Scope, load_tree, save_tree
-from cas.quick import nothing_new
 from cas.errors import CasError, LockTimeout
 from cas.localfs import refuse_overlap
 from cas.lock import acquire_slot
+from cas.quick import nothing_new
 
-from . import pod, side_trees
-from . import precompile
+from . import family, pod, precompile, side_trees
 from .config import Settings, is_dir, read_settings
 from .environment import environment, environment_key
 from .errors import CacheError, VolumeUnavailable
 from .file_transfer import transfer  # noqa: F401  (the peer exports transfer from its core module)
-from . import family
 from .report import OperationStats, emit
 from .space import require_free
 from .status import OperationStatus
@@ -148,16 +149,27 @@ def _remember_paths(environ: Mapping[str, str] | None) -> None:
 
 
 def _require_enabled(s: Settings) -> None:
-    if not s.b10fs_enabled:
+    """BASETEN_FS_ENABLED gates the volume: it is required when the scope or the org store lies on it, and not
+    looked at when both are s3:// URLs (a pod with no volume at all, docs/configuration.md)."""
+    if s.needs_volume and not s.b10fs_enabled:
         raise VolumeUnavailable("b10fs is not enabled (BASETEN_FS_ENABLED is not 1/true)")
 
 
 def _require_volume(s: Settings) -> None:
     _require_enabled(s)
+    if not s.needs_volume:
+        return
     if not is_dir(s.model_mount):
         raise VolumeUnavailable(f"volume not mounted: {s.model_mount} is not a directory")
-    if not is_dir(s.b10fs_cache_dir) and s.b10fs_cache_dir.exists():
-        raise VolumeUnavailable(f"B10FS_CACHE_DIR {s.b10fs_cache_dir} is not a directory")
+    scope = s.b10fs_cache_dir
+    if isinstance(scope, Path) and not is_dir(scope) and scope.exists():
+        raise VolumeUnavailable(f"B10FS_CACHE_DIR {scope} is not a directory")
+
+
+def _scope_dir_missing(s: Settings) -> bool:
+    """The deployment scope is a directory on the volume that does not exist yet (an object store's scope always
+    "exists": a missing manifest says the same there)."""
+    return isinstance(s.b10fs_cache_dir, Path) and not s.b10fs_cache_dir.is_dir()
 
 
 def _load(target: Path, s: Settings, label: str | None, env: dict, stats: OperationStats) -> OperationStatus:
@@ -165,11 +177,11 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     store_root = s.store_root()
     refuse_overlap(target, scope=s.b10fs_cache_dir, store=store_root)  # before the target is created or written
     stats.env_key = key = key_for(label, env)
-    if not s.b10fs_cache_dir.is_dir() and not s.cache_family:
+    if _scope_dir_missing(s) and not s.cache_family:
         stats.reason = f"no cache directory {s.b10fs_cache_dir}"
         return OperationStatus.DOES_NOT_EXIST
     # A family member's first replica has no scope yet: make it (its first save would), then fill from siblings.
-    scope = Scope(s.b10fs_cache_dir, create=not s.b10fs_cache_dir.is_dir())
+    scope = Scope(s.b10fs_cache_dir, create=_scope_dir_missing(s))
     manifest = _with_family(s, store_root, scope, key, scope.read_manifest(key), stats)
     if manifest is None:
         stats.reason = "no manifest for this environment" + (f" (nor in family {s.cache_family})"
@@ -206,7 +218,7 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     return OperationStatus.SKIPPED
 
 
-def _with_family(s: Settings, store_root: Path, scope: Scope, key: str, own, stats: OperationStats):
+def _with_family(s: Settings, store_root: Path | str, scope: Scope, key: str, own, stats: OperationStats):
     """`own` (this deployment's manifest or None), completed with the entries of sibling deployments of the
     configured family that it lacks (family.py). Unchanged when no family is set; never raises."""
     if not s.cache_family:
@@ -239,7 +251,7 @@ def _incoming_bytes(target: Path, manifest) -> int:
 
 
 def _save(target: Path, s: Settings, label: str | None, env: dict, stats: OperationStats) -> OperationStatus:
-    _require_enabled(s)
+    _require_enabled(s)  # only when a location lies on the volume
     stats.env_key = key = key_for(label, env)
     if label is None:  # B10_TRANSFER_PRECOMPILE: torch writes Dynamo entries only when asked; good ones only
         precompile.write_entries(target)
@@ -260,10 +272,10 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
 
     wait = s.cleanup_lock_timeout_s + SLOT_WAIT_MARGIN_S
     # Four independent chains of round trips on the volume (two free-space checks, the store's format file, the
-    # scope's directories): concurrently, they cost one chain.
+    # scope's directories): concurrently, they cost one chain. Object storage has no free space to check.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="b10-save-setup") as pool:
         checks = [pool.submit(require_free, where, s.required_b10fs_space_bytes, "saving to the volume")
-                  for where in (s.b10fs_cache_dir, store_root)]
+                  for where in (s.b10fs_cache_dir, store_root) if isinstance(where, Path)]
         opened_store = pool.submit(BlobStore, store_root, create=True)
         opened_scope = pool.submit(Scope, s.b10fs_cache_dir, create=True)
         for check in checks:
@@ -271,7 +283,7 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
         store, scope = opened_store.result(), opened_scope.result()
     try:
         slot = acquire_slot(
-            scope.slots,  # a subdirectory: the peer's cleanup (top-level *.lock by age) cannot touch live slots
+            scope.backend,  # slots/ below the scope: the peer's cleanup (top-level *.lock by age) cannot touch them
             s.max_concurrent_saves,
             timeout=wait,
             stale_after=s.cleanup_lock_timeout_s,

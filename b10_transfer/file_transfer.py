@@ -33,7 +33,7 @@ def transfer(source: str, dest: str) -> OperationStatus:
             logger.warning("transfer: source %s does not exist", src)
             return OperationStatus.ERROR
         size = src.stat().st_size
-        if dst.absolute().is_relative_to(s.b10fs_cache_dir):
+        if isinstance(s.b10fs_cache_dir, Path) and dst.absolute().is_relative_to(s.b10fs_cache_dir):
             need = s.required_b10fs_space_bytes
         else:
             need = s.required_local_space_bytes(size)

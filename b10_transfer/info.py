@@ -43,7 +43,7 @@ def get_cache_info() -> dict[str, Any]:
         info["local_cache_size_mb"] = size / _MB
         info["b10fs_enabled"] = s.b10fs_enabled
         info["b10fs_cache_exists"] = False
-        if s.b10fs_enabled and s.b10fs_cache_dir.is_dir():
+        if _scope_there(s):
             manifest = Scope(s.b10fs_cache_dir, create=False).read_manifest(key)
             if manifest is not None:
                 info["b10fs_cache_exists"] = True
@@ -68,10 +68,10 @@ def list_available_caches() -> dict[str, Any]:
         result["current_environment"] = current = key_for()
         s = read_settings()
         result["b10fs_enabled"] = s.b10fs_enabled
-        if not s.b10fs_enabled:
+        if s.scope_on_volume and not s.b10fs_enabled:
             result["error"] = "b10fs is not enabled"
             return result
-        if not s.b10fs_cache_dir.is_dir():
+        if not _scope_there(s):
             return result
         scope = Scope(s.b10fs_cache_dir, create=False)
         for key in scope.env_keys():
@@ -121,3 +121,10 @@ def _tree_size(root: Path) -> tuple[int, int]:
             except OSError:
                 continue
     return files, size
+
+
+def _scope_there(s) -> bool:
+    """The deployment scope can be read: an s3:// scope always can be tried; one on the volume when b10fs is enabled
+    and its directory exists."""
+    scope = s.b10fs_cache_dir
+    return not isinstance(scope, Path) or (s.b10fs_enabled and scope.is_dir())

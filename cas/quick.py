@@ -9,8 +9,11 @@ settles that exactly, without hashing, without a save slot and without writing, 
   no audit marker exists, and the gc root of this scope and environment names exactly the manifest's bytes.
 
 On a network volume each request is a round trip of milliseconds, so the reads run concurrently: the manifest, the
-audit marker and `scope.id` -> root, while this thread walks the local tree. The store's CAS-FORMAT is not read:
-nothing is written, and the root found under the store names the manifest, so the store is there.
+audit marker and `scope.id` -> root, while this thread walks the local tree. On an object store the manifest and the
+marker come from one LIST of `manifests/` (the manifest's bytes from this process's memory when the listed ETag is
+their MD5), so a no-op check there costs 3 requests: the LIST, `scope.id` and the root (FORMAT §3a). The store's
+CAS-FORMAT is not read: nothing is written, and the root found under the store names the manifest, so the store is
+there.
 
 Every doubt is a "maybe" (None): a missing or unreadable file, a corrupt manifest or root, anything unexpected. The
 caller then runs save_tree, which re-derives everything and reports what is actually wrong.
@@ -33,11 +36,11 @@ from concurrent.futures import Future
 import blake3
 
 from . import layout, limits, nogc
+from .backends import open_location
 from .errors import CasError, UnsafePath
 from .index import INDEX_NAME, Index
 from .manifest import Entry, Manifest, loads
 from .paths import check_entry_path
-from .posix import PosixBackend
 from .roots import parse_root
 from .scope import Scope, check_env_key, read_scope_id
 from .storage import Backend, NotFound
@@ -80,16 +83,24 @@ def nothing_new(
     manifest_path = scope.manifest_path(env_key)
     try:
         pool = _pool()
-        manifest_f = pool.submit(_read, scope.backend, layout.manifest(env_key), limits.MAX_MANIFEST_BYTES)
+        # On an object store one LIST of manifests/ stands for the manifest read and the audit marker's stat
+        # (_listed); on a volume, a read and a stat.
+        listed_f = pool.submit(_listed, scope, env_key) if scope.backend.atomic_replace else None
+        manifest_f = None if listed_f else pool.submit(_read, scope.backend, layout.manifest(env_key),
+                                                       limits.MAX_MANIFEST_BYTES)
         root_f = _gc_root(pool, store_root, scope, env_key)
-        audit_f = pool.submit(_exists, scope.backend, layout.audit(env_key))
+        audit_f = None if listed_f else pool.submit(_exists, scope.backend, layout.audit(env_key))
         with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
             index = Index(src)
             hits = _local_hits(src, index)  # this thread, while the volume answers
             if hits is None:
                 return None  # reads still in flight finish on their own
-            data = manifest_f.result()
-            if data is None or audit_f.result():
+            if listed_f is not None:
+                data, audit = listed_f.result()
+            else:
+                assert manifest_f is not None and audit_f is not None
+                data, audit = manifest_f.result(), audit_f.result()
+            if data is None or audit:
                 return None
             digest = blake3.blake3(data).hexdigest()
             # Every file is the one the index holds; if the index was compared whole with exactly these manifest
@@ -207,7 +218,7 @@ def _gc_root(pool: _Readers, store_root, scope: Scope, env_key: str) -> Future:
 def _store_and_guess(pool: _Readers, store_root, scope_root: str, env_key: str):
     found = store_root() if callable(store_root) else store_root
     owned = not isinstance(found, Backend)
-    store = PosixBackend(found) if owned else found
+    store = open_location(found) if owned else found  # a path on a volume, or an s3:// URL
     guess = _last_scope_id.get((scope_root, store.location))
     return store, owned, guess, pool.submit(_root, store, guess, env_key) if guess else None
 
@@ -267,6 +278,22 @@ def _read(backend: Backend, key: str, limit: int) -> bytes | None:
         return backend.get(key, limit=limit)
     except CasError:
         return None
+
+
+def _listed(scope: Scope, env_key: str) -> tuple[bytes | None, bool]:
+    """Object store (FORMAT §3a): (the manifest's bytes or None, whether the audit marker exists) from one LIST of
+    `manifests/`, which gives every object's version (ETag) and so the marker's presence. The bytes are the ones this
+    process last read or wrote for that key when their MD5 is the listed ETag (`Scope.remembered_manifest`: a
+    load then a save, or periodic saves, read nothing more); otherwise one GET."""
+    found = {info.key: info for info in scope.backend.list(layout.MANIFESTS)}
+    audit = layout.audit(env_key) in found
+    info = found.get(layout.manifest(env_key))
+    if info is None:
+        return None, audit
+    data = scope.remembered_manifest(env_key, info.version)
+    if data is None:
+        data = _read(scope.backend, layout.manifest(env_key), limits.MAX_MANIFEST_BYTES)
+    return data, audit
 
 
 def _exists(backend: Backend, key: str) -> bool:

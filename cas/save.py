@@ -499,6 +499,7 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
                                             if_version=version)
             except (PreconditionFailed, AlreadyExists) as exc:
                 raise _Conflict(str(exc)) from None  # its copy in the store is garbage gc collects
+            scope.remember_manifest(env_key, new)
         else:
             scope.write_manifest(new, env_key)
         _faults.checkpoint("manifest-renamed")

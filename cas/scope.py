@@ -1,9 +1,11 @@
 """A deployment scope: the manifests of one deployment, one per environment key, with their locks (FORMAT §3)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
+import threading
 
 from . import layout, limits, timing
 from .backends import open_location
@@ -13,6 +15,11 @@ from .manifest import Manifest, loads
 from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectTooLarge
 
 MANIFEST_SUFFIX = layout.MANIFEST_SUFFIX
+# Object stores: (scope location, env key) -> (MD5 hex, bytes) of the manifest this process last read or wrote
+# (Scope.remember_manifest); a few deployments' worth, each a compressed manifest.
+_recent: dict[tuple[str, str], tuple[str, bytes]] = {}
+_RECENT_KEPT = 8
+_recent_lock = threading.Lock()
 check_env_key = layout.check_env_key
 # scope.id is 32 hex digits and a newline; anything longer is not one.
 _SCOPE_ID_READ = 256
@@ -143,7 +150,9 @@ class Scope:
     def read_manifest_bytes(self, env_key: str, limit: int = limits.MAX_MANIFEST_BYTES) -> bytes | None:
         path = self.manifest_path(env_key)
         try:
-            return self.backend.get(layout.manifest(env_key), limit=limit)
+            data = self.backend.get(layout.manifest(env_key), limit=limit)
+            self.remember_manifest(env_key, data)
+            return data
         except NotFound:
             return None
         except BadObject:
@@ -165,3 +174,20 @@ class Scope:
     def write_manifest(self, data: bytes, env_key: str) -> None:
         """Atomic replace; the caller holds the lock and made every referenced blob durable."""
         self.backend.put(layout.manifest(env_key), data)
+
+    def remember_manifest(self, env_key: str, data: bytes) -> None:
+        """Object store: keep the manifest bytes this process just read or wrote, keyed by their MD5, which is the
+        ETag S3 gives a single-part object (not under SSE-KMS/SSE-C: there nothing ever matches). The no-op check
+        (cas/quick.py) then recognises a listed ETag without reading the manifest again."""
+        if not self.backend.atomic_replace:
+            return
+        with _recent_lock:
+            if len(_recent) >= _RECENT_KEPT:
+                _recent.clear()
+            _recent[(self.root, env_key)] = (hashlib.md5(data, usedforsecurity=False).hexdigest(), data)
+
+    def remembered_manifest(self, env_key: str, version: str) -> bytes | None:
+        """The bytes remembered for this manifest if their MD5 is `version` (an ETag, quotes ignored), else None.
+        Self-checking: bytes are used only for the ETag they hash to."""
+        hit = _recent.get((self.root, env_key))
+        return hit[1] if hit is not None and hit[0] == version.strip('"').lower() else None
