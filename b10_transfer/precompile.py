@@ -71,6 +71,7 @@ class _Compiled:
     fingerprint: str
     key: str  # torch's key: dynamo/<key>/entry
     loaded_codes: int = -1  # guarded codes of the entry loaded at compile time; -1: none loaded
+    cold: bool = False  # seed: compile this model's frames without FX-graph cache lookups
 
 
 _compiled: dict[str, _Compiled] = {}
@@ -80,9 +81,18 @@ _flag_prior: bool | None = None
 
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """True if B10_TRANSFER_PRECOMPILE is 1/true (read at every call, like the other settings)."""
-    value = (os.environ if environ is None else environ).get(ENV_VAR, "").strip().lower()
-    return value in ("1", "true", "yes", "on")
+    """True if B10_TRANSFER_PRECOMPILE is 1/true or seed (read at every call, like the other settings)."""
+    return _setting(environ) in ("1", "true", "yes", "on", "seed")
+
+
+def seeding(environ: Mapping[str, str] | None = None) -> bool:
+    """B10_TRANSFER_PRECOMPILE=seed: on a miss, compile without Inductor's FX-graph cache, so that this replica
+    writes a good entry even where the Inductor cache is hot (an existing deployment). Costs one cold compile."""
+    return _setting(environ) == "seed"
+
+
+def _setting(environ: Mapping[str, str] | None) -> str:
+    return (os.environ if environ is None else environ).get(ENV_VAR, "").strip().lower()
 
 
 def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: Any) -> Any:  # noqa: A001
@@ -118,9 +128,13 @@ def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: A
             record.loaded_codes = -1
             return _compile_wrapper(model, record, torch_compile_kwargs, use_entry=False)
 
+    elif seeding():
+        record.cold = True
     _scope_flag_to_calls(compiled, record, fallback)
     _compiled[key] = record
     state = "hit" if record.loaded_codes >= 0 else "miss (compiles, and save_compile_cache() records the entry)"
+    if record.cold:
+        state = "miss, seeding: compiles without FX-graph cache hits, so that its entry can be saved"
     logger.info("precompile: %s fingerprint %s entry dynamo/%s: %s", record.name, fp, key[:16], state)
     return compiled
 
@@ -363,6 +377,20 @@ def _precompile_flag() -> Iterator[None]:
                 dynamo_config.caching_precompile = bool(_flag_prior)
 
 
+@contextmanager
+def _without_fx_cache(active: bool) -> Iterator[None]:
+    """Inductor skips its FX-graph cache while bundled AOTAutograd caching is on (torch 2.11-2.13): the frames
+    compile cold, and their graphs, never loaded from that cache, serialize into the entry (a graph loaded from it
+    cannot: "pickle should not be called with after make_launchers()" on CUDA)."""
+    if not active:
+        yield
+        return
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(bundled_autograd_cache=True):
+        yield
+
+
 def _scope_flag_to_calls(compiled: Any, record: _Compiled, fallback: Callable[[], Any] | None) -> None:
     """Run the compiled module's forward with the flag on: torch reads it when it compiles a frame (guards it
     drops, bundled autograd artifacts, the package it records), which happens at the first calls.
@@ -373,7 +401,7 @@ def _scope_flag_to_calls(compiled: Any, record: _Compiled, fallback: Callable[[]
     state: dict[str, Any] = {"forward": compiled.forward, "fallback": fallback}
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        with _precompile_flag():
+        with _precompile_flag(), _without_fx_cache(record.cold):
             if state["fallback"] is None:
                 return state["forward"](*args, **kwargs)
             try:

@@ -131,7 +131,7 @@ def replica(volume: Path, local: Path, model_dir: Path, batches: list[int], *, m
     env = child_environ(volume, local)
     env.pop(precompile.ENV_VAR, None)
     if mode:
-        env[precompile.ENV_VAR] = "1"
+        env[precompile.ENV_VAR] = "seed" if options.pop("seed", False) else "1"
     env["PYTHONPATH"] = str(REPO)
     spec = dict(model_dir=str(model_dir), batches=batches, save=save, scale=scale, **options)
     proc = subprocess.run([sys.executable, "-c", REPLICA, json.dumps(spec)], env=env, cwd=str(REPO),
@@ -249,6 +249,32 @@ def test_writer_without_backends_never_replaces_a_good_entry(replica_a, volume_a
     assert "precompile: not saving Tiny entry" in r["log"], r["log"]
     assert dynamo_entries(volume_after_a, tmp_path / "x") == before
     assert r["max_abs_err"] < MAX_ABS_ERR
+
+
+def test_seed_compiles_without_fx_cache_hits_and_saves_its_entry(replica_a, tmp_path):
+    """B10_TRANSFER_PRECOMPILE=seed on a hot volume without an entry (the mode turned on for an existing
+    deployment): no FX-graph lookups, so the entry is one torch can serialize on the GPU too; it is saved."""
+    volume, model_dir, _ = replica_a
+    hot = tmp_path / "volume"
+    shutil.copytree(volume, hot)
+    r0 = replica(hot, tmp_path / "r0" / "inductor", model_dir, [2], mode=False)  # a normal replica: hot files
+    assert r0["counters"]["inductor"].get("fxgraph_cache_hit", 0) >= 1
+    s = read_settings(b10_environ(hot, tmp_path / "x"))
+    scope = Scope(s.b10fs_cache_dir)
+    manifest = scope.read_manifest(core.key_for())
+    for path in [p for p in manifest.entries if p.startswith("dynamo/")]:
+        del manifest.entries[path]  # as before the mode was turned on
+    scope.write_manifest(manifest.dumps(), core.key_for())
+
+    r = replica(hot, tmp_path / "r" / "inductor", model_dir, [2], seed=True)
+    assert "seeding" in r["log"], r["log"]
+    c = r["counters"]
+    assert c["dynamo_cache"] == {"dynamo_cache_miss": 1}
+    assert c["inductor"].get("fxgraph_cache_hit", 0) == 0 and c["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert r["save"] == "SUCCESS" and "precompile: wrote Tiny entry" in r["log"], r["log"]
+    assert r["max_abs_err"] < MAX_ABS_ERR
+    c2 = replica(hot, tmp_path / "c" / "inductor", model_dir, [2], save=False)
+    assert c2["counters"]["dynamo_cache"] == {"dynamo_cache_hit": 1} and traced(c2) == 0
 
 
 def test_mode_is_off_by_default(monkeypatch, b10_env):

@@ -280,7 +280,7 @@ class Runner:
                                             local=None, impl=impl, vol=vol)
                 self.flush()
         if "ours" in impls:
-            self.run_precompile(model, C, spec, allshapes, p, cases & {"pc-hot", "pc-prof"})
+            self.run_precompile(model, C, spec, allshapes, p, cases & {"pc-hot", "pc-prof", "pc-seed"})
 
     def run_precompile(self, model: str, C: dict, spec, allshapes: list, p: dict,
                        cases: set[str]) -> None:
@@ -317,6 +317,17 @@ class Runner:
             C["ours-pc-prof"] = self.spawn("run", model, "ours-pc-prof",
                                            spec(allshapes, load=True, precompile=True, profile=True),
                                            local=None, impl="ours", vol=vol, case_env=pc)
+            self.flush()
+        if "pc-seed" in cases and C.get("ours-B", {}).get("ok"):
+            # the mode turned on for an existing deployment: B10_TRANSFER_PRECOMPILE=seed on the hot
+            # volume of the ours replicas (no entry), then a reader in the mode on that volume
+            vol = self.volume(model, "ours-replicas")
+            C["ours-pc-seed"] = self.spawn(
+                "run", model, "ours-pc-seed", spec(allshapes, load=True, save=True, precompile=True),
+                local=None, impl="ours", vol=vol, case_env={"B10_TRANSFER_PRECOMPILE": "seed"})
+            C["ours-pc-seed-C"] = self.spawn(
+                "run", model, "ours-pc-seed-C", spec(allshapes, load=True, save=True, precompile=True),
+                local=None, impl="ours", vol=vol, case_env=pc)
             self.flush()
         if "pc-hot" in cases and C.get("ours-C", {}).get("ok"):
             vol = self.volume(model, "ours-replicas")
@@ -377,7 +388,7 @@ def main(argv=None) -> int:
                     help="comma list: baseline (prime, cold, hot local), single (seed save + "
                          "load into an empty cache), replicas (A -> B -> C), precompile (ours "
                          "replicas with B10_TRANSFER_PRECOMPILE=1), pc-hot (a writer in the mode "
-                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile), pc-repeat (hot and precompile C twice more)")
+                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile), pc-repeat (hot and precompile C twice more), pc-seed (B10_TRANSFER_PRECOMPILE=seed on the hot ours-replicas volume, then a reader)")
     ap.add_argument("--quick", action="store_true",
                     help="small models: a GPU smoke run (or a CPU one with --device cpu)")
     ap.add_argument("--size", choices=("full", "quick", "tiny"), default=None,

@@ -20,6 +20,8 @@ WHAT = {
     "ours-pc-B": "ours + precompile replica B: load, sets 1+2, save",
     "ours-pc-C": "ours + precompile replica C: load, sets 1+2, save",
     "ours-pc-hot": "ours + precompile on the ours-replicas volume (no entry, hot Inductor cache)",
+    "ours-pc-seed": "B10_TRANSFER_PRECOMPILE=seed on the ours-replicas volume (hot, no entry)",
+    "ours-pc-seed-C": "precompile reader on that volume after the seed",
     "ours-pc-prof": "precompile replica C again under cProfile (slower: not a measurement)",
 }
 
@@ -253,7 +255,7 @@ def precompile_checks(C: dict, hot: dict) -> list[str]:
     """Issue 16's goals for replica C in the mode: compile+first <= 0.5x hot, ready <= 0.75x hot."""
     out = []
     pcC, oc = C.get("ours-pc-C"), C.get("ours-C")
-    for name in ("ours-pc-A", "ours-pc-B", "ours-pc-C", "ours-pc-hot"):
+    for name in ("ours-pc-A", "ours-pc-B", "ours-pc-C", "ours-pc-hot", "ours-pc-seed", "ours-pc-seed-C"):
         r = C.get(name)
         if r and r.get("ok"):
             ent = r.get("dynamo_entries") or {}
