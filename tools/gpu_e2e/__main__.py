@@ -276,8 +276,9 @@ class Runner:
                 C[f"{impl}-B"] = self.spawn("run", model, f"{impl}-B",
                                             spec(allshapes, load=True, save=True),
                                             local=None, impl=impl, vol=vol)
-                C[f"{impl}-C"] = self.spawn("run", model, f"{impl}-C", spec(allshapes, load=True),
-                                            local=None, impl=impl, vol=vol)
+                if "no-C" not in cases:  # no-C: A and B only (a volume for pc-seed)
+                    C[f"{impl}-C"] = self.spawn("run", model, f"{impl}-C", spec(allshapes, load=True),
+                                                local=None, impl=impl, vol=vol)
                 self.flush()
         if "ours" in impls:
             self.run_precompile(model, C, spec, allshapes, p, cases & {"pc-hot", "pc-prof", "pc-seed"})
