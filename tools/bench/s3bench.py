@@ -104,10 +104,39 @@ def requests_of(calls: Counter) -> int:
 
 # -- the latency proxy, in a process of its own ----------------------------------------------------------------------
 _PROXY = r"""
-import sys, time
+import socket, sys, threading
 sys.path.insert(0, sys.argv[1])
 from s3_servers import LatencyProxy
-p = LatencyProxy(sys.argv[2], float(sys.argv[3]))
+
+
+class Proxy(LatencyProxy):
+    # LatencyProxy connects to the upstream inside its accept loop, one connection at a time: with hundreds of
+    # connections opened at once (16 loaders x 32) the backlog filled and clients waited forever. Here each accepted
+    # connection is connected and piped in a thread of its own; the backlog is larger. Delays are unchanged.
+    def _accept(self):
+        self._listener.listen(4096)
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client):
+        try:
+            server = socket.create_connection(self._upstream, timeout=30)
+        except OSError:
+            client.close()
+            return
+        for s in (client, server):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(None)
+        self._socks += [client, server]
+        self._pipe(client, server)
+        self._pipe(server, client)
+
+
+p = Proxy(sys.argv[2], float(sys.argv[3]))
 print(p.url, flush=True)
 sys.stdin.read()
 p.close()
