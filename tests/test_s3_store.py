@@ -49,7 +49,7 @@ def test_round_trip_noop_and_partial_load(s3_bucket: S3Bucket, tmp_path: Path) -
     again = save_tree(tmp_path / "src", store, scope, ENV_KEY, threads=8)
     assert not again.manifest_written and again.new_entries == 0
     noop_requests = sum(store_calls.calls.values()) + sum(scope_calls.calls.values())
-    assert noop_requests <= 12, (dict(store_calls.calls), dict(scope_calls.calls))  # goal (issue 13): <= 3
+    assert noop_requests <= 3, (dict(store_calls.calls), dict(scope_calls.calls))  # issue 13: manifest, marker, root
 
     loaded = load_tree(tmp_path / "dst", store, scope, ENV_KEY, threads=8)
     assert loaded.restored == len(files) and not loaded.misses
