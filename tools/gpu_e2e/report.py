@@ -143,7 +143,7 @@ def render(results: dict) -> str:
         cr = cold.get("ready_s") if cold.get("ok") else None
         for name in ROW_ORDER + [n for n in C if n not in ROW_ORDER]:
             r = C.get(name)
-            if r is None or name == "prime" or name.endswith("-seed"):
+            if r is None or name in ("prime", "ours-seed", "peer-seed"):
                 continue
             label = f"{name}: {WHAT.get(name, '')}"
             if r.get("skipped"):
