@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     store = BlobStore(S3Backend(a.store), create=True)
     puts: list[str] = []
-    scope_backend = FaultyBackend(S3Backend(a.scope), before=lambda verb, key: puts.append(key) if verb == "put" else None)
+    scope_backend = FaultyBackend(S3Backend(a.scope),
+                                  before=lambda verb, key: puts.append(key) if verb == "put" else None)
     scope = Scope(scope_backend, create=True)
     if a.ready:
         print("READY", flush=True)
