@@ -292,3 +292,18 @@ def test_cas_commands_take_s3_urls(monkeypatch, moto_bucket, tmp_path, capsys):
     assert main(["stats", "--org", "s3://Bad_Bucket/x"]) == 2
     assert main(["stats", "--org", f"s3://{fresh_bucket_name('gone')}/org"]) == 2
     assert "bucket does not exist" in capsys.readouterr().err
+
+
+def test_cache_info_reads_an_s3_scope(monkeypatch, moto_bucket, tmp_path):
+    from b10_transfer.info import get_cache_info, list_available_caches
+
+    local = tmp_path / "pod1" / "inductor"
+    files = make_cache(local)
+    point_at(monkeypatch, moto_bucket, local)
+    monkeypatch.setattr("b10_transfer.info.environment", lambda: ENV)
+    assert core.save(env=ENV)[0] is OperationStatus.SUCCESS
+    info = get_cache_info()
+    assert "error" not in info, info
+    assert info["b10fs_cache_exists"] and info["manifest_files"] == len(files)
+    listed = list_available_caches()
+    assert "error" not in listed and [c["environment_key"] for c in listed["caches"]] == [core.key_for(None, ENV)]
