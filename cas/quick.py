@@ -63,7 +63,7 @@ _POOL_PID = 0
 
 def nothing_new(
     src_dir: str | os.PathLike,
-    store_root: str | os.PathLike | Callable[[], str | os.PathLike],
+    store_root: str | os.PathLike | Backend | Callable[[], str | os.PathLike | Backend],
     scope: Scope,
     env_key: str,
 ) -> int | None:
@@ -72,8 +72,9 @@ def nothing_new(
     volume. Locally it may note in `.cas-index` that every indexed file is recorded in the manifest with these bytes
     (FORMAT §7), so that the next check, in any process, skips parsing the manifest and comparing entry by entry.
 
-    `store_root` may be a callable returning it: it is then called once, in a worker thread, so that finding which
-    store is in use (a request to the volume, in b10_transfer) overlaps the other reads."""
+    `store_root` is a path on a volume, an s3:// URL or a Backend (used as it is, never closed here), or a callable
+    returning one: it is then called once, in a worker thread, so that finding which store is in use (a request to
+    the volume, in b10_transfer) overlaps the other reads."""
     check_env_key(env_key)
     src = os.fspath(src_dir)
     if not os.path.isfile(os.path.join(src, INDEX_NAME)):  # no index: every file would be hashed anyway
