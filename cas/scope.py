@@ -19,6 +19,7 @@ MANIFEST_SUFFIX = layout.MANIFEST_SUFFIX
 # (Scope.remember_manifest); a few deployments' worth, each a compressed manifest.
 _recent: dict[tuple[str, str], tuple[str, bytes]] = {}
 _RECENT_KEPT = 8
+_RECENT_MAX_BYTES = 8 << 20  # a real manifest is ~1 MB for 20,000 files; larger ones are simply read again
 _recent_lock = threading.Lock()
 check_env_key = layout.check_env_key
 # scope.id is 32 hex digits and a newline; anything longer is not one.
@@ -179,7 +180,7 @@ class Scope:
         """Object store: keep the manifest bytes this process just read or wrote, keyed by their MD5, which is the
         ETag S3 gives a single-part object (not under SSE-KMS/SSE-C: there nothing ever matches). The no-op check
         (cas/quick.py) then recognises a listed ETag without reading the manifest again."""
-        if not self.backend.atomic_replace:
+        if not self.backend.atomic_replace or len(data) > _RECENT_MAX_BYTES:
             return
         with _recent_lock:
             if len(_recent) >= _RECENT_KEPT:
