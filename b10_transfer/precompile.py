@@ -120,17 +120,22 @@ def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: A
     record = _Compiled(type(model).__name__, fp, "")
     compiled = _compile_wrapper(model, record, torch_compile_kwargs, use_entry=True)
     key = record.key
-    fallback = None
+
+    def without_entry() -> tuple[Any, bool]:  # a fresh wrapper compiled normally, still in the mode
+        record.loaded_codes = -1
+        return _compile_wrapper(model, record, torch_compile_kwargs, use_entry=False), True
+
+    def without_mode() -> tuple[Any, bool]:  # plain torch.compile: nothing of this model is saved
+        _compiled.pop(key, None)
+        return torch.compile(model, **torch_compile_kwargs), False
+
+    fallbacks = [("the loaded entry", without_entry), ("the mode", without_mode)]
     if record.loaded_codes >= 0:
         _skip_installed_names(compiled)
-
-        def fallback() -> Any:  # the loaded entry failed at run time: compile a fresh wrapper normally
-            record.loaded_codes = -1
-            return _compile_wrapper(model, record, torch_compile_kwargs, use_entry=False)
-
-    elif seeding():
-        record.cold = True
-    _scope_flag_to_calls(compiled, record, fallback)
+    else:
+        fallbacks.pop(0)
+        record.cold = seeding()
+    _scope_flag_to_calls(compiled, record, fallbacks)
     _compiled[key] = record
     state = "hit" if record.loaded_codes >= 0 else "miss (compiles, and save_compile_cache() records the entry)"
     if record.cold:
@@ -391,28 +396,32 @@ def _without_fx_cache(active: bool) -> Iterator[None]:
         yield
 
 
-def _scope_flag_to_calls(compiled: Any, record: _Compiled, fallback: Callable[[], Any] | None) -> None:
+def _scope_flag_to_calls(compiled: Any, record: _Compiled,
+                         fallbacks: list[tuple[str, Callable[[], tuple[Any, bool]]]]) -> None:
     """Run the compiled module's forward with the flag on: torch reads it when it compiles a frame (guards it
     drops, bundled autograd artifacts, the package it records), which happens at the first calls.
 
-    With a loaded entry (`fallback` given), the first exception raised through it switches, once and for good, to a
-    wrapper compiled normally (hot Inductor cache), and the call is run again there: an entry torch accepted can
-    still fail at run time (a global it did not save: NameError). A genuine error of the model raises again."""
-    state: dict[str, Any] = {"forward": compiled.forward, "fallback": fallback}
+    An exception raised through it moves, for good, to the next of `fallbacks` (what failed, a maker of (compiled
+    module, still in the mode)) and runs the call again there: a loaded entry torch accepted can still fail when
+    run (a global it did not save: NameError), and the mode itself can fail to compile a model (guards torch
+    cannot serialize). A genuine error of the model raises again from the plain torch.compile at the end."""
+    state: dict[str, Any] = {"forward": compiled.forward, "in_mode": True}
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        with _precompile_flag(), _without_fx_cache(record.cold):
-            if state["fallback"] is None:
-                return state["forward"](*args, **kwargs)
+        while True:
             try:
-                return state["forward"](*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - any failure of the loaded entry: compile normally instead
-                make, state["fallback"] = state["fallback"], None
-                logger.warning("precompile: %s entry dynamo/%s failed at run time (%s: %s); compiling normally",
-                               record.name, record.key[:16], type(exc).__name__, exc)
-                state["module"] = make()  # keeps the fresh wrapper alive
+                if not state["in_mode"]:
+                    return state["forward"](*args, **kwargs)
+                with _precompile_flag(), _without_fx_cache(record.cold):
+                    return state["forward"](*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - whatever the mode broke: compile without it, then retry
+                if not fallbacks:
+                    raise
+                what, make = fallbacks.pop(0)
+                logger.warning("precompile: %s failed for %s (entry dynamo/%s) at run time (%s: %s); compiling "
+                               "without it", what, record.name, record.key[:16], type(exc).__name__, exc)
+                state["module"], state["in_mode"] = make()  # keeps the new compiled module alive
                 state["forward"] = state["module"].forward
-                return state["forward"](*args, **kwargs)
 
     compiled.forward = forward
 

@@ -103,6 +103,11 @@ if spec.get("corrupt_entry"):
                         code.import_sources = {k: v for k, v in code.import_sources.items()
                                                if not k.startswith("___module_")}
                 open(path, "wb").write(pickle.dumps(entry))
+if spec.get("break_guard_pickling"):  # a model whose guards torch cannot serialize
+    import torch._dynamo.guards as guards
+    def fail(*args, **kwargs):
+        raise pickle.PicklingError("planted: cannot pickle the guards")
+    guards.pickle_guards_state = fail
 compiled = b10_transfer.compile(model)
 inputs = [torch.randn(b, 32, generator=torch.Generator().manual_seed(b)) for b in spec["batches"]]
 with torch.no_grad():
@@ -231,13 +236,25 @@ def test_changed_model_is_not_served_the_stale_entry(replica_a, volume_after_a, 
 def test_bad_entry_falls_back_to_the_hot_inductor_cache(replica_a, volume_after_a, tmp_path, damage):
     _, model_dir, _ = replica_a
     r = replica(volume_after_a, tmp_path / "r" / "inductor", model_dir, [2], corrupt_entry=damage, save=False)
-    why = {"garbage": "could not be loaded", "no_backends": "is not good",
-           "unsaved_global": "failed at run time (NameError"}[damage]
-    assert f"precompile: Tiny entry dynamo/" in r["log"] and why in r["log"], r["log"]
+    key = next(iter(dynamo_entries(volume_after_a, tmp_path / "x"))).split("/")[1][:16]
+    why = {"garbage": f"Tiny entry dynamo/{key} could not be loaded",
+           "no_backends": f"Tiny entry dynamo/{key} is not good",
+           "unsaved_global": f"the loaded entry failed for Tiny (entry dynamo/{key}) at run time (NameError"}[damage]
+    assert f"precompile: {why}" in r["log"], r["log"]
     assert traced(r) >= 1  # torch counts a read entry as a hit; it was not used: Dynamo traced the model
     assert r["counters"]["inductor"].get("fxgraph_cache_hit", 0) >= 1  # the normal hot path
     assert r["counters"]["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert r["max_abs_err"] < MAX_ABS_ERR
+
+
+def test_a_model_the_mode_cannot_compile_runs_on_plain_torch_compile(replica_a, volume_after_a, tmp_path):
+    _, model_dir, _ = replica_a
+    before = dynamo_entries(volume_after_a, tmp_path / "x")
+    r = replica(volume_after_a, tmp_path / "r" / "inductor", model_dir, [2], scale=3.0, break_guard_pickling=True)
+    assert "precompile: the mode failed for Tiny" in r["log"] and "planted" in r["log"], r["log"]
+    assert r["max_abs_err"] < MAX_ABS_ERR
+    assert r["save"] == "SUCCESS" and dynamo_entries(volume_after_a, tmp_path / "x") == before  # no entry
+    assert r["flag_after"] is False
 
 
 def test_writer_without_backends_never_replaces_a_good_entry(replica_a, volume_after_a, tmp_path):
