@@ -16,16 +16,21 @@ makes it safe enough to turn on:
   `torch.compile` calls of the process keep their guards and never write entries.
 - An entry is loaded only if it is good (below); anything else is a normal compile from the hot Inductor cache,
   with a log line saying why. torch's own checks (versions, source lines of inlined functions) still apply.
+  Anything that raises through the mode at run time moves the model, once and for good, to a wrapper compiled
+  without the entry, then to plain torch.compile, and runs the call again (log line `precompile: ... failed`).
 - `save_compile_cache()` writes this process's entries before saving, and only good ones: a process that
-  compiled from a hit-filled Inductor cache produces an entry without backends, which is never written, so it
-  can never replace a good entry in the manifest.
+  compiled from a hit-filled Inductor cache produces an entry without backends on CUDA, which is never written, so
+  it can never replace a good entry in the manifest. `B10_TRANSFER_PRECOMPILE=seed` avoids that for a deployment
+  whose Inductor cache is already hot: a miss compiles without the FX-graph cache, so its entry can be written.
 
-A *good* entry: it unpickles; every code object that has compiled guards is not bypassed; every backend its codes
-name is in the entry; and it has at least one backend. (A bad one would make its readers recompile every frame,
-slower than a hot Inductor cache.)
+A *good* entry: it unpickles; no code entry is bypassed; every backend its codes name is in the entry; it has at
+least one backend and one compiled code; and (checked when written) every Dynamo-made global its compiled code
+loads is one torch reinstalls (modules are added to the entry's import_sources; see `_record_module_globals`). A
+bad one would make its readers recompile (slower than a hot Inductor cache) or fail.
 
 Refused (plain torch.compile, one log line): torch older than 2.11 or without the private APIs used here;
-`backend` other than the default inductor; a model whose classes' source cannot be read (nothing to fingerprint).
+`backend` other than the default inductor; anything but an nn.Module; a model whose classes' source cannot be read
+(nothing to fingerprint).
 """
 
 from __future__ import annotations
@@ -117,8 +122,16 @@ def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: A
     except Refused as exc:
         logger.info("precompile: off for %s: %s; compiling normally", type(model).__name__, exc)
         return torch.compile(model, **torch_compile_kwargs)
+    except Exception as exc:  # noqa: BLE001 - the boundary: a user's model or config we could not read
+        logger.warning("precompile: off for %s: fingerprint failed (%s: %s); compiling normally",
+                       type(model).__name__, type(exc).__name__, exc)
+        return torch.compile(model, **torch_compile_kwargs)
     record = _Compiled(type(model).__name__, fp, "")
-    compiled = _compile_wrapper(model, record, torch_compile_kwargs, use_entry=True)
+    try:
+        compiled = _compile_wrapper(model, record, torch_compile_kwargs, use_entry=True)
+    except Exception as exc:  # noqa: BLE001 - torch internals the mode relies on; the model must still compile
+        logger.warning("precompile: off for %s: %s: %s; compiling normally", record.name, type(exc).__name__, exc)
+        return torch.compile(model, **torch_compile_kwargs)
     key = record.key
 
     def without_entry() -> tuple[Any, bool]:  # a fresh wrapper compiled normally, still in the mode

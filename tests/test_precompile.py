@@ -336,3 +336,15 @@ def test_refuses_what_it_cannot_fingerprint(monkeypatch, caplog):
     assert "precompile: off for NoSource: no source" in caplog.text
     compiled = precompile.compile(torch.nn.Linear(2, 2), backend="eager")
     assert "backend 'eager' is not supported" in caplog.text
+
+
+def test_refuses_torch_older_than_2_11(monkeypatch, caplog):
+    import torch
+
+    monkeypatch.setenv(precompile.ENV_VAR, "1")
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
+    assert "older than 2.11" in precompile.unsupported_reason()
+    caplog.set_level("INFO", logger="b10_transfer")
+    model = torch.nn.Linear(2, 2)
+    assert precompile.compile(model)._orig_mod is model
+    assert "precompile: off for Linear: torch 2.10.0+cu128 is older than 2.11" in caplog.text
