@@ -142,9 +142,55 @@ class Proxy(LatencyProxy):
         for s in (client, server):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.settimeout(None)
-        self._socks += [client, server]
-        self._pipe(client, server)
-        self._pipe(server, client)
+        left = [2]
+        lock = threading.Lock()
+
+        def one_direction_done():  # both directions ended: close both sockets (LatencyProxy keeps them open)
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            for s in (client, server):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+        self._pipe2(client, server, one_direction_done)
+        self._pipe2(server, client, one_direction_done)
+
+    def _pipe2(self, src, dst, done):
+        chunks = self._queue_cls()
+
+        def read():
+            try:
+                while data := src.recv(1 << 16):
+                    chunks.put((time.monotonic() + self.delay, data))
+            except OSError:
+                pass
+            chunks.put((time.monotonic() + self.delay, b""))
+
+        def write():
+            try:
+                while True:
+                    due, data = chunks.get()
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+            except OSError:
+                try:  # the far side is gone: stop the reader of this direction too
+                    src.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+            finally:
+                done()
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
 
 
 p = Proxy(sys.argv[2], float(sys.argv[3]))
