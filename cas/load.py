@@ -15,14 +15,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import _faults, limits, localfs, nogc, pack
+from . import _faults, layout, limits, localfs, nogc, pack, timing
 from .atomic import write_all
 from .blobstore import BlobStore
+from .errors import BlobCorrupt, BlobMissing, CasError, NoSpace, StoreUnavailable, UnsafePath
 from .index import Index
-from .errors import BlobCorrupt, BlobMissing, NoSpace, StoreUnavailable, UnsafePath
 from .localfs import TargetDir
 from .manifest import Entry, Manifest
 from .paths import TEMP_PREFIX
+from .posix import PosixBackend
 from .roots import refresh_root
 from .save import DEFAULT_THREADS
 from .scope import Scope, check_env_key
@@ -31,8 +32,8 @@ from .space import require_free
 log = logging.getLogger("cas.load")
 
 # A temp file in the target older than this belongs to a load that died (FORMAT §7); a live load finishes a file
-# in well under a minute.
-TEMP_EXPIRY = 3600
+# in well under a minute. (cas/timing.py holds it with the store's own timing constants.)
+TEMP_EXPIRY = timing.TEMP_EXPIRY
 # Packs decoded and held at once (each up to limits.MAX_PACK_BYTES): bounds a load's memory to ~100 MB whatever the
 # thread count, and a few packs already keep every core busy writing files.
 PACKS_IN_MEMORY = 8
@@ -179,7 +180,7 @@ def _restore_all(target: TargetDir, store: BlobStore, scope: Scope, env_key: str
 def _refresh_root(store: BlobStore, scope: Scope, env_key: str) -> None:
     try:
         refresh_root(store, scope.scope_id, env_key)
-    except Exception as exc:  # a refresh is best effort; never fail a load over it
+    except Exception as exc:  # noqa: BLE001 - a refresh is best effort; never fail a load over it
         log.debug("root refresh failed: %s", exc)
 
 
@@ -194,14 +195,14 @@ _PROBES = 3
 def _io_workers(store: BlobStore, todo: list[tuple[str, Entry]], threads: int) -> int:
     """`threads` for a high-latency store; about the core count when blob opens are as fast as a local disk's."""
     cores = max(2, os.cpu_count() or 2)
-    if threads <= cores or len(todo) < _PROBES:
-        return max(1, threads)
+    if threads <= cores or len(todo) < _PROBES or not isinstance(store.backend, PosixBackend):
+        return max(1, threads)  # (an object store is never as fast as a local disk: no probe requests)
     fastest = float("inf")
     for _, entry in todo[:_PROBES]:
         started = time.perf_counter()
         try:
-            os.close(os.open(store.blob_path(entry.stored_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
-        except OSError:
+            store.backend.stat(layout.blob(entry.stored_id))
+        except CasError:
             return threads  # missing or odd blob: no verdict, keep the safe choice for a slow volume
         fastest = min(fastest, time.perf_counter() - started)
     return cores if fastest < LOCAL_OPEN_S else threads
