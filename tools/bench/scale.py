@@ -70,7 +70,18 @@ GRACE_OLD = 7 * 3600  # older than gc's 6 h grace
 ROOT_DEAD = 31 * 86400  # older than the 30-day root TTL
 MAINT = (("gc", ["gc"]), ("check", ["check"]), ("check --read-data", ["check", "--read-data"]),
          ("stats", ["stats"]))
-_CLI = "import sys; from cas.cli import main; sys.exit(main(sys.argv[1:]))"
+# The command's own peak RSS: VmHWM of its process, read at exit. (wait4's ru_maxrss is no use here: Linux carries
+# the high-water mark across fork and execve, so a child reports at least its parent's RSS at the fork.)
+_CLI = """import atexit, os, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["SCALE_HWM_FILE"], "w") as out:
+        out.write(str(kb * 1024))
+atexit.register(_hwm)
+from cas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def log(msg: str) -> None:
@@ -297,9 +308,16 @@ def _popen_rss(cmd: list[str], **kw) -> tuple[int, bytes, bytes, int]:
 
 def run_maint(args: list[str], org: Path, noscope: Path) -> dict:
     cmd = [sys.executable, "-c", _CLI, *args, "--org", str(org), "--scope", str(noscope), "--json"]
+    hwm = noscope.parent / "hwm"
+    hwm.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    rc, out, err, rss = _popen_rss(cmd, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    rc, out, err, rss_bound = _popen_rss(cmd, cwd=str(REPO),
+                                         env=dict(os.environ, PYTHONPATH=str(REPO), SCALE_HWM_FILE=str(hwm)))
     dt = time.perf_counter() - t0
+    try:
+        rss: int | None = int(hwm.read_text())
+    except (OSError, ValueError):
+        rss = rss_bound
     try:
         doc = json.loads(out)
     except ValueError:
@@ -307,7 +325,7 @@ def run_maint(args: list[str], org: Path, noscope: Path) -> dict:
     summary = {k: (len(v) if isinstance(v, list) else v) for k, v in doc.items()
                if k in ("roots_live", "roots_dead", "blobs_trashed", "blobs_kept", "problems", "manifests", "blobs",
                         "blobs_read", "entries")}
-    return {"s": dt, "rc": rc, "rss": rss, "inner_s": doc.get("seconds"), "summary": summary,
+    return {"s": dt, "rc": rc, "rss": rss, "rss_bound": rss_bound, "inner_s": doc.get("seconds"), "summary": summary,
             "err": err.decode(errors="replace")[-400:] if rc not in (0,) else ""}
 
 
@@ -315,25 +333,49 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def first_save(org: Org, name: str, vol_org: Path, vol_models: Path, work: Path) -> tuple[float, Path]:
+    """A new deployment `name`, a replica of the model saved last, saving its tree (template + NEW_FILES)."""
+    base = template_files((org.built - 1) // REPLICAS, 0)
+    tree = work / "trees" / name
+    write_tree(tree, {**base, **own_files(name, NEW_FILES)})
+    store, scope = BlobStore(str(vol_org)), Scope(str(vol_models / name), create=True)
+    dt, sr = timed(save_tree, str(tree), store, scope, ENV_KEYS[0])
+    assert sr.manifest_written, sr
+    return dt, tree
+
+
+def paired_first_saves(small: Org, small_root: Path, big: Org, big_root: Path, volname: str, work: Path,
+                       reps: int) -> dict:
+    """First saves into an organisation of one deployment and into the large one, alternating, so both see the
+    same moment of a shared machine: the goal's ratio from pairs, not from runs minutes apart."""
+    out: dict = {"n1": [], "nN": []}
+    record = small.org / recent.record_key(ENV_KEYS[0])
+    original = record.read_bytes()
+    for r in range(reps):
+        # The small organisation stays one deployment for its savers: its record lists only the first one again
+        # (each pair's new deployment would otherwise become a peer, up to the same 8 as the large one).
+        tmp = record.with_name(record.name + ".bench")
+        tmp.write_bytes(original)
+        os.replace(tmp, record)
+        for key, org, root in (("n1", small, small_root), ("nN", big, big_root)):
+            out[key].append(first_save(org, f"pair-{key}-{volname}-{r}", root / "org" / "b10_cas", root / "model",
+                                       work)[0])
+    return out
+
+
 def org_point(org: Org, n: int, volname: str, vol_org: Path, vol_models: Path, work: Path, reps: int) -> dict:
     """Every measurement of one N on one volume (paths as the volume shows them)."""
     res: dict = {"n": n, "volume": volname}
     store_path = str(vol_org)
-    model = (org.built - 1) // REPLICAS
     env_key = ENV_KEYS[0]
-    base = {rel: data for rel, data in template_files(model, 0).items()}
     firsts, names = [], []
     for r in range(max(reps, 5)):  # the goal's own measure: a few more runs
         name = f"new-{volname}-{n}-{r}"
-        tree = work / "trees" / name
-        write_tree(tree, {**base, **own_files(name, NEW_FILES)})
-        store, scope = BlobStore(store_path), Scope(str(vol_models / name), create=True)
-        dt, sr = timed(save_tree, str(tree), store, scope, env_key)
+        dt, tree = first_save(org, name, vol_org, vol_models, work)
         firsts.append(dt)
         names.append((name, tree))
-        assert sr.manifest_written, sr
     res["first_save"] = firsts
-    res["first_save_files"] = len(base) + NEW_FILES
+    res["first_save_files"] = TEMPLATE_FILES + NEW_FILES
     name, tree = names[-1]
     noops, noop_saves = [], []
     for _ in range(reps):
@@ -450,16 +492,19 @@ def tree_point(spec: str, volname: str, vol: Path, work: Path, tmpfs: Path, reps
                    env_key)
     res["first_save"], res["bytes"] = dt, sr.bytes
     noops, noop_saves = [], []
-    warm = []
+    warm, noop_cpu = [], []
     for _ in range(reps):
         cold_quick()
+        c0 = cpu_s()
         dt, got = timed(nothing_new, str(local), str(org), Scope(str(scope_dir)), env_key)
+        noop_cpu.append(cpu_s() - c0)
         assert got == files, got
         noops.append(dt)
         warm.append(timed(nothing_new, str(local), str(org), Scope(str(scope_dir)), env_key)[0])
         dt, sr = timed(save_tree, str(local), BlobStore(str(org)), Scope(str(scope_dir)), env_key)
         noop_saves.append(dt)
     res["noop_quick"], res["noop_save_tree"], res["noop_quick_warm"] = noops, noop_saves, warm
+    res["noop_quick_cpu"] = noop_cpu
     contents = read_tree(local)
     loads, floors, load_cpu, floor_cpu = [], [], [], []
     for r in range(reps):
@@ -494,24 +539,35 @@ def run(a) -> dict:
     try:
         vol = work / "backing"
         org = Org(vol)
+        small = Org(work / "backing-n1") if len(a.ns) > 1 else None  # N = 1 again, beside the largest N
+        if small is not None:
+            small.grow(1)
         for n in a.ns:
             dt = org.grow(n)
             out["build"].append({"n": n, "s": dt, "total_s": org.build_s})
             log(f"N={n}: organisation built in {dt:.1f} s ({org.build_s:.1f} s in all)")
             for volname in a.volumes:
+                pair = small is not None and n == a.ns[-1]
                 if volname == "local":
-                    ctx = nullcontext(None)
-                    root = vol
+                    ctx, ctx1 = nullcontext(None), nullcontext(None)
+                    root, root1 = vol, work / "backing-n1"
                 else:
                     from tools.slowfs import mounted
 
-                    mnt = work / "mnt"
+                    mnt, mnt1 = work / "mnt", work / "mnt-n1"
                     mnt.mkdir(exist_ok=True)
+                    mnt1.mkdir(exist_ok=True)
                     ctx = mounted(vol, mnt, delay_ms=a.delay_ms)
-                    root = mnt
-                with ctx:
+                    ctx1 = mounted(work / "backing-n1", mnt1, delay_ms=a.delay_ms) if pair else nullcontext(None)
+                    root, root1 = mnt, mnt1
+                with ctx as m, ctx1:
                     point = org_point(org, n, volname, root / "org" / "b10_cas", root / "model", work, a.reps)
+                    if pair:
+                        assert small is not None
+                        point["paired"] = paired_first_saves(small, root1, org, root, volname, work, 5)
                 point["loadavg"] = loadavg()
+                if m is not None:
+                    point["requests"] = {k: v for k, v in m.op_counts.items() if not k.endswith("_bytes")}
                 out["org"].append(point)
                 log(f"N={n} {volname}: first save {med(point['first_save']):.3f} s, no-op "
                     f"{med(point['noop_quick']) * 1e3:.1f} ms, load {med(point['full_load']):.3f} s")
@@ -534,7 +590,7 @@ def run(a) -> dict:
                     mnt.mkdir(exist_ok=True)
                     ctx, root = mounted(backing, mnt, delay_ms=a.delay_ms), mnt
                 with ctx:
-                    point = tree_point(files, volname, root, work, tmpfs, a.reps)
+                    point = tree_point(files, volname, root, work, tmpfs, max(a.reps, 5))
                 point["loadavg"] = loadavg()
                 out["trees"].append(point)
                 log(f"{files} files {volname}: first save {point['first_save']:.2f} s, no-op "
@@ -567,8 +623,15 @@ def goals(r: dict) -> list[tuple[str, str, bool | None]]:
     ns = sorted({p["n"] for p in r["org"]})
     if ("slowfs", 1) in pts and ns[-1] > 1 and ("slowfs", ns[-1]) in pts:
         a, b = med(pts[("slowfs", 1)]["first_save"]), med(pts[("slowfs", ns[-1])]["first_save"])
-        out.append((f"slowfs: first save of a new deployment at N={ns[-1]:,} ≤ 1.2× N=1",
-                    f"{b / a:.2f}× ({_s(b)} vs {_s(a)})", b / a <= 1.2))
+        pair = pts[("slowfs", ns[-1])].get("paired")
+        if pair:  # the goal's measure: pairs taken at the same moment
+            pa, pb = med(pair["n1"]), med(pair["nN"])
+            out.append((f"slowfs: first save of a new deployment at N={ns[-1]:,} ≤ 1.2× N=1 (alternating pairs)",
+                        f"{pb / pa:.2f}× ({_s(pb)} vs {_s(pa)}); N=1 measured minutes earlier: {b / a:.2f}×",
+                        pb / pa <= 1.2))
+        else:
+            out.append((f"slowfs: first save of a new deployment at N={ns[-1]:,} ≤ 1.2× N=1",
+                        f"{b / a:.2f}× ({_s(b)} vs {_s(a)})", b / a <= 1.2))
     top = pts.get(("slowfs", ns[-1])) if ns else None
     if top:
         for label in ("gc", "gc (dead roots)", "check"):
@@ -584,10 +647,12 @@ def goals(r: dict) -> list[tuple[str, str, bool | None]]:
             continue
         shape = f"{t['dirs']:,} directories"
         x = med(t["noop_quick"])
-        out.append((f"local: no-op save of a {big:,}-file cache ({shape}) ≤ 0.25 s", _s(x), x <= 0.25))
+        cpu = f", CPU {_s(med(t['noop_quick_cpu']))}" if t.get("noop_quick_cpu") else ""
+        out.append((f"local: no-op save of a {big:,}-file cache ({shape}) ≤ 0.25 s", _s(x) + cpu, x <= 0.25))
         ratio = med(t["load_tmpfs"]) / med(t["create_tmpfs"])
         out.append((f"local store: full load of it into tmpfs ≤ 3× creating its files there ({shape})",
-                    f"{ratio:.2f}× ({_s(med(t['load_tmpfs']))} vs {_s(med(t['create_tmpfs']))})", ratio <= 3))
+                    f"{ratio:.2f}× ({_s(med(t['load_tmpfs']))} vs {_s(med(t['create_tmpfs']))}); CPU "
+                    f"{cpu_ratio(t)}", ratio <= 3))
     return out
 
 
@@ -616,8 +681,8 @@ def render(r: dict, command: str) -> str:
                  f"of {TEMPLATE_FILES} small files stored once (one pack), and each replica adds {UNIQUE_FILES} files "
                  f"of its own per key; written in process with the cas API. The new deployment saves its model's "
                  f"template plus {NEW_FILES} new files ({TEMPLATE_FILES + NEW_FILES} files). Times are medians of "
-                 f"{a['reps']} (maintenance commands: one run each, a fresh process, wall time including interpreter "
-                 f"start; peak = ru_maxrss of that process). slowfs = tools.slowfs, {a['delay_ms']:g} ms per "
+                 f"{a['reps']} (first save and the one-deployment trees: 5; maintenance commands: one run each, a fresh process, wall time including "
+                 f"interpreter start; peak RSS = that process's VmHWM at exit). slowfs = tools.slowfs, {a['delay_ms']:g} ms per "
                  f"metadata/open/close/fsync request, mounted over the same backing directory.")
     lines.append("")
     ns = sorted({p["n"] for p in r["org"]})
@@ -642,6 +707,12 @@ def render(r: dict, command: str) -> str:
             row(v, f"`cas {label}`", lambda p, lb=label: p["maint"][lb]["s"])
         for label, _ in MAINT + (("gc (dead roots)", None),):
             row(v, f"`cas {label}` peak RSS", lambda p, lb=label: p["maint"][lb]["rss"], _mb)
+    lines.append("")
+    for p in r["org"]:
+        if p.get("paired"):
+            pa, pb = med(p["paired"]["n1"]), med(p["paired"]["nN"])
+            lines.append(f"- {p['volume']}: first saves alternating between an organisation of 1 deployment and the "
+                         f"one of {p['n']:,} (5 pairs, same moment): {_s(pa)} vs {_s(pb)}, {pb / pa:.2f}×.")
     lines.append("")
     bad = [(p["volume"], p["n"], lb, m["rc"], m["err"]) for p in r["org"] for lb, m in p["maint"].items()
            if m["rc"] != 0]
