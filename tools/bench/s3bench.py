@@ -625,7 +625,8 @@ def render(raw: dict) -> str:
     lines.append(
         f"Medians of {raw['args']['reps']} runs (concurrent loaders: {raw['args']['conc_reps']}), ours and s5cmd "
         f"alternating which goes first. Trees: {tinfo}. Added latency: a delaying TCP proxy on 127.0.0.1 "
-        f"(`tests/s3_servers.LatencyProxy`, in its own process) in front of the S3 gateway, half the RTT each way; "
+        f"(`tests/s3_servers.LatencyProxy` subclassed: connects off its accept loop, closes finished connections; in "
+        f"its own process) in front of the S3 gateway, half the RTT each way (`tc netem` is not in this kernel); "
         f"ours and s5cmd both go through it. The machine is shared (1-minute load average {load} at start, at "
         f"each latency and at the end): expect ±30 % between runs. *requests* = HTTP requests of ours in that "
         f"operation (FaultyBackend verb counts; opening store and scope included). slowfs = ours on tools.slowfs "
@@ -673,7 +674,53 @@ def render(raw: dict) -> str:
         lines += [f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in gl]
     for n in raw.get("notes", []):
         lines.append(f"- {n}")
+    lines += ["", S3_FINDINGS]
     return "\n".join(lines) + "\n"
+
+
+# From `python -m tools.bench.s3profile --tree real --rtt-ms 20` (2026-12-01, same machine, same server). Kept by hand:
+# update it when the save's request chain changes.
+S3_FINDINGS = """### Where the time goes on S3 (profile, 20 ms RTT, real tree)
+
+`.venv/bin/python -m tools.bench.s3profile [--tree real|synthetic] [--rtt-ms 20]` runs each operation once per rep
+with a timeline of its requests (start, end, verb, key) and the store's checkpoints (`cas/_faults.py`), and the CPU
+of this process (obstore's threads included) against s5cmd's. Medians of 3, load average 2-5:
+
+| operation | wall | CPU | requests | where the time goes |
+|---|---|---|---|---|
+| first save, real tree (69 files, 3.3 MB) | 647 ms | 66 ms | 29 | ~25 round trips in series: open store and scope, read manifest and peers, hashed at 130 ms; for each new blob a `stat` (404), a `move` from trash (404: is it in trash?) and then the `put` (pack and manifest blob, 228-412 ms); after the last upload six more in series: scope manifest `put`, `scope.id` `put` + `get`, root `put`, `stat` of manifests/, recent-savers record `put` (412-597 ms) |
+| s5cmd cp up, same tree | 263 ms | 101 ms | ~70 | one listing, 69 PUTs in parallel: ~3 round trips |
+| full load, real tree | 146 ms | 51 ms | 6 | store open, manifest, the one pack (0.2 MB) in ~3 round trips |
+| s5cmd cp down, same tree | 849 ms | 117 ms | ~70 | a listing and 69 GETs (each file is written where ours writes from one pack) |
+
+- **The goal missed: first save of the real tree ≤ 0.7x s5cmd cp up** (1.14x at 5 ms, 2.37x at 20 ms; the
+  synthetic tree meets it, 0.35x / 0.54x, because there s5cmd moves 56.6 MB raw against our 15.1 MB compressed). A
+  small cache's first save is latency-bound, not CPU- or byte-bound: 66 ms of CPU in 647 ms. What would meet it
+  (≤ 0.7 x 256 ms = 179 ms at 20 ms, i.e. about 7 round trips): (1) one concurrent first wave for everything that does
+  not depend on anything (CAS-FORMAT, scope areas, manifest, `scope.id`, peers' records) instead of one after the
+  other; (2) create each new blob with `If-None-Match: *` directly (a 412 says it is there and is then freshened)
+  instead of `stat`, trash probe, then `put`: 3 round trips become 1, and a blob sitting in trash is simply stored
+  again (content-addressed, so gc's trash copy is a duplicate it deletes later; FORMAT §5's argument only needs the
+  copy in blobs/ fresh); (3) one last wave after the blobs: the scope manifest (conditional), the root and the
+  recent-savers record together (the root names a manifest blob that is already durable; `scope.id` is known from
+  wave 1, so its write-then-read check goes away when it already existed). Estimated 5-6 round trips + CPU: about
+  150-180 ms at 20 ms. The incremental save (1.26x-4x s5cmd sync up, no goal) has the same chain.
+- **Request counts** count a `move` as 2 (COPY + DELETE); the first save's two `move`s are trash probes whose COPY
+  fails with 404 (1 request each), so that row's 29 (53 synthetic) is 27 (51) HTTP requests.
+- **The no-op save is 3 requests** (goal met): the manifest and the audit marker come from one LIST of manifests/
+  (version and marker), then the root; the manifest's bytes are remembered by MD5 = ETag.
+- **Loads** fetch whole packs: a partial load of 10 % missing files still reads every pack that holds one of them
+  (here nearly all), and meets its goal (0.09x-0.17x s5cmd cp down) because packs are compressed and few. Ranged
+  GETs of only the needed files would need packs of independent frames (a zstd frame per file or per ~256 KiB, with
+  offsets in the manifest), at some cost in compression; not needed for these goals.
+- **The proxy is part of the measurement.** It is Python (one thread per direction per connection) on the same 2
+  cores as everything else, so bytes cost CPU there: s5cmd's transfers of the raw synthetic tree (56.6 MB) are
+  slower through it than ours (15.1 MB of packs and blobs), and 16 concurrent loaders (16 x 15 MB for ours, 16 x 56.6
+  MB for s5cmd) are bound by it (7-9 s vs 20-21 s). Kernel `netem` on a veth would not cost CPU per byte but is not
+  available in this kernel. `tests/s3_servers.LatencyProxy` as shipped connects upstream inside its accept loop,
+  stops accepting at the first accept error and keeps every socket open until closed: fine for tests, but a 16 x 32
+  connection benchmark hung on it twice (s5cmd waits forever); the bench's subclass fixes all three.
+"""
 
 
 def write_section(text: str, doc: Path = DOC) -> None:
