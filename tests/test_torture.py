@@ -38,6 +38,31 @@ def test_load_with_kills_and_skew_has_no_violations(tmp_path):
     assert all(c["exit"] == 0 for c in figures["final"]["check"].values())
 
 
+@pytest.mark.timeout(300)
+def test_load_on_object_storage_with_kills_has_no_violations(tmp_path):
+    """The load phase with the org store and the scopes in a SeaweedFS bucket (`--backend s3`), small: saves, loads,
+    gc with a short grace and checks under random SIGKILLs and kill points; nothing lost, everything verifies."""
+    pytest.importorskip("obstore")
+    from tools.torture.backends import seaweed_bucket
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from s3_servers import ServerUnavailable
+
+    try:
+        with seaweed_bucket(str(tmp_path / "s3"), say=print) as s3:
+            figures = run_load(str(tmp_path / "load"), workers=4, seconds=15, max_ops=None, kills=6, freshen=4.0,
+                               grace=8.0, scopes=2, seed=int.from_bytes(os.urandom(3), "big"), say=print, s3=s3)
+    except ServerUnavailable as exc:
+        pytest.skip(f"SeaweedFS unavailable: {exc}")
+    print(json.dumps({k: v for k, v in figures.items() if k != "examples"}, indent=1, default=str))
+    assert figures["backend"] == "s3"
+    assert figures["violation_count"] == 0, (dict(figures["violations"]), figures["examples"],
+                                             figures["final"].get("examples"))
+    assert figures["operations"] >= 4 and figures["kills"] >= 3, (figures["operations_by_kind"], figures["kills"])
+    assert figures["final"]["files_loaded_and_verified"] > 0
+    assert all(c["exit"] == 0 for c in figures["final"]["check"].values())
+
+
 SMALL = {"volume_full": {"trials": 4}, "kill_points": {"per_point": 1}}
 
 
