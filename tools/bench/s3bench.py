@@ -1,7 +1,7 @@
 """Object storage benchmark (issue 13 point 5): ours on S3 (SeaweedFS behind added latency) against `s5cmd` copying
 the raw cache directory, and ours on slowfs for reference.
 
-    .venv/bin/python -m tools.bench s3            # full run (~15 min on 2 cores), writes its section of docs/benchmarks.md
+    .venv/bin/python -m tools.bench s3            # full run (~7 min on 2 cores), writes its section of docs/benchmarks.md
     .venv/bin/python -m tools.bench s3 --quick    # development run (~2 min): quarter tree, 1 rep, 4 loaders, prints only
     .venv/bin/python -m tools.bench s3 --tiny --server moto --rtt-ms 0   # the CI smoke (seconds)
 
