@@ -755,7 +755,80 @@ def render(r: dict, command: str) -> str:
         for name, val, ok in g:
             lines.append(f"| {name} | {val} | {'yes' if ok else '**no**' if ok is not None else '-'} |")
         lines.append("")
+    if r.get("findings", True):
+        lines.append(FINDINGS)
     return "\n".join(lines) + "\n"
+
+
+# What the tables say, and what changed for them (issue 14). Kept with the renderer so that `--render` rewrites the
+# whole section; the numbers quoted here come from the runs named.
+FINDINGS = """### Findings (issue 14, 2026-12-01)
+
+- **Peer lookup (point 2) is flat in N.** A save that needs small files the store may hold reads
+  `recent/<env-key>.recent` (at most 8 scope ids, 4 KiB; FORMAT §4a) and the roots and manifests of those peers,
+  concurrently; nothing it reads grows with the organisation. First save of a new deployment on slowfs is 0.3-0.4 s
+  from N = 1 to N = 1,000 (the issue measured 0.04 / 0.16 / 0.37 s at N = 1 / 100 / 300 for the root scan alone
+  before the record). Runs minutes apart on this shared machine gave N = 1,000 / N = 1 ratios of 0.49-1.40x (five
+  runs), so the goal is judged on first saves into an organisation of 1 and one of 1,000 taken alternately (5
+  pairs): 0.93-0.98x in the two runs that had them.
+- **Maintenance at N = 1,000 (point 3).** gc, check and stats read roots 32 at a time and parse each distinct
+  manifest once with the stored-id parse (cas/refs.py); at N = 1,000 (about 2,040 roots naming as many distinct
+  manifests, 7,300 blobs, 52,000 entries) local gc is 0.6-0.9 s including interpreter start, and the parse no longer
+  shows in profiles. On slowfs gc and check take 10-19 s over five runs (goal 30 s): the cost is requests, each root
+  a stat and a get, each manifest a get, 256 fan-out listings and a stat per blob listed. slowfs counted 315,000
+  requests for that step's five commands and its saves and loads, about 60,000 per command, served at about 5,000
+  a second by its Python server on the same 2 cores (at most 58 in flight); the 2 ms latency alone at 32 in flight
+  would be under 4 s.
+  Peak RSS is 37-41 MB (`check --read-data` 66 MB: packs in memory while they are verified). Nothing was left to
+  close against the goals; what would still cut requests is a `get` that returns the object's version, sparing the
+  stat before each root read (a storage-verb change, shared with the S3 backend, not made here).
+- **Peak memory** is the command's own VmHWM read at its exit. An earlier run of this tool used wait4's ru_maxrss,
+  which Linux carries across fork and execve: it reported the benchmark's own 33-46 MB for every command.
+- **Manifest bytes (point 4): measured, not changed.** At N = 1,000 manifests are 19% of the volume's bytes
+  (5.0 MB in scopes + 4.1 MB of store copies, of 48.9 MB). One manifest of this organisation (26-27 entries) is
+  about 2.2 KB compressed; a 680-file cache's is 35-46 KB (52-67 bytes per entry: a packed entry's two 32-byte ids
+  do not compress), so its two copies are 0.6% of one deployment's store for the H100-shaped synthetic tree (15 MB)
+  and 5% for the 680-file small-file tree (1.4 MB). Content-addressed manifest chunks shared between deployments
+  (as git trees) would save at most that share, here about 15 of the 19 points (24 of each manifest's 26 entries are
+  its model's template, shared by 10 replicas). They are a manifest format 3: every reader changes (load, the save's
+  merge and audit, the no-op check, gc's live set, check, stats, family loads, the S3 backend being written), and
+  format-2 readers must keep working. Decision: not in this issue; it pays only for organisations of many
+  deployments with small, mostly shared caches, and is worth revisiting with real store-size data. Replacing the
+  scope copy by a pointer to the store copy would save the other half but adds a dependent read to every load and
+  save and ties a scope's loads to the store's namespace: not worth it.
+- **Per-file paths (point 5), profiled at 20,000 files** (cProfile and py-spy). What was above the file system's
+  own cost, and what changed:
+  - Python's cyclic GC: a manifest parse, an index read, a walk and a restore allocate a few objects per file and
+    free none, so a 20,000-file check triggered dozens of full collections, each walking the whole heap (in a model
+    server, all of torch's). They are now paused around those loops (`cas/nogc.py`).
+  - The no-op check parsed and compared the whole manifest every time. `.cas-index` may now record that every entry
+    it holds is in the manifest with given bytes (`verified`, FORMAT §7, written only by the check after a full
+    comparison, dropped by any change of an entry): later checks in any process skip the parse and the comparison
+    (CPU 268 -> 176 ms at 20,000 files). Entry paths are checked with one regular expression on the common ASCII
+    path, manifest entries with one expression.
+  - Load: one directory-fd trim that scanned all 128 cached fds twice per file now stops at the first idle one;
+    temp names no longer cost a getrandom(2) per file; files are created with their final mode (no fchmod unless
+    the umask takes bits); `TargetDir.parent` is a class-based context manager; and on a local-like store a
+    restore of small files runs in one thread (two only trade the GIL: 0.84 vs 0.95 s), larger files as before.
+  - Before (30d9225, the commit before these changes) and after, same trees, same store on local disk, load into
+    tmpfs, CPU seconds of the process (medians of 5; the no-op check cold: its per-process caches cleared):
+
+    | tree (20,000 files, 150 MB) | no-op check before | after | load before | after | create floor |
+    |---|---:|---:|---:|---:|---:|
+    | 4,029 directories (7 files per kernel directory) | 0.29 s | 0.17 s | 1.16 s | 0.83 s | 0.31 s |
+    | 19,356 directories (one per file) | 0.44 s | 0.35 s | 1.33 s | 1.02 s | 0.44 s |
+
+  - What remains is the file system's work and the format's: per restored file a create, write, rename (FORMAT §7:
+    never a partial file at a final name), fstat (the index keys on ctime, which the rename changes) and close,
+    against the floor's create, write, close; the pack's decompression and blake3 and each file's own blake3
+    (FORMAT §2). The walk of a no-op check is one scandir per directory: a tree with one directory per file
+    (synth_tree's default, 19,356 directories for 20,000 files) costs twice the 4,029-directory tree, where Triton's
+    own layout (a kernel's .source/.ttir/.ttgir/.llir/.ptx/.cubin/.json side by side) is the latter.
+- **Noise.** Five full runs of this tool on 2 cores shared with other work (1-minute load 1 to 53) moved the
+  20,000-file load ratio (4,029 directories) between 2.74x and 4.3x and its no-op check between 170 and 520 ms;
+  CPU-time columns are the steadier figures. The worst case left: the no-op check of the one-directory-per-file
+  tree, 0.33-0.35 s, over the 0.25 s goal, most of it one scandir and one lstat per entry of 19,356 directories.
+"""
 
 
 def write_section(text: str) -> None:
