@@ -83,3 +83,25 @@ def test_a_changed_file_is_new_despite_the_note(saved):
     assert quick.nothing_new(src, store.root, scope, KEY) is None
     os.chmod(src / "k2/triton_2.llir", 0o600)  # mode is content too: ctime moves, the index misses
     assert quick.nothing_new(src, store.root, scope, KEY) is None
+
+
+def test_gc_pause_nests_and_restores():
+    """cas/nogc.py: only the caller that found the collector on turns it back on."""
+    import gc
+
+    from cas import nogc
+
+    assert gc.isenabled()
+    with nogc.paused():
+        assert not gc.isenabled()
+        with nogc.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with nogc.paused():
+            pass
+        assert not gc.isenabled()  # the process's own choice stays
+    finally:
+        gc.enable()

@@ -824,7 +824,7 @@ FINDINGS = """### Findings (issue 14, 2026-12-01)
     (FORMAT §2). The walk of a no-op check is one scandir per directory: a tree with one directory per file
     (synth_tree's default, 19,356 directories for 20,000 files) costs twice the 4,029-directory tree, where Triton's
     own layout (a kernel's .source/.ttir/.ttgir/.llir/.ptx/.cubin/.json side by side) is the latter.
-- **Noise.** Five full runs of this tool on 2 cores shared with other work (1-minute load 1 to 53) moved the
+- **Noise.** Five full runs of this tool on 2 cores shared with other work (1-minute load 1 to 76) moved the
   20,000-file load ratio (4,029 directories) between 2.74x and 4.3x and its no-op check between 170 and 520 ms;
   CPU-time columns are the steadier figures. The worst case left: the no-op check of the one-directory-per-file
   tree, 0.33-0.35 s, over the 0.25 s goal, most of it one scandir and one lstat per entry of 19,356 directories.
