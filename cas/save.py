@@ -505,13 +505,18 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
         _faults.checkpoint("manifest-renamed")
     except OSError as exc:
         raise _store_error(exc, store) from exc
-    if swap:
-        _settle_root(store, scope, env_key, new, written.version, manifest_id)
-    else:
-        _write_root(store, scope, env_key, new, manifest_id)
-    # Peers and family loads find this deployment through the recent-savers records (FORMAT §4a).
-    for group in (None, family) if family else (None,):
-        recent.note_saver(store, env_key, scope.scope_id, group)
+    # Peers and family loads find this deployment through the recent-savers records (FORMAT §4a). Independent of the
+    # root, so written alongside it: on a high-latency store the commit's tail is a chain of round trips.
+    scope_id = scope.scope_id
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cas-recent") as notes:
+        noted = [notes.submit(recent.note_saver, store, env_key, scope_id, group)
+                 for group in ((None, family) if family else (None,))]
+        if swap:
+            _settle_root(store, scope, env_key, new, written.version, manifest_id)
+        else:
+            _write_root(store, scope, env_key, new, manifest_id)
+        for note in noted:
+            note.result()
     if audit:
         scope.clear_audit(env_key)
     return len(changes) + len(dropped), True

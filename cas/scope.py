@@ -81,11 +81,14 @@ class Scope:
     def _read_or_create_id(self) -> str:
         value = read_scope_id(self.backend)
         if value is None:
+            mine = secrets.token_hex(16)
             try:
-                self.backend.put(layout.SCOPE_ID, (secrets.token_hex(16) + "\n").encode(), if_absent=True)
+                self.backend.put(layout.SCOPE_ID, (mine + "\n").encode(), if_absent=True)
+                # On an object store a create-if-absent has one winner: ours. A volume without hard links falls back
+                # to a check-then-rename that two creators can both pass (FORMAT §1): read back who won there.
+                value = mine if self.backend.atomic_replace else read_scope_id(self.backend)
             except (AlreadyExists, BadObject):
-                pass
-            value = read_scope_id(self.backend)
+                value = read_scope_id(self.backend)  # another writer's won (or something planted: None)
         if value is None:
             raise StoreUnavailable(f"{self.root}/{layout.SCOPE_ID} is unreadable or not 32 hex digits")
         return value
