@@ -28,7 +28,7 @@ from cas import BlobStore, Manifest, Scope, load_tree, save_tree
 from cas.errors import CasError, LockTimeout
 from cas.localfs import refuse_overlap
 from cas.lock import acquire_slot
-from cas.quick import nothing_new
+from cas.quick import nothing_new, remember_scope_id
 
 from . import family, pod, precompile, side_trees
 from .config import Settings, is_dir, read_settings
@@ -194,6 +194,7 @@ def _load(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
     target.mkdir(parents=True, exist_ok=True)
     res = load_tree(target, store, scope, key, threads=s.io_threads, manifest=manifest,
                     temp_expiry=s.cleanup_incomplete_timeout_s)
+    _remember_id(scope)
     if not res.manifest_found:  # removed between our read and load_tree's
         stats.reason = "no manifest for this environment"
         return OperationStatus.DOES_NOT_EXIST
@@ -235,6 +236,13 @@ def _with_family(s: Settings, store_root: Path | str, scope: Scope, key: str, ow
                     f"({len(found.entries)} files from {len(found.siblings)} siblings)")
     base = own if own is not None else Manifest(key, {}, {})
     return Manifest(key, base.env, {**found.entries, **base.entries}, base.created, base.updated, base.parent)
+
+
+def _remember_id(scope: Scope) -> None:
+    """Let the next no-op check of this process read the gc root without reading scope.id first (cas/quick.py)."""
+    scope_id = scope.existing_scope_id()
+    if scope_id is not None:
+        remember_scope_id(scope.root, scope_id)
 
 
 def _incoming_bytes(target: Path, manifest) -> int:
@@ -304,6 +312,7 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
             stale_after=s.cleanup_lock_timeout_s,
             family=s.cache_family,
         )
+        _remember_id(scope)
     finally:
         slot.release()
 

@@ -18,10 +18,10 @@ there.
 Every doubt is a "maybe" (None): a missing or unreadable file, a corrupt manifest or root, anything unexpected. The
 caller then runs save_tree, which re-derives everything and reports what is actually wrong.
 
-Every call reads everything it decides on again. Two things are kept between calls, neither of which can make a
+Every call reads what it decides on again, but for two things kept between calls, neither of which can make a
 change be missed: the last parsed manifest of each path with the blake3 of its bytes (reused only for the same
-bytes), and the last `scope.id` read per scope, used only as a guess that lets the root be read alongside `scope.id`
-(the root is used only if the `scope.id` read now is the same).
+bytes), and the `scope.id` this process last used per scope: the root is read under it without reading `scope.id`
+again, and is accepted only if it names exactly the manifest's bytes (see _gc_root).
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ log = logging.getLogger("cas.quick")
 # Reads in flight: manifest, scope.id, gc root (the guessed one too), audit marker.
 THREADS = 5
 
-# (scope root, store root) -> the scope.id last read there (a guess only, see the module docstring).
-_last_scope_id: dict[tuple[str, str], str] = {}
+# scope root -> the scope.id this process last used there (see _gc_root).
+_last_scope_id: dict[str, str] = {}
 # manifest path -> (blake3 of its bytes, the parsed manifest), see _parsed.
 _manifests: dict[str, tuple[str, Manifest]] = {}
 _MANIFESTS_KEPT = 16
@@ -173,55 +173,63 @@ class _Readers:
 def _gc_root(pool: _Readers, store_root, scope: Scope, env_key: str) -> Future:
     """A future of the parsed gc root of this scope and environment (None: absent or unreadable).
 
-    `scope.id` and the store root are found concurrently, then the root is read. When this process read `scope.id`
-    before, the root under that id is read at the same time as `scope.id` (parallel round trips instead of serial
-    ones) and used only if the id read now is the same."""
+    When this process has used the scope's id before (a load, a save or an earlier check), the root under that id is
+    read at once, without reading `scope.id` again: a root under it that names exactly the manifest's bytes proves
+    those bytes rooted, which is all the check needs (if the scope has since taken another id, that root still
+    protects them, and the first save that finds something new writes the root under the new id). Otherwise
+    `scope.id` and the store are found concurrently, then the root is read, and the id is remembered."""
     result: Future = Future()
-    scope_root = scope.root
-    scope_id_f = pool.submit(read_scope_id, scope.backend)
-    store_f = pool.submit(_store_and_guess, pool, store_root, scope_root, env_key)
-    pending = [2]
+    scope_root = scope.root  # the callbacks below must not hold the Scope (and its descriptors) in their cycle
+    known = remembered_scope_id(scope_root)
+    scope_id_f = None if known is not None else pool.submit(read_scope_id, scope.backend)
+    store_f = pool.submit(_store_backend, store_root)
+    pending = [1 if scope_id_f is None else 2]
     lock = threading.Lock()
 
-    def both_done(_: Future) -> None:
+    def all_done(_: Future) -> None:
         with lock:
             pending[0] -= 1
             if pending[0]:
                 return
         try:
-            scope_id = scope_id_f.result()
-            store, owned, guess, guessed = store_f.result()
+            store, owned = store_f.result()
             if owned:
                 # A backend opened here keeps directory descriptors on the volume: close it once the root is read
                 # (a reference cycle through these callbacks would otherwise keep them open until the next GC,
                 # and an unmount of the volume fails while they are). Descriptors still in use close after use.
                 result.add_done_callback(lambda _: store.close())
-                if guessed is not None:
-                    guessed.add_done_callback(lambda _: store.close())
+            scope_id = known if scope_id_f is None else scope_id_f.result()
             if scope_id is None:
                 result.set_result(None)
                 return
-            with _last_lock:
-                _last_scope_id[(scope_root, store.location)] = scope_id
-            if guessed is not None and guess == scope_id:
-                guessed.add_done_callback(lambda f: _copy(f, result))
-            else:
-                pool.submit(_root, store, scope_id, env_key).add_done_callback(lambda f: _copy(f, result))
+            remember_scope_id(scope_root, scope_id)
+            pool.submit(_root, store, scope_id, env_key).add_done_callback(lambda f: _copy(f, result))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             if not result.done():
                 result.set_exception(exc)
 
-    scope_id_f.add_done_callback(both_done)
-    store_f.add_done_callback(both_done)
+    store_f.add_done_callback(all_done)
+    if scope_id_f is not None:
+        scope_id_f.add_done_callback(all_done)
     return result
 
 
-def _store_and_guess(pool: _Readers, store_root, scope_root: str, env_key: str):
+def remember_scope_id(scope_root: str, scope_id: str) -> None:
+    """Note the id a load or save of this process just used for the scope at `scope_root` (see _gc_root)."""
+    with _last_lock:
+        _last_scope_id[scope_root] = scope_id
+
+
+def remembered_scope_id(scope_root: str) -> str | None:
+    with _last_lock:
+        return _last_scope_id.get(scope_root)
+
+
+def _store_backend(store_root) -> tuple[Backend, bool]:
+    """The store's backend, and whether this check opened it (and so closes it)."""
     found = store_root() if callable(store_root) else store_root
     owned = not isinstance(found, Backend)
-    store = open_location(found) if owned else found  # a path on a volume, or an s3:// URL
-    guess = _last_scope_id.get((scope_root, store.location))
-    return store, owned, guess, pool.submit(_root, store, guess, env_key) if guess else None
+    return (open_location(found) if owned else found), owned  # a path on a volume, or an s3:// URL
 
 
 def _copy(source: Future, target: Future) -> None:

@@ -155,17 +155,26 @@ def test_missing_scope_id_is_maybe_and_not_created(saved):
     assert not sid.exists()  # the check never writes
 
 
-def test_changed_scope_id_is_not_answered_from_the_old_one(saved):
-    """The last scope.id is only a guess: with scope.id replaced, the root under the old id (still naming this
-    manifest) must not be used."""
+def test_changed_scope_id_answers_only_from_a_root_that_names_this_manifest(saved):
+    """The id this process last used is trusted for finding the root, not for what the root says: a root under it
+    naming exactly this manifest's bytes proves them rooted whatever scope.id now holds; one naming anything else
+    is a "maybe"; a process that used no id yet reads scope.id."""
+    from cas.roots import write_root
+
     src, store, scope = saved
-    assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)  # remembers the id as a guess
+    old = scope.scope_id
+    assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)  # remembers the id
     (Path(scope.root) / "scope.id").write_text("ab" * 16 + "\n")
+    assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)  # the old root still names this manifest
+    write_root(store, old, KEY, "0" * 64, scope.root)  # now it names another manifest (say a clone's)
     assert quick.nothing_new(src, store.root, scope, KEY) is None
-    save_tree(src, store, Scope(scope.root), KEY)  # audits and writes the root under the new id (a Scope
-    # object reads scope.id once: one operation's view)
+    save_tree(src, store, Scope(scope.root), KEY)  # audits and writes the root under the new id
     assert os.path.exists(root_path(store, "ab" * 16, KEY))
+    quick.remember_scope_id(scope.root, "ab" * 16)  # as b10_transfer does after every load and save
     assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)
+    quick._last_scope_id.clear()  # a fresh process
+    assert quick.nothing_new(src, store.root, scope, KEY) == len(FILES)
+    assert quick.remembered_scope_id(scope.root) == "ab" * 16
 
 
 def test_no_store_no_scope_is_maybe(tmp_path):
