@@ -48,9 +48,10 @@ import re
 import sys
 import threading
 import types
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 logger = logging.getLogger("b10_transfer")
 
@@ -100,7 +101,7 @@ def _setting(environ: Mapping[str, str] | None) -> str:
     return (os.environ if environ is None else environ).get(ENV_VAR, "").strip().lower()
 
 
-def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: Any) -> Any:  # noqa: A001
+def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: Any) -> Any:
     """`torch.compile(model, **torch_compile_kwargs)`, with a Dynamo-level warm start when B10_TRANSFER_PRECOMPILE=1.
 
     `version` (or B10_TRANSFER_PRECOMPILE_VERSION) is mixed into the fingerprint: change it whenever something the
@@ -178,7 +179,7 @@ def _require_supported_torch() -> None:
         raise Refused(f"torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))} (not verified)")
     try:
         from torch._dynamo import config as dynamo_config
-        from torch._dynamo.package import CompilePackage, DynamoCache  # noqa: F401
+        from torch._dynamo.package import CompilePackage, DynamoCache
         from torch._dynamo.precompile_context import PrecompileContext
     except ImportError as exc:
         raise Refused(f"torch {torch.__version__} lacks the precompile API ({exc})") from None
@@ -336,7 +337,9 @@ def _make_wrapper(model: Any, fp: str) -> Any:
 
     name = f"B10Precompiled_{fp}"
     code = _wrapper_forward.__code__
-    code = code.replace(co_name="forward", **({"co_qualname": f"{name}.forward"} if hasattr(code, "co_qualname") else {}))
+    code = code.replace(co_name="forward")
+    if hasattr(code, "co_qualname"):  # Python 3.11+: Dynamo's key reads the code's own qualname
+        code = code.replace(co_qualname=f"{name}.forward")  # type: ignore[call-arg]  # 3.11+, checked above
     forward = types.FunctionType(code, _wrapper_forward.__globals__, "forward")
     forward.__qualname__ = f"{name}.forward"
     forward.__module__ = __name__
@@ -427,7 +430,7 @@ def _scope_flag_to_calls(compiled: Any, record: _Compiled,
                     return state["forward"](*args, **kwargs)
                 with _precompile_flag(), _without_fx_cache(record.cold):
                     return state["forward"](*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - whatever the mode broke: compile without it, then retry
+            except Exception as exc:
                 if not fallbacks:
                     raise
                 what, make = fallbacks.pop(0)
@@ -492,7 +495,7 @@ def _checked_entry_load(record: _Compiled, use_entry: bool = True) -> Iterator[N
         record.loaded_codes = _guarded_codes(entry)
         return entry
 
-    DynamoCache.load = load  # an instance attribute, shadowing the method for this call only
+    DynamoCache.load = load  # type: ignore[method-assign]  # an instance attribute shadowing the method, this call only
     try:
         yield
     finally:
