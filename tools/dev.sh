@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Developer entry point: creates .venv on first use (CPU torch 2.13, the project, test tools), then runs a job.
 #   bash tools/dev.sh demo   # compile a small model, save it to a local stand-in volume, load it back, compare
-#   bash tools/dev.sh test   # the whole test suite (what CI runs)
+#   bash tools/dev.sh test   # ruff, mypy, then the whole test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, blake3, zstandard, msgpack, filelock, pytest, hypothesis, mfusepy, cas, b10_transfer" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/ruff" ] || [ ! -x "$VENV/bin/mypy" ] \
+   || ! "$VENV/bin/python" -c "import torch, blake3, zstandard, msgpack, filelock, pytest, hypothesis, mfusepy, mypy, obstore, moto, cas, b10_transfer" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   # torch 2.13.0 CPU: pip takes it from the machine's local wheel; a range would pull a multi-GB CUDA build.
@@ -19,6 +20,9 @@ fi
 job=${1:-test}; shift || true
 case "$job" in
   demo) exec "$VENV/bin/python" -m b10_transfer.demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  test)  # lint and type checks first (config in pyproject.toml); any finding fails the job before pytest runs
+    "$VENV/bin/ruff" check cas b10_transfer
+    "$VENV/bin/mypy"
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
   *) echo "usage: bash tools/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac
