@@ -430,7 +430,7 @@ def _scope_flag_to_calls(compiled: Any, record: _Compiled,
                     return state["forward"](*args, **kwargs)
                 with _precompile_flag(), _without_fx_cache(record.cold):
                     return state["forward"](*args, **kwargs)
-            except Exception as exc:
+            except Exception as exc:  # whatever the mode broke: compile without it, then retry
                 if not fallbacks:
                     raise
                 what, make = fallbacks.pop(0)
