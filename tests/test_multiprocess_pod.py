@@ -196,7 +196,9 @@ def test_four_ranks_one_load_from_the_volume(seeded, tmp_path, record_property):
     local, sync = tmp_path / "pod" / "inductor", tmp_path / "sync"
     sync.mkdir()
     names = [f"r{i}" for i in range(RANKS)]
-    env = pod_env(volume, local)
+    # Each restored file takes 50 ms longer (test seam, cas/_faults.py): the load outlasts any scheduling delay of
+    # the other ranks' start on a busy 2-core machine, so all of them find it in progress.
+    env = pod_env(volume, local, CAS_PAUSE_AT="restored-temp:0.05")
     procs = [spawn(n, {"sync": str(sync), "volume": str(volume), "shapes": [SEED_SHAPE]}, env) for n in names]
     wait_all(sync, names, "ready")
     (sync / "go").touch()
