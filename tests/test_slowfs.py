@@ -223,7 +223,10 @@ def test_unmounted_when_the_parent_is_signalled(dirs, sig):
     src, mnt = dirs
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
+            import signal, sys, time
+            # A shell that starts its job in the background without job control leaves SIGINT ignored, which
+            # Python would inherit: give the parent the default disposition a terminal's Ctrl-C meets.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             from tools.slowfs import mounted
             with mounted({str(src)!r}, {str(mnt)!r}) as m:
                 print(m.pid, flush=True)

@@ -660,6 +660,8 @@ def cpu_ratio(t: dict) -> str:
     if not t.get("load_tmpfs_cpu"):
         return "-"
     a, b = med(t["load_tmpfs_cpu"]), med(t["create_tmpfs_cpu"])
+    if b <= 0:  # a tiny tree's CPU time can round to zero ticks
+        return f"- ({_s(a)} / {_s(b)})"
     return f"{a / b:.2f}× ({_s(a)} / {_s(b)})"
 
 
