@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO, TypeVar, cast
 
 import blake3
 import msgpack
@@ -21,6 +21,7 @@ from .backends import open_location
 from .errors import BlobCorrupt, BlobMissing, CasError, FormatError, StoreUnavailable
 from .storage import AlreadyExists, Backend, BadObject, NotFound, ObjectInfo, ObjectTooLarge, Payload
 
+T = TypeVar("T")
 log = logging.getLogger("cas.blobstore")
 
 FORMAT_LINE = b"cas-store 1\n"
@@ -291,26 +292,19 @@ class BlobStore:
     def _get_stored(self, blob_id: str, limit: int) -> bytes:
         """A stored blob's bytes for a reader that needs it (FORMAT §2: one found in trash is brought back first).
         Raises BlobMissing, or _Invalid for something that is not a blob (planted, or too large to be one)."""
-        key = layout.blob(blob_id)
-        for attempt in (0, 1):
-            try:
-                return self.backend.get(key, limit=limit)
-            except NotFound:
-                if attempt or self.stat(blob_id) is None:  # maybe in trash
-                    raise BlobMissing(f"blob {blob_id} not in store") from None
-            except ObjectTooLarge as exc:
-                raise _Invalid(f"too large to be this blob ({exc})") from None
-            except BadObject as exc:
-                raise _Invalid(str(exc)) from None
-        raise BlobMissing(f"blob {blob_id} not in store")
+        return self._stored(blob_id, limit, self.backend.get)
 
     def _open_stored(self, blob_id: str, limit: int) -> BinaryIO:
+        """As _get_stored, streaming (for blobs too large to hold in memory)."""
+        return self._stored(blob_id, limit, self.backend.open)
+
+    def _stored(self, blob_id: str, limit: int, read: Callable[..., T]) -> T:
         key = layout.blob(blob_id)
         for attempt in (0, 1):
             try:
-                return self.backend.open(key, limit=limit)
+                return read(key, limit=limit)
             except NotFound:
-                if attempt or self.stat(blob_id) is None:
+                if attempt or self.stat(blob_id) is None:  # maybe in trash: brought back, then read again
                     raise BlobMissing(f"blob {blob_id} not in store") from None
             except ObjectTooLarge as exc:
                 raise _Invalid(f"too large to be this blob ({exc})") from None
