@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -271,17 +272,63 @@ class Runner:
                 self.flush()
             if "replicas" in cases:
                 vol = self.volume(model, f"{impl}-replicas")
+                # family: the replicas' deployment is a member, so its saves record it (issue 15)
+                fam = self.family_env(model) if impl == "ours" and "family" in cases else None
                 C[f"{impl}-A"] = self.spawn("run", model, f"{impl}-A", spec(p["set1"], save=True),
-                                            local=None, impl=impl, vol=vol)
+                                            local=None, impl=impl, vol=vol, case_env=fam)
                 C[f"{impl}-B"] = self.spawn("run", model, f"{impl}-B",
                                             spec(allshapes, load=True, save=True),
-                                            local=None, impl=impl, vol=vol)
+                                            local=None, impl=impl, vol=vol, case_env=fam)
                 if "no-C" not in cases:  # no-C: A and B only (a volume for pc-seed)
                     C[f"{impl}-C"] = self.spawn("run", model, f"{impl}-C", spec(allshapes, load=True),
-                                                local=None, impl=impl, vol=vol)
+                                                local=None, impl=impl, vol=vol, case_env=fam)
                 self.flush()
         if "ours" in impls:
+            self.run_warm_starts(model, C, spec, allshapes, cases & {"family", "pod"})
             self.run_precompile(model, C, spec, allshapes, p, cases & {"pc-hot", "pc-prof", "pc-seed"})
+
+    def family_env(self, model: str) -> dict:
+        return {"B10_TRANSFER_CACHE_FAMILY": f"e2e-{model}"}
+
+    def run_warm_starts(self, model: str, C: dict, spec, allshapes: list, cases: set[str]) -> None:
+        """Issue 15, after the ours replicas (A: set 1, B: sets 1+2, both saved):
+        "family": a new deployment (its own, empty scope; the same org store) of the same family:
+        its first replica (fam-A) starts from its siblings' manifests, its second (fam-B) from its
+        own; "pod": 4 ranks started together on one empty local directory of the replicas'
+        deployment, and 4 ranks together on the hot local directory (no library) to compare."""
+        if not C.get("ours-B", {}).get("ok"):
+            return
+        rep = self.volume(model, "ours-replicas")
+        if "family" in cases:
+            vol = {"B10FS_CACHE_DIR": self.volume(model, "ours-fam")["B10FS_CACHE_DIR"],
+                   "B10FS_ORG_CACHE_DIR": rep["B10FS_ORG_CACHE_DIR"]}
+            for case, save in (("ours-fam-A", True), ("ours-fam-B", False)):
+                C[case] = self.spawn("run", model, case,
+                                     spec(allshapes, load=True, load_stats=True, save=save),
+                                     local=None, impl="ours", vol=vol, case_env=self.family_env(model))
+            self.flush()
+        if "pod" in cases:
+            ranks = 4
+            shared = self.dirs(model, "ours-pod")["local"]
+            cold_local = self.dirs(model, "cold")["local"]
+
+            def rank(i: int, prefix: str, impl: str | None) -> tuple[str, dict]:
+                case = f"{prefix}-r{i}"
+                env = {"LOCAL_RANK": str(i), "RANK": str(i), "WORLD_SIZE": str(ranks)}
+                if impl:
+                    return case, self.spawn("run", model, case,
+                                            spec(allshapes, load=True, load_stats=True, save=True),
+                                            local=shared, impl=impl, vol=rep, case_env=env)
+                return case, self.spawn("run", model, case, spec(allshapes), local=cold_local,
+                                        impl=None, vol=None, case_env=env)
+
+            for prefix, impl in (("ours-pod", "ours"), ("hot-pod", None)):
+                if prefix == "hot-pod" and not C.get("hot", {}).get("ok"):
+                    continue
+                with ThreadPoolExecutor(ranks) as pool:  # started together, one process each
+                    for case, res in pool.map(lambda i, p=prefix, im=impl: rank(i, p, im), range(ranks)):
+                        C[case] = res
+                self.flush()
 
     def run_precompile(self, model: str, C: dict, spec, allshapes: list, p: dict,
                        cases: set[str]) -> None:

@@ -23,6 +23,10 @@ WHAT = {
     "ours-pc-seed": "B10_TRANSFER_PRECOMPILE=seed on the ours-replicas volume (hot, no entry)",
     "ours-pc-seed-C": "precompile reader on that volume after the seed",
     "ours-pc-prof": "precompile replica C again under cProfile (slower: not a measurement)",
+    "ours-fam-A": "new deployment of the family, replica 1: load (from its siblings), sets 1+2, save",
+    "ours-fam-B": "new deployment of the family, replica 2: load (its own manifest), sets 1+2",
+    **{f"ours-pod-r{i}": f"pod of 4 ranks, one empty local dir, rank {i}: load, sets 1+2, save" for i in range(4)},
+    **{f"hot-pod-r{i}": f"pod of 4 ranks on the hot local dir, no library, rank {i}" for i in range(4)},
 }
 
 
@@ -215,6 +219,7 @@ def render(results: dict) -> str:
         if oc and oc.get("ok"):
             checks.append(f"ours C FX-graph hit/miss {fx(oc)}, AOT {aot(oc)}")
         checks.extend(precompile_checks(C, hot))
+        checks.extend(warm_start_checks(C, hot, cold))
         if ol and ol.get("ok") and "load_s" in ol:
             checks.append(f"ours load of the full cache {ol['load_s']:.2f} s (goal ≤ 0.3 s): "
                           f"{'met' if ol['load_s'] <= 0.3 else 'NOT met'}")
@@ -249,6 +254,39 @@ def dynamo(res) -> str:
             f"{_ctr(res, 'dynamo_cache', 'dynamo_cache_miss')}/"
             f"{_ctr(res, 'dynamo_cache', 'dynamo_cache_error')}, graphs traced "
             f"{_ctr(res, 'stats', 'unique_graphs')}")
+
+
+def warm_start_checks(C: dict, hot: dict, cold: dict) -> list[str]:
+    """Issue 15: a new deployment of a known model starts from its siblings; a pod of 4 ranks makes
+    one load's reads (read(2) bytes of each rank's load call, /proc/self/io)."""
+    out = []
+    hr = hot.get("ready_s") if hot.get("ok") else None
+    cr = cold.get("ready_s") if cold.get("ok") else None
+    for name in ("ours-fam-A", "ours-fam-B"):
+        r = C.get(name)
+        if r and r.get("ok"):
+            ls = r.get("load_stats") or {}
+            ratio = "".join(f", {r['ready_s'] / b:.2f}× {w}" for w, b in (("hot", hr), ("cold", cr)) if b)
+            out.append(f"{name}: load {ls.get('status')} {ls.get('files_transferred')} files from "
+                       f"{ls.get('source') or 'its own manifest'}; FX {fx(r)}, AOT {aot(r)}; "
+                       f"ready {r['ready_s']:.2f} s{ratio}")
+    ranks = [C[k] for k in sorted(C) if k.startswith("ours-pod-r") and C[k].get("ok")]
+    hot_ranks = [C[k] for k in sorted(C) if k.startswith("hot-pod-r") and C[k].get("ok")]
+    if ranks:
+        loaded = [r for r in ranks if (r.get("load_stats") or {}).get("files_transferred")]
+        total = sum(r.get("load_read_bytes", 0) for r in ranks)
+        one = max((r.get("load_read_bytes", 0) for r in ranks), default=0)
+        ready = [r["ready_s"] for r in ranks]
+        line = (f"pod of {len(ranks)} ranks: {len(loaded)} loaded from the volume, the others "
+                f"{', '.join(sorted({(r.get('load_stats') or {}).get('status', '?') for r in ranks if r not in loaded}))}; "
+                f"read(2) bytes of the loads {_mb(total)} MB in all, the largest one {_mb(one)} MB; "
+                f"ready max {max(ready):.2f} s, mean {sum(ready) / len(ready):.2f} s")
+        if hot_ranks:
+            hready = [r["ready_s"] for r in hot_ranks]
+            line += (f"; 4 ranks on the hot local cache: max {max(hready):.2f} s, mean "
+                     f"{sum(hready) / len(hready):.2f} s ({max(ready) / max(hready):.2f}× by max)")
+        out.append(line)
+    return out
 
 
 def precompile_checks(C: dict, hot: dict) -> list[str]:
