@@ -353,7 +353,7 @@ class Runner:
             # imports and varies run to run)
             vol = self.volume(model, "ours-pc")
             cold_local = self.dirs(model, "cold")["local"]
-            for i in (2, 3):
+            for i in range(2, 2 + self.a.repeats):
                 C[f"hot-{i}"] = self.spawn("run", model, f"hot-{i}", spec(allshapes), local=cold_local,
                                            impl=None, vol=None)
                 C[f"ours-pc-C-{i}"] = self.spawn(
@@ -454,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new case after this many seconds (0: no limit); results so "
                          "far are written (and exported) after every step")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="pc-repeat: how many more interleaved pairs of hot and precompile C")
     ap.add_argument("--env", action="append", default=[], help="K=V for every measured process")
     ap.add_argument("--env-ours", action="append", default=[], help="K=V for ours only")
     ap.add_argument("--env-peer", action="append", default=[], help="K=V for the peer only")
