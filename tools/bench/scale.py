@@ -3,6 +3,9 @@
     .venv/bin/python -m tools.bench scale            # full run (N = 1, 10, 100, 1,000; local and slowfs), writes
                                                      # its section of docs/benchmarks.md
     .venv/bin/python -m tools.bench scale --quick    # N = 1, 10, 100, trees 680 and 5,000; prints only
+    .venv/bin/python -m tools.bench scale --backend s3 [--rtt-ms 5] [--server seaweedfs|moto]
+                                                     # the organisation on an object store (N = 1 to 1,000), writes
+                                                     # its subsection of the scale section (~3 min)
 
 The organisation is written directly with the cas API in this process (no subprocess saves): deployment i is a
 replica of model i // 10 and holds 1-3 environment keys; for each (model, environment key) there is one template
@@ -24,6 +27,15 @@ tools.slowfs mount of it):
 Then one deployment whose cache has 680, 5,000 and 20,000 files (tools/synth_tree.py with a max-autotune-like size
 law: median 2 KB, p90 16 KB): first save, no-op save, full load into tmpfs (/dev/shm) against the cost of creating
 the same files there from memory (the floor), on local disk and on slowfs.
+
+Each timed save, no-op check and load includes opening its BlobStore and Scope (on S3 that is the CAS-FORMAT read
+and, with the kept backends forgotten, new connections: what a new replica's first call pays).
+
+`--backend s3` (tools/bench/scale_s3.py): the same organisation with its org store and every scope in a bucket of a
+SeaweedFS (or moto) server on 127.0.0.1, built straight on the server in BUILD_THREADS threads, measured through
+the delaying proxy of tools/bench/s3bench.py with the AWS_* variables set for it; the one-deployment trees are not
+run (issue 13's `tools.bench s3` measures those on S3). Dead deployments get their old LastModified in the server's
+own metadata, since S3 cannot set it.
 """
 from __future__ import annotations
 
