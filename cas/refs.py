@@ -137,9 +137,16 @@ def read_manifests(store: BlobStore, ids: set[str], parse: Parse, *, restore: bo
 
     def one(manifest_id: str) -> object:
         try:
-            if restore and store.stat(manifest_id) is None:
-                raise BlobMissing(f"manifest blob {manifest_id} not in store")
-            return parse(store.read_bytes(manifest_id, limits.MAX_MANIFEST_BYTES), manifest_id)
+            try:
+                data = store.read_bytes(manifest_id, limits.MAX_MANIFEST_BYTES)
+            except BlobMissing:
+                # Read first, stat (which brings a blob back from trash) only on a miss: a stat before every read
+                # was one more round trip per distinct manifest, 2,000 HEADs of gc's ~8,600 requests at N = 1,000
+                # on S3, for the rare manifest found in trash.
+                if not restore or store.stat(manifest_id) is None:
+                    raise
+                data = store.read_bytes(manifest_id, limits.MAX_MANIFEST_BYTES)
+            return parse(data, manifest_id)
         except (BlobMissing, BlobCorrupt, ManifestError) as exc:
             return exc
         except CasError as exc:  # the volume failed under us: unreadable, reported as such

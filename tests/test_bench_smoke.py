@@ -130,3 +130,55 @@ def test_scale_mode_runs_small(tmp_path, monkeypatch, capsys):
         assert all(m["rc"] == 0 for m in p["maint"].values()), p["maint"]
         assert p["maint"]["gc (dead roots)"]["summary"]["roots_dead"] >= 1
     assert r["sizes"][-1]["deployments"] == 3 and r["trees"][0]["files"] == 40
+
+
+def test_scale_mode_on_s3_runs_small_against_moto(tmp_path):
+    """`python -m tools.bench scale --backend s3 --server moto` at N = 3 behind the delaying proxy (1 ms):
+    the organisation is built on the bucket, saves, no-op saves and loads go through the proxy, every `cas` command
+    runs against the s3:// store and exits 0, and the backdated dead deployment is collected (its roots removed, its
+    blobs trashed). No timing is checked. (One N keeps it near 15 s: the paired first saves of several N are the
+    same code on a volume, run by test_scale_mode_runs_small.)"""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("obstore")
+    pytest.importorskip("moto.server")
+    from tools.bench import scale
+
+    out = tmp_path / "scale-s3.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "scale", "--backend", "s3", "--server", "moto",
+                           "--rtt-ms", "1", "--ns", "3", "--reps", "1", "--no-write", "--workdir", str(tmp_path),
+                           "--json", str(out)], cwd=scale.REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(scale.S3_SUBSECTION)
+    assert "| s3 | first save, new deployment |" in proc.stdout
+    assert "| s3 | `cas gc (dead roots)` peak RSS |" in proc.stdout
+    r = json.loads(out.read_text())
+    assert [p["n"] for p in r["org"]] == [3] and {p["volume"] for p in r["org"]} == {"s3"}
+    for p in r["org"]:
+        assert all(m["rc"] == 0 for m in p["maint"].values()), p["maint"]
+        dead = p["maint"]["gc (dead roots)"]["summary"]
+        assert dead["roots_dead"] >= 1 and dead["blobs_trashed"] >= 1, dead
+        assert p["maint"]["gc"]["summary"]["roots_dead"] == 0
+    assert r["sizes"][-1]["deployments"] == 3 and r["sizes"][-1]["roots"] > 0
+
+
+def test_scale_s3_subsection_and_the_section_keep_each_other(tmp_path, monkeypatch):
+    """The S3 run writes only its subsection of the scale section; a local run rewriting the section keeps it."""
+    from tools.bench import scale
+
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(scale, "DOC", doc)
+    doc.write_text("# Benchmarks\n\n" + scale.SECTION + "\n\nlocal v1\n\n## After\nkeep\n")
+    scale.write_s3_subsection(scale.S3_SUBSECTION + "\n\ns3 v1\n")
+    scale.write_section(scale.SECTION + "\n\nlocal v2\n\n### Findings\n\nf\n")
+    text = doc.read_text()
+    assert "local v2" in text and "local v1" not in text and "s3 v1" in text and "keep" in text
+    assert text.index("### Findings") < text.index(scale.S3_SUBSECTION) < text.index("## After")
+    scale.write_s3_subsection(scale.S3_SUBSECTION + "\n\ns3 v2\n")
+    text = doc.read_text()
+    assert "s3 v2" in text and "s3 v1" not in text and "local v2" in text and "### Findings" in text
+    assert text.count(scale.S3_SUBSECTION) == 1

@@ -356,3 +356,30 @@ def test_gc_stops_when_another_collector_took_its_lock(env):
         collect(store, scope=a, grace=GRACE, progress=steal)
     assert old_trash in in_trash(store)  # phase two never ran
     assert os.path.exists(lock_path)  # and the new holder's lock is left alone
+
+
+def test_live_manifest_in_trash_is_read_back_and_manifests_are_read_without_a_stat(env):
+    """gc reads each live manifest blob with one get, and only on a miss stats it (which brings it back from trash):
+    a root whose manifest blob a racing phase one trashed keeps everything, the manifest is back in blobs/."""
+    from cas import layout
+    from cas.faulty import FaultyBackend
+    from cas.posix import PosixBackend
+
+    store, a, _, tmp_path = env
+    save_tree(write_tree(tmp_path / "ta", {"a/x.py": content("X"), "a/y.py": content("Y")}), store, a, "gpu1")
+    save_tree(write_tree(tmp_path / "tb", {"b/x.py": content("BX")}), store, a, "gpu2")
+    age_all(store, 10 * GRACE)
+    roots = {r.env_key: r for r in iter_roots(store)}
+    trashed = roots["gpu1"].manifest
+    os.makedirs(os.path.dirname(store.trash_path(trashed)), exist_ok=True)
+    os.rename(store.blob_path(trashed), store.trash_path(trashed))
+    live = present(store) | {trashed}
+
+    faulty = FaultyBackend(PosixBackend(store.root))
+    stats: list[str] = []
+    faulty.before = lambda verb, key: stats.append(key) if verb == "stat" and key.startswith("blobs/") else None
+    res = collect(BlobStore(faulty, create=False), grace=GRACE)
+    assert res.collected and not res.problems and res.blobs_trashed == 0
+    assert trashed in present(store) and live <= present(store)
+    # Only the trashed manifest was stat'ed (its miss), not the one read at once.
+    assert layout.blob(roots["gpu2"].manifest) not in stats and layout.blob(trashed) in stats
