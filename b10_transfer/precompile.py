@@ -481,8 +481,7 @@ def _checked_entry_load(record: _Compiled, use_entry: bool = True) -> Iterator[N
             return original(fn)
         if not use_entry:
             return None
-        with _backends_not_copied():
-            entry = original(fn)  # None on a miss, or when torch could not read it (it logs why)
+        entry = original(fn)  # None on a miss, or when torch could not read it (it logs why)
         if entry is None:
             if (Path(DynamoCache.path_prefix()) / record.key / _ENTRY).exists():
                 logger.warning("precompile: %s entry dynamo/%s could not be loaded (see torch's warning); "
@@ -501,48 +500,6 @@ def _checked_entry_load(record: _Compiled, use_entry: bool = True) -> Iterator[N
         yield
     finally:
         del DynamoCache.load
-
-
-@contextmanager
-def _backends_not_copied() -> Iterator[None]:
-    """While torch loads an entry: do not record a deep copy of each of its backends.
-
-    torch keeps a pristine copy of every loaded backend (PrecompileContext.record_artifact, a deepcopy), in case
-    this process saves an entry later: the loaded one is changed as it is installed and can no longer be pickled.
-    That copy is 0.3-0.5 s of a replica's start for a 20-35 MB entry (H200, torch 2.11), paid by every reader for
-    a save that rarely adds anything. write_entries reads the loaded entry's file again instead
-    (`_record_loaded_backends`), after the replica is ready. Without the private API, torch's own path runs."""
-    try:
-        from torch._dynamo.precompile_context import PrecompileContext
-    except ImportError:
-        yield
-        return
-    own = PrecompileContext.__dict__.get("record_artifact")
-    if own is None:
-        yield
-        return
-    PrecompileContext.record_artifact = classmethod(lambda cls, artifact: None)  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        PrecompileContext.record_artifact = own  # type: ignore[method-assign]
-
-
-def _record_loaded_backends(record: _Compiled) -> None:
-    """Give torch the loaded entry's backends, read again from its file, so that an entry written by this process
-    (the loaded codes plus any it compiled) bundles them. Fresh from the file, they need no copy. A file replaced
-    since, or unreadable, leaves them out: entry_problem then refuses the entry (a backend missing), never a
-    wrong one."""
-    try:
-        from torch._dynamo.package import DynamoCache
-        from torch._dynamo.precompile_context import PrecompileContext
-
-        by_key = PrecompileContext._backend_artifacts_by_key
-        for backend in DynamoCache.read(record.key).backends.values():
-            by_key.setdefault(backend.key, backend)  # a backend compiled in this process wins
-    except Exception as exc:  # noqa: BLE001 - torch internals and a file on local disk; the save goes on
-        logger.info("precompile: could not read %s entry dynamo/%s again (%s: %s); an entry that needs its "
-                    "backends is not saved", record.name, record.key[:16], type(exc).__name__, exc)
 
 
 def _torch_key_of(fn: Any) -> str | None:
@@ -588,9 +545,6 @@ def write_entries(cache_dir: Path) -> int:
     try:
         from torch._dynamo.precompile_context import PrecompileContext
 
-        for record in _compiled.values():
-            if record.loaded_codes >= 0:
-                _record_loaded_backends(record)
         with _precompile_flag():
             entries, _ = PrecompileContext.create_cache_entries()
     except Exception as exc:  # noqa: BLE001 - torch internals; the save goes on without entries
