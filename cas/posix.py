@@ -460,12 +460,22 @@ class PosixBackend(Backend):
         return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st))
 
     def _rename_over(self, d: int, tmp: str, name: str, key: str) -> None:
+        self._rename(d, tmp, d, name, key, "cannot write", key)
+
+    def _rename(self, sd: int, sn: str, dd: int, dn: str, dst_key: str, what: str, err_key: str,
+                missing: str | None = None) -> None:
+        """rename(2) at two directory descriptors, its errors as storage errors: a directory (or a non-directory
+        on the way) where the object goes is BadObject, an absent source NotFound of `missing` when given."""
         try:
-            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+            os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
+        except FileNotFoundError as exc:
+            if missing is not None:
+                raise NotFound(f"{self._path(missing)} does not exist") from None
+            raise self._error(what, exc, err_key) from exc
         except OSError as exc:
             if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise BadObject(f"{self._path(key)} is a directory: cannot replace it") from None
-            raise self._error("cannot write", exc, key) from exc
+                raise BadObject(f"{self._path(dst_key)} is a directory: cannot replace it") from None
+            raise self._error(what, exc, err_key) from exc
 
     def _link_new(self, d: int, tmp: str, name: str, key: str) -> None:
         """Create-if-absent: link(2) fails if the name exists, atomically even on NFS, and the object is complete
@@ -563,14 +573,7 @@ class PosixBackend(Backend):
             except OSError as exc:
                 raise self._error("cannot move", exc, src) from exc
             with self._dir(dp, create=True) as dd:
-                try:
-                    os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
-                except FileNotFoundError:
-                    raise NotFound(f"{self._path(src)} does not exist") from None
-                except OSError as exc:
-                    if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                        raise BadObject(f"{self._path(dst)} is a directory: cannot replace it") from None
-                    raise self._error("cannot move", exc, src) from exc
+                self._rename(sd, sn, dd, dn, dst, "cannot move", src, missing=src)
 
     def make_prefix(self, prefix: str) -> None:
         check_prefix(prefix)
