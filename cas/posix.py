@@ -44,6 +44,7 @@ from .storage import (
     PreconditionFailed,
     check_key,
     check_prefix,
+    listable,
 )
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -641,6 +642,8 @@ class PosixBackend(Backend):
 
 def _info(key: str, name: str, st: os.stat_result) -> ObjectInfo:
     mode = st.st_mode
+    if not listable(key):
+        return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st), "other")
     if stat_mod.S_ISDIR(mode):
         return ObjectInfo(key + "/", 0, st.st_mtime, version_of(st), "prefix")
     if stat_mod.S_ISREG(mode):

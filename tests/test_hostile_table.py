@@ -76,7 +76,7 @@ TARGETS: dict[str, tuple[str, Callable[[Any], str]]] = {
 RETIRED = {"trash-blob"}  # targets whose blobs/ copy is moved to trash before the plant
 # The plant replaced that very object: losing what it held is the point of the case (a miss or a re-save).
 REPLACED = {"manifest", "scope.id", "root", "pack-blob", "loose-blob", "trash-blob", "CAS-FORMAT"}
-KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "garbage"]
+KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "garbage", "bad-names"]
 OPS = ["load", "save", "gc", "check", "stats", "companion"]
 WRITE_VERBS = ("put", "delete", "move", "touch")
 
@@ -152,11 +152,29 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def plant(world: World, target: str, kind: str) -> Path:
+def bad_names(name: str) -> list[str]:
+    """Names beside `name` that no key can have (a space; a temp name with one; a key over the length limit once
+    below a directory), each with `name`'s suffix, so a listing that filters by suffix (`.lock`, `.root`) meets them."""
+    suffix = "." + name.rpartition(".")[2] if "." in name else ""
+    return [f"bad name{suffix}", f".tmp-bad name{suffix}", f"bad dir/x{suffix}",
+            "d" * 255 + "/" + "n" * (255 - len(suffix)) + suffix]
+
+
+def plant(world: World, target: str, kind: str) -> list[Path]:
+    """Plant `kind` at `target`; the paths planted (removed again before the final load)."""
     path = world.path(target)
     if target in RETIRED:
         os.makedirs(path.parent, exist_ok=True)
         os.rename(world.store_dir / layout.blob(world.loose_id), path)
+    if kind == "bad-names":  # beside the object, which stays; old, so gc's expiry of temp and lock files meets them
+        planted = []
+        # ...and a directory of a bad name one level up, where a listing of sub-prefixes (families/) meets it.
+        spots = [(path.parent, n) for n in bad_names(path.name)] + [(path.parent.parent, f"bad dir/{path.name}")]
+        for parent, name in spots:
+            planted.append(parent / name.partition("/")[0])
+            write_tree(parent, {name: b"\xc1garbage\x00" * 64})
+            os.utime(parent / name, (1, 1))
+        return planted
     _remove(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "fifo":
@@ -175,7 +193,7 @@ def plant(world: World, target: str, kind: str) -> Path:
             fh.truncate(HUGE)
     elif kind == "garbage":
         path.write_bytes(b"\xc1garbage\x00" * 64)
-    return path
+    return [path]
 
 
 def run_cas_op(store: BlobStore, scope: Scope, op: str, key: str, src: Path, dst: Path) -> object:
@@ -267,8 +285,9 @@ def test_plant_at_every_path_for_every_operation(tmp_path, monkeypatch, ready_ur
         if op in ("check", "stats"):  # read-only commands: not one write verb, whatever is planted
             assert not [(v, k) for v, k in world.seen if v in WRITE_VERBS], op
     # Nothing saved is lost: with the plant removed, the original files load again.
-    _remove(planted)
-    if target in REPLACED:
+    for p in planted:
+        _remove(p)
+    if target in REPLACED and kind != "bad-names":
         return
     shutil.rmtree(world.dst, ignore_errors=True)
     res = load_tree(world.dst, BlobStore(world.store_dir, create=False), Scope(world.scope_dir), world.key)
@@ -280,7 +299,7 @@ def test_plant_at_every_path_for_every_operation(tmp_path, monkeypatch, ready_ur
 # -- the same table on S3 (moto) ---------------------------------------------------------------------------------------
 
 S3_TARGETS = sorted(t for t, (area, _) in TARGETS.items() if area != "src")
-S3_KINDS = ["garbage", "huge", "empty", "prefix-collision", "wrong-version", "dot-segments"]
+S3_KINDS = ["garbage", "huge", "empty", "prefix-collision", "wrong-version", "dot-segments", "bad-names"]
 S3_OPS = ["load", "save", "gc", "check", "stats"]
 S3_HUGE = 65 << 20  # above the largest bounded read (64 MiB manifests): every reader must refuse it by its size
 
@@ -373,6 +392,12 @@ def s3_plant(world: S3World, target: str, kind: str) -> list[str]:
     if target in RETIRED:
         world.put(key, world.get(world.object_key("loose-blob")) or b"")
         world.delete(world.object_key("loose-blob"))
+    if kind == "bad-names":
+        parent, _, name = key.rpartition("/")
+        planted = [f"{parent}/{n}" for n in bad_names(name)] + [f"{parent.rpartition('/')[0]}/bad dir/{name}"]
+        for k in planted:
+            world.put(k, b"\xc1garbage\x00" * 64)
+        return planted
     if kind == "dot-segments":  # beside the object, which stays: keys no cas key can be, in every listed area
         # obstore refuses a whole listing that holds such a key (object_store's Path parse): gc, check and stats of
         # that area end in StoreUnavailable until the key is removed; loads and saves never list those areas.
@@ -421,7 +446,7 @@ def test_s3_plant_at_every_key_for_every_operation(tmp_path, moto_bucket, target
                 assert not [(v, k) for v, k in world.seen if v in WRITE_VERBS], op
         for k in planted:
             world.delete(k)
-        if target in REPLACED and kind != "dot-segments":
+        if target in REPLACED and kind not in ("dot-segments", "bad-names"):
             return
         shutil.rmtree(world.dst, ignore_errors=True)
         store, scope = world.store_and_scope(create=False)
