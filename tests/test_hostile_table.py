@@ -19,7 +19,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from cas_helpers import read_tree, write_tree
@@ -44,6 +44,8 @@ HUGE = 80 << 20
 FILES = {"fx/a/k0": b"kernel 0 " * 100, "fx/b/k1": b"kernel 1 " * 100, "big.bin": os.urandom(1_100_000)}
 # A sibling deployment of the same family saved first, so the family record names a scope a family load reads.
 SIBLING_FILES = {"sib/k2": b"kernel 2 " * 100}
+# Another store's tree: the same paths (so the same targets exist there), other content.
+OTHER_FILES = {"fx/a/k0": b"other 0 " * 100, "fx/b/k1": b"other 1 " * 100, "big.bin": os.urandom(1_200_000)}
 FAMILY = "fam"
 
 
@@ -76,7 +78,8 @@ TARGETS: dict[str, tuple[str, Callable[[Any], str]]] = {
 RETIRED = {"trash-blob"}  # targets whose blobs/ copy is moved to trash before the plant
 # The plant replaced that very object: losing what it held is the point of the case (a miss or a re-save).
 REPLACED = {"manifest", "scope.id", "root", "pack-blob", "loose-blob", "trash-blob", "CAS-FORMAT"}
-KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "garbage", "bad-names"]
+KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "garbage", "wrong-type",
+         "wrong-version", "bad-names"]
 OPS = ["load", "save", "gc", "check", "stats", "companion"]
 WRITE_VERBS = ("put", "delete", "move", "touch")
 
@@ -106,10 +109,24 @@ def _seam(backend: Any, seen: list[tuple[str, str]]) -> FaultyBackend:
     return FaultyBackend(backend, before=lambda verb, key: seen.append((verb, key)))
 
 
+def populate(w: Any, store: BlobStore, scope: Scope, sibling: Scope | None, files: dict[str, bytes]) -> None:
+    """Save the sibling's tree (named in the family record) and then `files` as the deployment's own tree; note the
+    ids the targets name."""
+    write_tree(w.src, files)
+    if sibling is not None:
+        write_tree(w.base / "sibling-src", SIBLING_FILES)
+        save_tree(w.base / "sibling-src", store, sibling, w.key, family=FAMILY)
+    save_tree(w.src, store, scope, w.key, family=FAMILY)
+    w.scope_id = scope.scope_id
+    entries = scope.read_manifest(w.key).entries
+    w.pack_id, w.loose_id = entries["fx/a/k0"].pack, entries["big.bin"].blob_id
+    assert w.pack_id is not None and entries["big.bin"].pack is None
+
+
 class World:
     """An org store with one deployment's saved tree (and a sibling of its family), on a volume."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, files: dict[str, bytes] = FILES, sibling: bool = True):
         self.base, self.key = base, table_key()
         self.volume = base / "vol"
         self.store_dir, self.scope_dir = self.volume / "org", self.volume / "model" / "scope"
@@ -117,19 +134,15 @@ class World:
         (self.volume / "model").mkdir(parents=True)
         self.outside.mkdir()
         (self.outside / "secret").write_bytes(b"secret")
-        write_tree(self.src, FILES)
-        write_tree(base / "sibling-src", SIBLING_FILES)
-        store = BlobStore(self.store_dir, freshen_after=1)
-        save_tree(base / "sibling-src", store, Scope(self.volume / "model" / "sibling", create=True), self.key,
-                  family=FAMILY)
-        scope = Scope(self.scope_dir, create=True)
-        save_tree(self.src, store, scope, self.key, family=FAMILY)
-        self.scope_id = scope.scope_id
-        entries = scope.read_manifest(self.key).entries
-        self.pack_id, self.loose_id = entries["fx/a/k0"].pack, entries["big.bin"].blob_id
-        assert self.pack_id is not None and entries["big.bin"].pack is None
+        populate(self, BlobStore(self.store_dir, freshen_after=1), Scope(self.scope_dir, create=True),
+                 Scope(self.volume / "model" / "sibling", create=True) if sibling else None, files)
         self.seen: list[tuple[str, str]] = []
         self.ready_url = ""
+
+    @functools.cached_property
+    def other(self) -> World:
+        """Another organisation's store and deployment: the source of well-formed objects that are not ours."""
+        return World(self.base / "other", OTHER_FILES, sibling=False)
 
     def path(self, target: str) -> Path:
         area, key = TARGETS[target]
@@ -193,7 +206,22 @@ def plant(world: World, target: str, kind: str) -> list[Path]:
             fh.truncate(HUGE)
     elif kind == "garbage":
         path.write_bytes(b"\xc1garbage\x00" * 64)
+    elif kind == "wrong-type":
+        path.write_bytes(world.path(wrong_type_source(target)).read_bytes())
+    elif kind == "wrong-version":
+        source = world.other.path(COUNTERPART.get(target, target))
+        path.write_bytes((source if source.is_file() else world.other.path("root")).read_bytes())
     return [path]
+
+
+# The object of the other store that stands for a target whose own has no twin there (nothing is retired there).
+COUNTERPART = {"trash-blob": "loose-blob", "trash-beside-blob": "pack-blob"}
+BLOBS = {"pack-blob", "loose-blob", "trash-blob", "trash-beside-blob"}
+
+
+def wrong_type_source(target: str) -> str:
+    """A well-formed object of this store of another type than `target`: the root for a blob, a pack for the rest."""
+    return "root" if target in BLOBS else "pack-blob"
 
 
 def run_cas_op(store: BlobStore, scope: Scope, op: str, key: str, src: Path, dst: Path) -> object:
@@ -299,39 +327,36 @@ def test_plant_at_every_path_for_every_operation(tmp_path, monkeypatch, ready_ur
 # -- the same table on S3 (moto) ---------------------------------------------------------------------------------------
 
 S3_TARGETS = sorted(t for t, (area, _) in TARGETS.items() if area != "src")
-S3_KINDS = ["garbage", "huge", "empty", "prefix-collision", "wrong-version", "dot-segments", "bad-names"]
+S3_KINDS = ["garbage", "huge", "empty", "prefix-collision", "wrong-type", "wrong-version", "dot-segments", "bad-names"]
 S3_OPS = ["load", "save", "gc", "check", "stats"]
 S3_HUGE = 65 << 20  # above the largest bounded read (64 MiB manifests): every reader must refuse it by its size
 
 
 class S3World:
-    """The World of the table in one bucket: store `org/b10_cas/`, scopes `model/...`; a second, unrelated store
-    and scope under `other/` hold the well-formed objects the wrong-version plant copies; `outside/secret` and
-    everything under `other/` must stay as they are."""
+    """The World of the table in one bucket: store `org/b10_cas/`, scopes `model/...`; another store and scope
+    under `other/` hold the well-formed objects the wrong-version plant copies; `outside/secret` and everything under
+    `other/` must stay as they are."""
 
-    PREFIXES: ClassVar[dict[str, str]] = {"store": "org/b10_cas", "scope": "model/scope"}
-
-    def __init__(self, bucket: Any, base: Path):
+    def __init__(self, bucket: Any, base: Path, prefixes: dict[str, str] | None = None,
+                 files: dict[str, bytes] = FILES, sibling: bool = True):
         self.bucket, self.base, self.key = bucket, base, table_key()
+        self.prefixes = prefixes or {"store": "org/b10_cas", "scope": "model/scope"}
         self.client = bucket.endpoint.boto3()
         self.src, self.dst = base / "src", base / "dst"
         self.client.put_object(Bucket=bucket.name, Key="outside/secret", Body=b"secret")
-        write_tree(self.src, FILES)
-        write_tree(base / "sibling-src", SIBLING_FILES)
-        store = BlobStore(bucket.backend(self.PREFIXES["store"]), create=True, freshen_after=1)
-        save_tree(base / "sibling-src", store, Scope(bucket.backend("model/sibling"), create=True), self.key,
-                  family=FAMILY)
-        scope = Scope(bucket.backend(self.PREFIXES["scope"]), create=True)
-        save_tree(self.src, store, scope, self.key, family=FAMILY)
-        self.scope_id = scope.scope_id
-        entries = scope.read_manifest(self.key).entries
-        self.pack_id, self.loose_id = entries["fx/a/k0"].pack, entries["big.bin"].blob_id
-        self.other = _OtherWorld(bucket, base / "other", self.key)
+        populate(self, BlobStore(bucket.backend(self.prefixes["store"]), create=True, freshen_after=1),
+                 Scope(bucket.backend(self.prefixes["scope"]), create=True),
+                 Scope(bucket.backend("model/sibling"), create=True) if sibling else None, files)
         self.seen: list[tuple[str, str]] = []
+
+    @functools.cached_property
+    def other(self) -> S3World:
+        return S3World(self.bucket, self.base / "other", {"store": "other/org", "scope": "other/scope"}, OTHER_FILES,
+                       sibling=False)
 
     def object_key(self, target: str) -> str:
         area, key = TARGETS[target]
-        return f"{self.PREFIXES[area]}/{key(self)}"
+        return f"{self.prefixes[area]}/{key(self)}"
 
     def keys(self) -> dict[str, str]:
         """Every object of the bucket: its ETag."""
@@ -356,34 +381,14 @@ class S3World:
         self.client.delete_object(Bucket=self.bucket.name, Key=key)
 
     def store_and_scope(self, create: bool) -> tuple[BlobStore, Scope]:
-        store = BlobStore(_seam(self.bucket.backend(self.PREFIXES["store"]), self.seen), create=create,
+        store = BlobStore(_seam(self.bucket.backend(self.prefixes["store"]), self.seen), create=create,
                           freshen_after=1)
-        return store, Scope(_seam(self.bucket.backend(self.PREFIXES["scope"]), self.seen), create=create)
+        return store, Scope(_seam(self.bucket.backend(self.prefixes["scope"]), self.seen), create=create)
 
     def empty_bucket(self) -> None:
         """moto keeps every bucket in memory for the session: the huge plants go with the test."""
         for key in self.keys():
             self.delete(key)
-
-
-class _OtherWorld:
-    """Another deployment in another store of the same bucket (other files, same environment key and family)."""
-
-    PREFIXES: ClassVar[dict[str, str]] = {"store": "other/org", "scope": "other/scope"}
-
-    def __init__(self, bucket: Any, base: Path, key: str):
-        self.key = key
-        write_tree(base, {"other/k": b"other kernel " * 50, "other/big": os.urandom(1_200_000)})
-        store = BlobStore(bucket.backend(self.PREFIXES["store"]), create=True, freshen_after=1)
-        scope = Scope(bucket.backend(self.PREFIXES["scope"]), create=True)
-        save_tree(base, store, scope, key, family=FAMILY)
-        self.scope_id = scope.scope_id
-        entries = scope.read_manifest(key).entries
-        self.pack_id, self.loose_id = entries["other/k"].pack, entries["other/big"].blob_id
-
-    def object_key(self, target: str) -> str:
-        area, key = TARGETS[target]
-        return f"{self.PREFIXES[area]}/{key(self)}"
 
 
 def s3_plant(world: S3World, target: str, kind: str) -> list[str]:
@@ -410,12 +415,16 @@ def s3_plant(world: S3World, target: str, kind: str) -> list[str]:
     if kind == "prefix-collision":
         world.put(key + "/x", b"x")
         return [key + "/x"]
-    if kind == "wrong-version":  # a well-formed object of the same kind, of another deployment or store
-        other = world.get(world.other.object_key(target))
+    if kind == "wrong-version":  # a well-formed object of the same kind, of another store
+        other = world.get(world.other.object_key(COUNTERPART.get(target, target)))
         if other is None:  # no such object there (a lock, a marker): another kind of well-formed object
             other = world.get(world.other.object_key("root"))
         assert other is not None
         world.put(key, other)
+    elif kind == "wrong-type":
+        data = world.get(world.object_key(wrong_type_source(target)))
+        assert data is not None
+        world.put(key, data)
     elif kind == "huge":
         world.put(key, b"\0" * S3_HUGE)
     elif kind == "empty":
@@ -436,6 +445,8 @@ def run_s3_op(world: S3World, op: str) -> object:
 def test_s3_plant_at_every_key_for_every_operation(tmp_path, moto_bucket, target, kind):
     world = S3World(moto_bucket, tmp_path)
     try:
+        if kind == "wrong-version":
+            assert world.other.scope_id  # made before the snapshot of what lies outside
         before = world.outside_state()
         planted = s3_plant(world, target, kind)
         for op in S3_OPS:
