@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from . import _faults
 from .atomic import temp_name
-from .errors import NoSpace, StoreReadOnly, StoreUnavailable
+from .errors import CasError, NoSpace, StoreReadOnly, StoreUnavailable
 from .paths import TEMP_PREFIX
 from .storage import (
     AlreadyExists,
@@ -501,25 +501,34 @@ class PosixBackend(Backend):
         """Compare-and-swap by rename-aside: only one of racing swappers can rename the current object aside; it
         then links its own in only if nobody created the name meanwhile, or puts the old one back. The name is
         absent for that instant, which is why `atomic_replace` is False here."""
-        aside = self._aside(d, name, key)
-        try:
-            st = os.stat(aside, dir_fd=d, follow_symlinks=False)
-            if version_of(st) != version:
-                _relink(d, aside, name)
-                raise PreconditionFailed(f"{self._path(key)} changed (version {version_of(st)}, expected {version})")
+        with self._aside_if(d, name, key, version, "replaced"):
             try:
                 os.link(tmp, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
             except FileExistsError:
                 raise PreconditionFailed(f"{self._path(key)} was recreated meanwhile") from None
+
+    @contextmanager
+    def _aside_if(self, d: int, name: str, key: str, version: str, what: str,
+                  missing: type[CasError] = PreconditionFailed) -> Iterator[None]:
+        """The object renamed aside for the body, if it is `version` (else put back: PreconditionFailed); the aside
+        name is removed after the body, which has the key to itself meanwhile. An absent object raises `missing`."""
+        aside = self._aside(d, name, key, missing)
+        try:
+            found = version_of(os.stat(aside, dir_fd=d, follow_symlinks=False))
+            if found != version:
+                _relink(d, aside, name)
+                raise PreconditionFailed(f"{self._path(key)} changed (version {found}, expected {version}): "
+                                         f"not {what}")
+            yield
         finally:
             _unlink_at(d, aside)
 
-    def _aside(self, d: int, name: str, key: str) -> str:
+    def _aside(self, d: int, name: str, key: str, missing: type[CasError]) -> str:
         aside = temp_name()
         try:
             os.rename(name, aside, src_dir_fd=d, dst_dir_fd=d)
         except FileNotFoundError:
-            raise PreconditionFailed(f"{self._path(key)} does not exist") from None
+            raise missing(f"{self._path(key)} does not exist") from None
         except OSError as exc:
             raise self._error("cannot replace", exc, key) from exc
         return aside
@@ -530,17 +539,8 @@ class PosixBackend(Backend):
             if if_version is None:
                 self._unlink(d, name, key)
                 return
-            try:
-                aside = self._aside(d, name, key)
-            except PreconditionFailed:
-                raise NotFound(f"{self._path(key)} does not exist") from None
-            try:
-                st = os.stat(aside, dir_fd=d, follow_symlinks=False)
-                if version_of(st) != if_version:
-                    _relink(d, aside, name)
-                    raise PreconditionFailed(f"{self._path(key)} changed: not deleted")
-            finally:
-                _unlink_at(d, aside)
+            with self._aside_if(d, name, key, if_version, "deleted", missing=NotFound):
+                pass  # the aside name goes: that is the delete
 
     def _unlink(self, d: int, name: str, key: str) -> None:
         try:
