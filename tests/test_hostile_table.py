@@ -78,8 +78,8 @@ TARGETS: dict[str, tuple[str, Callable[[Any], str]]] = {
 RETIRED = {"trash-blob"}  # targets whose blobs/ copy is moved to trash before the plant
 # The plant replaced that very object: losing what it held is the point of the case (a miss or a re-save).
 REPLACED = {"manifest", "scope.id", "root", "pack-blob", "loose-blob", "trash-blob", "CAS-FORMAT"}
-KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "garbage", "wrong-type",
-         "wrong-version", "bad-names"]
+KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "empty", "garbage",
+         "wrong-type", "wrong-version", "bad-names"]
 OPS = ["load", "save", "gc", "check", "stats", "companion"]
 WRITE_VERBS = ("put", "delete", "move", "touch")
 
@@ -204,6 +204,8 @@ def plant(world: World, target: str, kind: str) -> list[Path]:
     elif kind == "huge":
         with open(path, "wb") as fh:
             fh.truncate(HUGE)
+    elif kind == "empty":
+        path.write_bytes(b"")
     elif kind == "garbage":
         path.write_bytes(b"\xc1garbage\x00" * 64)
     elif kind == "wrong-type":
@@ -306,19 +308,32 @@ def test_plant_at_every_path_for_every_operation(tmp_path, monkeypatch, ready_ur
     companion_environ(world, monkeypatch)
     before = world.outside_state()
     planted = plant(world, target, kind)
-    for op in OPS:
+    run_every_op(world, OPS, run_op, before)
+    for p in planted:
+        _remove(p)
+    if target not in REPLACED or kind in BESIDE:
+        assert_saved_tree_loads(world)
+
+
+# Plants beside the object, which stays: whatever the target, the saved tree must load afterwards.
+BESIDE = {"bad-names", "dot-segments"}
+
+
+def run_every_op(world: Any, ops: list[str], run: Callable[[Any, str], object], before: dict) -> None:
+    """Each operation in turn on the planted world: bounded, nothing outside changed, read-only ones write nothing."""
+    for op in ops:
         world.seen.clear()
-        bounded(run_op, world, op)
+        bounded(run, world, op)
         assert world.outside_state() == before, f"{op} changed something outside the store"
         if op in ("check", "stats"):  # read-only commands: not one write verb, whatever is planted
             assert not [(v, k) for v, k in world.seen if v in WRITE_VERBS], op
-    # Nothing saved is lost: with the plant removed, the original files load again.
-    for p in planted:
-        _remove(p)
-    if target in REPLACED and kind != "bad-names":
-        return
+
+
+def assert_saved_tree_loads(world: Any) -> None:
+    """Nothing saved is lost: with the plant removed, the original files load again."""
     shutil.rmtree(world.dst, ignore_errors=True)
-    res = load_tree(world.dst, BlobStore(world.store_dir, create=False), Scope(world.scope_dir), world.key)
+    store, scope = world.store_and_scope(create=False)
+    res = load_tree(world.dst, store, scope, world.key)
     got = read_tree(world.dst)
     for rel, data in FILES.items():
         assert got.get(rel, (None,))[0] == data, (rel, res.misses)
@@ -449,22 +464,11 @@ def test_s3_plant_at_every_key_for_every_operation(tmp_path, moto_bucket, target
             assert world.other.scope_id  # made before the snapshot of what lies outside
         before = world.outside_state()
         planted = s3_plant(world, target, kind)
-        for op in S3_OPS:
-            world.seen.clear()
-            bounded(run_s3_op, world, op)
-            assert world.outside_state() == before, f"{op} changed something outside the store"
-            if op in ("check", "stats"):
-                assert not [(v, k) for v, k in world.seen if v in WRITE_VERBS], op
+        run_every_op(world, S3_OPS, run_s3_op, before)
         for k in planted:
             world.delete(k)
-        if target in REPLACED and kind not in ("dot-segments", "bad-names"):
-            return
-        shutil.rmtree(world.dst, ignore_errors=True)
-        store, scope = world.store_and_scope(create=False)
-        res = load_tree(world.dst, store, scope, world.key)
-        got = read_tree(world.dst)
-        for rel, data in FILES.items():
-            assert got.get(rel, (None,))[0] == data, (rel, res.misses)
+        if target not in REPLACED or kind in BESIDE:
+            assert_saved_tree_loads(world)
     finally:
         world.empty_bucket()
 
