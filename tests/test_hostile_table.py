@@ -75,9 +75,14 @@ TARGETS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "slot": ("scope", lambda w: layout.slot(0)),
     ".cas-index": ("src", lambda w: ".cas-index"),
 }
+# Whole areas: the directory itself replaced by a plant (what it held is gone with it) on the volume.
+AREAS = {"blobs": "store", "trash": "store", "roots": "store", "locks": "store", "quarantine": "store",
+         "recent": "store", "families": "store", "manifests": "scope", "slots": "scope"}
+TARGETS.update({f"area:{name}/": (where, lambda w, name=name: name) for name, where in AREAS.items()})
 RETIRED = {"trash-blob"}  # targets whose blobs/ copy is moved to trash before the plant
 # The plant replaced that very object: losing what it held is the point of the case (a miss or a re-save).
-REPLACED = {"manifest", "scope.id", "root", "pack-blob", "loose-blob", "trash-blob", "CAS-FORMAT"}
+REPLACED = {"manifest", "scope.id", "root", "pack-blob", "loose-blob", "trash-blob", "CAS-FORMAT",
+            *(t for t in TARGETS if t.startswith("area:"))}
 KINDS = ["fifo", "device", "directory", "symlink-outside", "symlink-into-store", "huge", "empty", "garbage",
          "wrong-type", "wrong-version", "bad-names"]
 OPS = ["load", "save", "gc", "check", "stats", "companion"]
@@ -134,6 +139,9 @@ class World:
         (self.volume / "model").mkdir(parents=True)
         self.outside.mkdir()
         (self.outside / "secret").write_bytes(b"secret")
+        for name in (".tmp-host-1-0123456789abcdef", "gc.lock", "0" * 64, f"{'0' * 64}.1"):  # expired, to a gc
+            (self.outside / name).write_bytes(b"outside")
+            os.utime(self.outside / name, (1, 1))
         populate(self, BlobStore(self.store_dir, freshen_after=1), Scope(self.scope_dir, create=True),
                  Scope(self.volume / "model" / "sibling", create=True) if sibling else None, files)
         self.seen: list[tuple[str, str]] = []
@@ -188,6 +196,12 @@ def plant(world: World, target: str, kind: str) -> list[Path]:
             write_tree(parent, {name: b"\xc1garbage\x00" * 64})
             os.utime(parent / name, (1, 1))
         return planted
+    well_formed = b""
+    if kind == "wrong-type":  # read before the plant: an area's plant takes the source with it
+        well_formed = world.path(wrong_type_source(target)).read_bytes()
+    elif kind == "wrong-version":
+        source = world.other.path(COUNTERPART.get(target, target))
+        well_formed = (source if source.is_file() else world.other.path("root")).read_bytes()
     _remove(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "fifo":
@@ -197,8 +211,8 @@ def plant(world: World, target: str, kind: str) -> list[Path]:
     elif kind == "directory":
         path.mkdir()
         (path / "x").write_bytes(b"x")
-    elif kind == "symlink-outside":
-        os.symlink(world.outside / "secret", path)
+    elif kind == "symlink-outside":  # an area's link leads to a directory of files that look expired to gc
+        os.symlink(world.outside if target.startswith("area:") else world.outside / "secret", path)
     elif kind == "symlink-into-store":
         os.symlink(world.store_dir / layout.blob(world.pack_id), path)
     elif kind == "huge":
@@ -208,11 +222,8 @@ def plant(world: World, target: str, kind: str) -> list[Path]:
         path.write_bytes(b"")
     elif kind == "garbage":
         path.write_bytes(b"\xc1garbage\x00" * 64)
-    elif kind == "wrong-type":
-        path.write_bytes(world.path(wrong_type_source(target)).read_bytes())
-    elif kind == "wrong-version":
-        source = world.other.path(COUNTERPART.get(target, target))
-        path.write_bytes((source if source.is_file() else world.other.path("root")).read_bytes())
+    elif kind in ("wrong-type", "wrong-version"):
+        path.write_bytes(well_formed)
     return [path]
 
 
@@ -341,7 +352,7 @@ def assert_saved_tree_loads(world: Any) -> None:
 
 # -- the same table on S3 (moto) ---------------------------------------------------------------------------------------
 
-S3_TARGETS = sorted(t for t, (area, _) in TARGETS.items() if area != "src")
+S3_TARGETS = sorted(t for t, (area, _) in TARGETS.items() if area != "src" and not t.startswith("area:"))
 S3_KINDS = ["garbage", "huge", "empty", "prefix-collision", "wrong-type", "wrong-version", "dot-segments", "bad-names"]
 S3_OPS = ["load", "save", "gc", "check", "stats"]
 S3_HUGE = 65 << 20  # above the largest bounded read (64 MiB manifests): every reader must refuse it by its size
