@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from . import _faults
 from .atomic import temp_name
-from .errors import NoSpace, StoreReadOnly, StoreUnavailable
+from .errors import CasError, NoSpace, StoreReadOnly, StoreUnavailable
 from .paths import TEMP_PREFIX
 from .storage import (
     AlreadyExists,
@@ -44,6 +44,7 @@ from .storage import (
     PreconditionFailed,
     check_key,
     check_prefix,
+    listable,
 )
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -460,12 +461,22 @@ class PosixBackend(Backend):
         return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st))
 
     def _rename_over(self, d: int, tmp: str, name: str, key: str) -> None:
+        self._rename(d, tmp, d, name, key, "cannot write", key)
+
+    def _rename(self, sd: int, sn: str, dd: int, dn: str, dst_key: str, what: str, err_key: str,
+                missing: str | None = None) -> None:
+        """rename(2) at two directory descriptors, its errors as storage errors: a directory (or a non-directory
+        on the way) where the object goes is BadObject, an absent source NotFound of `missing` when given."""
         try:
-            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+            os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
+        except FileNotFoundError as exc:
+            if missing is not None:
+                raise NotFound(f"{self._path(missing)} does not exist") from None
+            raise self._error(what, exc, err_key) from exc
         except OSError as exc:
             if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise BadObject(f"{self._path(key)} is a directory: cannot replace it") from None
-            raise self._error("cannot write", exc, key) from exc
+                raise BadObject(f"{self._path(dst_key)} is a directory: cannot replace it") from None
+            raise self._error(what, exc, err_key) from exc
 
     def _link_new(self, d: int, tmp: str, name: str, key: str) -> None:
         """Create-if-absent: link(2) fails if the name exists, atomically even on NFS, and the object is complete
@@ -490,25 +501,34 @@ class PosixBackend(Backend):
         """Compare-and-swap by rename-aside: only one of racing swappers can rename the current object aside; it
         then links its own in only if nobody created the name meanwhile, or puts the old one back. The name is
         absent for that instant, which is why `atomic_replace` is False here."""
-        aside = self._aside(d, name, key)
-        try:
-            st = os.stat(aside, dir_fd=d, follow_symlinks=False)
-            if version_of(st) != version:
-                _relink(d, aside, name)
-                raise PreconditionFailed(f"{self._path(key)} changed (version {version_of(st)}, expected {version})")
+        with self._aside_if(d, name, key, version, "replaced"):
             try:
                 os.link(tmp, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
             except FileExistsError:
                 raise PreconditionFailed(f"{self._path(key)} was recreated meanwhile") from None
+
+    @contextmanager
+    def _aside_if(self, d: int, name: str, key: str, version: str, what: str,
+                  missing: type[CasError] = PreconditionFailed) -> Iterator[None]:
+        """The object renamed aside for the body, if it is `version` (else put back: PreconditionFailed); the aside
+        name is removed after the body, which has the key to itself meanwhile. An absent object raises `missing`."""
+        aside = self._aside(d, name, key, missing)
+        try:
+            found = version_of(os.stat(aside, dir_fd=d, follow_symlinks=False))
+            if found != version:
+                _relink(d, aside, name)
+                raise PreconditionFailed(f"{self._path(key)} changed (version {found}, expected {version}): "
+                                         f"not {what}")
+            yield
         finally:
             _unlink_at(d, aside)
 
-    def _aside(self, d: int, name: str, key: str) -> str:
+    def _aside(self, d: int, name: str, key: str, missing: type[CasError]) -> str:
         aside = temp_name()
         try:
             os.rename(name, aside, src_dir_fd=d, dst_dir_fd=d)
         except FileNotFoundError:
-            raise PreconditionFailed(f"{self._path(key)} does not exist") from None
+            raise missing(f"{self._path(key)} does not exist") from None
         except OSError as exc:
             raise self._error("cannot replace", exc, key) from exc
         return aside
@@ -519,17 +539,8 @@ class PosixBackend(Backend):
             if if_version is None:
                 self._unlink(d, name, key)
                 return
-            try:
-                aside = self._aside(d, name, key)
-            except PreconditionFailed:
-                raise NotFound(f"{self._path(key)} does not exist") from None
-            try:
-                st = os.stat(aside, dir_fd=d, follow_symlinks=False)
-                if version_of(st) != if_version:
-                    _relink(d, aside, name)
-                    raise PreconditionFailed(f"{self._path(key)} changed: not deleted")
-            finally:
-                _unlink_at(d, aside)
+            with self._aside_if(d, name, key, if_version, "deleted", missing=NotFound):
+                pass  # the aside name goes: that is the delete
 
     def _unlink(self, d: int, name: str, key: str) -> None:
         try:
@@ -563,14 +574,7 @@ class PosixBackend(Backend):
             except OSError as exc:
                 raise self._error("cannot move", exc, src) from exc
             with self._dir(dp, create=True) as dd:
-                try:
-                    os.rename(sn, dn, src_dir_fd=sd, dst_dir_fd=dd)
-                except FileNotFoundError:
-                    raise NotFound(f"{self._path(src)} does not exist") from None
-                except OSError as exc:
-                    if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                        raise BadObject(f"{self._path(dst)} is a directory: cannot replace it") from None
-                    raise self._error("cannot move", exc, src) from exc
+                self._rename(sd, sn, dd, dn, dst, "cannot move", src, missing=src)
 
     def make_prefix(self, prefix: str) -> None:
         check_prefix(prefix)
@@ -638,6 +642,8 @@ class PosixBackend(Backend):
 
 def _info(key: str, name: str, st: os.stat_result) -> ObjectInfo:
     mode = st.st_mode
+    if not listable(key):
+        return ObjectInfo(key, st.st_size, st.st_mtime, version_of(st), "other")
     if stat_mod.S_ISDIR(mode):
         return ObjectInfo(key + "/", 0, st.st_mtime, version_of(st), "prefix")
     if stat_mod.S_ISREG(mode):

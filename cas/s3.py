@@ -47,6 +47,7 @@ from .storage import (
     PreconditionFailed,
     check_key,
     check_prefix,
+    listable,
 )
 
 if TYPE_CHECKING:
@@ -61,7 +62,6 @@ SCHEME = "s3://"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_PART = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _STATUS = re.compile(r"status code: (\d{3})")
-_COMPONENT = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 # A callable payload is spooled in memory up to this size, then to a local temp file.
 SPOOL_MEMORY = 16 * 1024 * 1024
 # Unconditional payloads above this go up in parallel parts (content-addressed blobs: a plain overwrite is safe).
@@ -400,7 +400,8 @@ class S3Backend(Backend):
         # One call follows every continuation token (pages of 1,000); a prefix holds at most a fan-out's blobs.
         found = self._call("list", prefix, lambda: self._obstore.list_with_delimiter(self._store, prefix=path))
         for common in found["common_prefixes"]:
-            yield ObjectInfo(common.rstrip("/") + "/", 0, 0.0, "", "prefix")
+            key = common.rstrip("/")
+            yield ObjectInfo(key + "/", 0, 0.0, "", "prefix") if listable(key) else ObjectInfo(key, 0, 0.0, "", "other")
         for meta in found["objects"]:
             if path is not None and str(meta["path"]).rstrip("/") == path:
                 # The listed prefix itself: SeaweedFS keeps a prefix whose last object was deleted as a directory
@@ -588,7 +589,7 @@ def _listed(meta: Mapping[str, Any]) -> ObjectInfo:
     """A listed object: `temp` for a writer's temp name, `other` for a name no key can have (never read)."""
     path = str(meta["path"])
     name = path.rsplit("/", 1)[-1]
-    kind: Kind = "temp" if name.startswith(TEMP_PREFIX) else ("object" if _COMPONENT.fullmatch(name) else "other")
+    kind: Kind = "other" if not listable(path) else ("temp" if name.startswith(TEMP_PREFIX) else "object")
     return ObjectInfo(path, int(meta["size"]), _timestamp(meta["last_modified"]), meta.get("e_tag") or "", kind)
 
 

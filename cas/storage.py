@@ -89,6 +89,15 @@ def check_key(key: str) -> str:
     return key
 
 
+def listable(key: str) -> bool:
+    """True if a listed entry's `key` (a prefix without its trailing '/') is a legal key. A listing calls anything
+    else `other` whatever it is (a file, a directory, a temp name), so nothing built from a listing is an invalid
+    key: a planted `locks/a b.lock` or `families/a b/` is left alone, never a ValueError in gc or check. The listed
+    prefix is legal already, so only the last component and the length need a look."""
+    name = key.rpartition("/")[2]
+    return len(key) <= MAX_KEY_BYTES and name not in (".", "..") and _COMPONENT.fullmatch(name) is not None
+
+
 def check_prefix(prefix: str) -> str:
     if prefix == "":
         return prefix

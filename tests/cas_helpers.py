@@ -21,8 +21,8 @@ ENV_KEY = "test-env"
 
 
 # -- trees -----------------------------------------------------------------------------------------------------------
-def write_tree(root, files: dict) -> None:
-    """Create `files` ({rel: bytes | (bytes, mode)}) under `root`, making parent directories."""
+def write_tree(root, files: dict) -> str:
+    """Create `files` ({rel: bytes | (bytes, mode)}) under `root`, making parent directories; returns `root`."""
     root = os.fspath(root)
     for rel, spec in files.items():
         data, mode = spec if isinstance(spec, tuple) else (spec, 0o644)
@@ -31,6 +31,7 @@ def write_tree(root, files: dict) -> None:
         with open(path, "wb") as fh:
             fh.write(data)
         os.chmod(path, mode)
+    return root
 
 
 def read_tree(root, *, include_temp: bool = False) -> dict[str, tuple[bytes, int]]:
@@ -219,11 +220,16 @@ def run_worker(args: list[str], *, kill_at: str | None = None, timeout: float = 
     """Run a worker to completion: (returncode, its JSON report or None, stderr)."""
     proc = spawn(args, kill_at=kill_at)
     out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, _report(out), err
+
+
+def _report(out: str) -> dict | None:
+    """A worker's JSON report: its last stdout line that is a JSON object, if any."""
     report = None
     for line in out.splitlines():
         if line.startswith("{"):
             report = json.loads(line)
-    return proc.returncode, report, err
+    return report
 
 
 def kill_after_ready(args: list[str], delay: float, *, timeout: float = 60) -> tuple[int, dict | None, str]:
@@ -235,11 +241,7 @@ def kill_after_ready(args: list[str], delay: float, *, timeout: float = 60) -> t
     time.sleep(delay)
     proc.kill()
     out, err = proc.communicate(timeout=timeout)
-    report = None
-    for line in out.splitlines():
-        if line.startswith("{"):
-            report = json.loads(line)
-    return proc.returncode, report, err
+    return proc.returncode, _report(out), err
 
 
 def entries_from_json(d: dict) -> dict:

@@ -6,14 +6,17 @@ no client falls back to an instance-metadata lookup), and SeaweedFS runs with it
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -445,24 +448,26 @@ def fault_proxy(endpoint: S3Endpoint, delay_s: float = 0.0) -> Iterator[tuple[Fa
 class LatencyProxy:
     """A TCP proxy on 127.0.0.1 that delivers every chunk `one_way_delay_s` after it arrived, in each direction, so
     a request/response round trip costs 2 x one_way_delay_s more while throughput is not serialised (a chunk's
-    delay overlaps the next chunk's). For benchmarks "behind added latency" without touching the network stack."""
+    delay overlaps the next chunk's). For benchmarks "behind added latency" without touching the network stack.
+
+    Built for hundreds of connections opened at once (the S3 benchmark's 16 loaders x 32): each accepted connection
+    connects upstream on a thread of its own (a slow upstream connect never stalls the accept loop), an accept
+    error (ECONNABORTED: a client gone before its accept; EMFILE: out of descriptors for a moment) is waited out
+    instead of ending the loop, and a connection's sockets are closed once both directions have ended."""
 
     def __init__(self, upstream: str, one_way_delay_s: float):
-        import queue
-        import threading
         from urllib.parse import urlsplit
 
         target = urlsplit(upstream)
         self._upstream = (target.hostname or HOST, target.port or 80)
         self.delay = one_way_delay_s
-        self._queue_cls = queue.Queue
-        self._threading = threading
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((HOST, 0))
-        self._listener.listen(256)
+        self._listener.listen(4096)
         self._closed = threading.Event()
-        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()  # open ones only: closed connections leave the set
         self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -470,23 +475,47 @@ class LatencyProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self._upstream, timeout=10)
-            except OSError:
-                client.close()
+            except OSError as exc:
+                if self._closed.is_set():
+                    return
+                logger.debug("latency proxy: accept: %s", exc)
+                time.sleep(0 if exc.errno == errno.ECONNABORTED else 0.01)
                 continue
-            for s in (client, server):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.settimeout(None)
-            self._socks += [client, server]
-            self._pipe(client, server)
-            self._pipe(server, client)
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self._upstream, timeout=30)
+        except OSError:
+            client.close()
+            return
+        pair = (client, server)
+        for s in pair:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(None)
+        with self._lock:
+            if self._closed.is_set():
+                for s in pair:
+                    s.close()
+                return
+            self._socks.update(pair)
+        left = [2]
+
+        def one_direction_done() -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+                self._socks.difference_update(pair)
+            for s in pair:
+                _close_quietly(s)
+
+        self._pipe(client, server, one_direction_done)
+        self._pipe(server, client, one_direction_done)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, done: Callable[[], None]) -> None:
         """Reader stamps each chunk with its arrival; writer sends it at arrival + delay (order kept)."""
-        chunks: Any = self._queue_cls()
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
 
         def read() -> None:
             try:
@@ -497,30 +526,41 @@ class LatencyProxy:
             chunks.put((time.monotonic() + self.delay, b""))
 
         def write() -> None:
-            while True:
-                due, data = chunks.get()
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                try:
+            try:
+                while True:
+                    due, data = chunks.get()
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
                     if not data:
                         dst.shutdown(socket.SHUT_WR)
                         return
                     dst.sendall(data)
+            except OSError:
+                try:  # the far side is gone: stop this direction's reader too
+                    src.shutdown(socket.SHUT_RD)
                 except OSError:
-                    return
+                    pass
+            finally:
+                done()
 
-        self._threading.Thread(target=read, daemon=True).start()
-        self._threading.Thread(target=write, daemon=True).start()
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()
         self._listener.close()
-        for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
+        with self._lock:
+            socks, self._socks = self._socks, set()
+        for s in socks:
+            _close_quietly(s)
+
+
+def _close_quietly(s: socket.socket) -> None:
+    try:
+        s.close()
+    except OSError:
+        pass
 
 
 @contextmanager

@@ -77,6 +77,13 @@ def test_if_version_compare_and_swap(backend):
     backend.delete("m/x", if_version=second.version)
     with pytest.raises(NotFound):
         backend.stat("m/x")
+    # Gone: a conditional delete is NotFound, a conditional replace PreconditionFailed, and neither creates it.
+    with pytest.raises(NotFound):
+        backend.delete("m/x", if_version=second.version)
+    with pytest.raises(PreconditionFailed):
+        backend.put("m/x", b"four", if_version=second.version)
+    with pytest.raises(NotFound):
+        backend.stat("m/x")
 
 
 def test_callable_payload_aborts_cleanly(backend):

@@ -12,19 +12,11 @@ import time
 
 import pytest
 import zstandard
+from cas_helpers import write_tree
 
 from cas import BlobStore, Scope, save_tree
 from cas.cli import main
 from cas.roots import root_path
-
-
-def write_tree(root, files: dict[str, bytes]) -> str:
-    for rel, data in files.items():
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
-    return str(root)
 
 
 def cas(*args: str, env_extra: dict | None = None, real: bool = False) -> subprocess.CompletedProcess:

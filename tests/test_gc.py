@@ -8,6 +8,7 @@ import time
 
 import msgpack
 import pytest
+from cas_helpers import write_tree
 
 from cas import BlobStore, LockTimeout, Scope, load_tree, save_tree
 from cas.gc import GcRefused, collect
@@ -19,15 +20,6 @@ from cas.timing import LOCK_EXPIRY
 FRESHEN = 1
 GRACE = 2
 DAY = 86400
-
-
-def write_tree(root, files: dict[str, bytes]) -> str:
-    for rel, data in files.items():
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
-    return str(root)
 
 
 def content(tag: str, n: int = 2000) -> bytes:

@@ -377,3 +377,49 @@ def test_latency_proxy_adds_a_round_trip_per_request(s3_bucket: S3Bucket) -> Non
             obstore.head(store, "k")
         per_request = (time.monotonic() - started) / 5
     assert 0.020 <= per_request < 0.2
+
+
+def test_latency_proxy_serves_hundreds_of_connections_at_once_and_closes_finished_ones() -> None:
+    """The benchmark opens 16 loaders x 32 connections at once through the proxy: every one is served (none waits
+    in the backlog behind a slow upstream connect), and a connection both sides closed holds no descriptor."""
+    import socket
+
+    from s3_servers import LatencyProxy
+
+    upstream = socket.create_server(("127.0.0.1", 0), backlog=1024)
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = upstream.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = LatencyProxy(f"http://127.0.0.1:{upstream.getsockname()[1]}", 0.001)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    try:
+        def one(i: int) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+                c.sendall(b"%d" % i)
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while data := c.recv(1 << 16):
+                    got += data
+                return got
+
+        with ThreadPoolExecutor(128) as pool:
+            assert list(pool.map(one, range(300))) == [b"%d" % i for i in range(300)]
+        deadline = time.monotonic() + 30
+        while proxy._socks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not proxy._socks, f"{len(proxy._socks)} sockets of finished connections still open"
+    finally:
+        proxy.close()
+        upstream.close()

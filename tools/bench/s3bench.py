@@ -104,96 +104,14 @@ def requests_of(calls: Counter) -> int:
 
 # -- the latency proxy, in a process of its own ----------------------------------------------------------------------
 _PROXY = r"""
-import errno, resource, socket, sys, threading, time
+import resource, sys
 sys.path.insert(0, sys.argv[1])
 from s3_servers import LatencyProxy
 
-# Two descriptors per proxied connection: 16 loaders x 32 connections pass the usual soft limit of 1,024, and
-# LatencyProxy's accept loop ends at the first EMFILE (every later client then waits in the backlog forever).
+# Two descriptors per proxied connection: 16 loaders x 32 connections pass the usual soft limit of 1,024.
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-class Proxy(LatencyProxy):
-    # LatencyProxy connects to the upstream inside its accept loop, one connection at a time, and ends the loop on
-    # any accept error (ECONNABORTED included): with hundreds of connections opened at once (16 loaders x 32) clients waited forever. Here
-    # each accepted connection is connected and piped in threads of its own, an EMFILE is waited out, the backlog is
-    # larger. Delays are unchanged.
-    def _accept(self):
-        self._listener.listen(4096)
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError as exc:
-                if self._closed.is_set():
-                    return
-                # ECONNABORTED (a client gone before its accept), EMFILE (descriptors, for a moment): go on
-                print(f"proxy: accept: {exc}", file=sys.stderr, flush=True)
-                time.sleep(0.01 if exc.errno != errno.ECONNABORTED else 0)
-                continue
-            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
-
-    def _connect(self, client):
-        try:
-            server = socket.create_connection(self._upstream, timeout=30)
-        except OSError:
-            client.close()
-            return
-        for s in (client, server):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.settimeout(None)
-        left = [2]
-        lock = threading.Lock()
-
-        def one_direction_done():  # both directions ended: close both sockets (LatencyProxy keeps them open)
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            for s in (client, server):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-        self._pipe2(client, server, one_direction_done)
-        self._pipe2(server, client, one_direction_done)
-
-    def _pipe2(self, src, dst, done):
-        chunks = self._queue_cls()
-
-        def read():
-            try:
-                while data := src.recv(1 << 16):
-                    chunks.put((time.monotonic() + self.delay, data))
-            except OSError:
-                pass
-            chunks.put((time.monotonic() + self.delay, b""))
-
-        def write():
-            try:
-                while True:
-                    due, data = chunks.get()
-                    wait = due - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    if not data:
-                        dst.shutdown(socket.SHUT_WR)
-                        return
-                    dst.sendall(data)
-            except OSError:
-                try:  # the far side is gone: stop the reader of this direction too
-                    src.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-            finally:
-                done()
-
-        threading.Thread(target=read, daemon=True).start()
-        threading.Thread(target=write, daemon=True).start()
-
-
-p = Proxy(sys.argv[2], float(sys.argv[3]))
+p = LatencyProxy(sys.argv[2], float(sys.argv[3]))
 print(p.url, flush=True)
 sys.stdin.read()
 p.close()
@@ -625,7 +543,7 @@ def render(raw: dict) -> str:
     lines.append(
         f"Medians of {raw['args']['reps']} runs (concurrent loaders: {raw['args']['conc_reps']}), ours and s5cmd "
         f"alternating which goes first. Trees: {tinfo}. Added latency: a delaying TCP proxy on 127.0.0.1 "
-        f"(`tests/s3_servers.LatencyProxy` subclassed: connects off its accept loop, closes finished connections; in "
+        f"(`tests/s3_servers.LatencyProxy`: connects off its accept loop, closes finished connections; in "
         f"its own process) in front of the S3 gateway, half the RTT each way (`tc netem` is not in this kernel); "
         f"ours and s5cmd both go through it. The machine is shared (1-minute load average {load} at start, at "
         f"each latency and at the end): expect ±30 % between runs. *requests* = HTTP requests of ours in that "
@@ -722,9 +640,9 @@ of this process (obstore's threads included) against s5cmd's. Medians of 3, load
   real-tree rows (69 objects, 3.3 MB) are the conservative ones, and there the loads meet their goals and the first
   save does not. 16 concurrent loaders (7-9 s ours vs 20-21 s s5cmd on the synthetic tree) are bound by the server
   and the proxy on 2 cores. Kernel `netem` on a veth would cost no CPU per byte but is not available in this kernel.
-  `tests/s3_servers.LatencyProxy` as shipped connects upstream inside its accept loop, stops accepting at the first
-  accept error and keeps every socket open until closed: fine for tests, but a 16 x 32-connection run hung on it
-  twice (s5cmd waits forever); the bench's subclass fixes all three.
+  `tests/s3_servers.LatencyProxy` once connected upstream inside its accept loop, stopped accepting at the first
+  accept error and kept every socket open until closed: a 16 x 32-connection run hung on it twice (s5cmd waits
+  forever). It now connects off the accept loop, waits accept errors out and closes finished connections.
 """
 
 
