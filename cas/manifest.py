@@ -7,6 +7,7 @@ entry that is not exactly what the format allows rejects the whole manifest.
 from __future__ import annotations
 
 import bisect
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,11 @@ ZSTD_LEVEL = 3
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _ID_BYTES = 32
+
+
+# A stored frame table: ASCII decimal numbers (at most 10 digits: the content bound is far below 10**10) separated
+# by commas; the decoder's string limit (limits.MAX_PATH_BYTES) bounds its length.
+_TABLE = re.compile(r"[0-9]{1,10}(?:,[0-9]{1,10})*")
 
 
 @dataclass(frozen=True)
@@ -78,19 +84,22 @@ class FrameTable:
         inside = frame.content_start <= offset and offset + size <= frame.content_start + frame.content_length
         return frame if inside else None
 
-    def dump(self) -> list[int]:
-        return [n for pair in self.sizes for n in pair]
+    def dump(self) -> str:
+        """As stored (FORMAT §3): "c0,n0,c1,n1,..." in decimal, a string because every reader's decoder limits
+        (arrays of at most 5 elements, bins of at most 32 bytes) let through strings of up to 4 KiB."""
+        return ",".join(str(n) for pair in self.sizes for n in pair)
 
     @classmethod
     def parse(cls, value: object) -> FrameTable | None:
-        """A table as written (a flat list of ints), or None if it is not one a writer could have made: at most
-        MAX_PACK_FRAMES frames, every frame of 1 content byte or more and no larger than zstd's bound for it, at
-        most MAX_PACK_BYTES of content. Bounds every range a reader asks for through it."""
-        if type(value) is not list or not value or len(value) % 2 or len(value) > 2 * limits.MAX_PACK_FRAMES:
+        """A table as stored, or None if it is not one a writer could have made: at most MAX_PACK_FRAMES frames,
+        every frame of 1 content byte or more and no larger than zstd's bound for it, at most MAX_PACK_BYTES of
+        content. Bounds every range a reader asks for through it."""
+        if type(value) is not str or not _TABLE.fullmatch(value):
             return None
-        if not all(type(n) is int for n in value):
+        numbers = [int(n) for n in value.split(",")]
+        if len(numbers) % 2 or len(numbers) > 2 * limits.MAX_PACK_FRAMES:
             return None
-        sizes = tuple(zip(value[::2], value[1::2], strict=True))
+        sizes = tuple(zip(numbers[::2], numbers[1::2], strict=True))
         if not all(0 < length <= compress_bound(content) and content > 0 for length, content in sizes):
             return None
         if sum(content for _, content in sizes) > limits.MAX_PACK_BYTES:
@@ -185,14 +194,15 @@ class Manifest:
             use_bin_type=True,
         )
 
-    def _frame_tables(self) -> dict[bytes, list[int]]:
+    def _frame_tables(self) -> dict[bytes, str]:
         """pack id -> its frame table, for every pack an entry names with a table (FORMAT §3). Entries of one pack
         carry the same table unless a peer claimed another (save.py `_located`); the first in path order wins,
         since a wrong one only costs a reader the whole pack."""
-        tables: dict[bytes, list[int]] = {}
+        tables: dict[bytes, str] = {}
         for _, e in sorted(self.entries.items()):
-            if e.pack is not None and e.frames is not None:
-                tables.setdefault(bytes.fromhex(e.pack), e.frames.dump())
+            # (a table longer than every reader's decoder takes, 4 KiB, is never made: 65 frames are ~1 KiB)
+            if e.pack is not None and e.frames is not None and len(table := e.frames.dump()) <= limits.MAX_PATH_BYTES:
+                tables.setdefault(bytes.fromhex(e.pack), table)
         return tables
 
 
@@ -218,7 +228,7 @@ def _loads(data: bytes, source: object, limit: int) -> Manifest:
             use_list=True,
             max_str_len=limits.MAX_PATH_BYTES,
             max_bin_len=_ID_BYTES,
-            max_array_len=max(5, 2 * limits.MAX_PACK_FRAMES),  # entries are length-checked below; frame tables
+            max_array_len=5,
             max_map_len=max(limits.MAX_ENTRIES, limits.MAX_ENV_ITEMS),
             object_pairs_hook=_map_without_duplicates,
         )
