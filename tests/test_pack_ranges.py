@@ -480,3 +480,19 @@ def test_blob_readers_take_several_frames_and_refuse_what_is_not_them(vol):
     vol.put_raw(bid, _frames_blob([bytes(limits.MAX_PACK_BYTES // 2 + 1)] * 2))
     with pytest.raises(BlobCorrupt, match="claims more"):
         vol.store.get_bytes(bid, limits.MAX_PACK_BYTES)
+
+
+def test_frame_walk_finds_the_boundaries_zstd_wrote():
+    """_frames reads frame and block headers only (RFC 8878): its spans must be the frames as the compressor wrote
+    them, whatever the block kinds (raw, RLE, compressed) and with or without checksums."""
+    rng = random.Random(11)
+    for checksum in (False, True):
+        c = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=checksum)
+        parts = [rng.randbytes(rng.randint(0, 300_000)) if i % 3 == 0 else
+                 bytes(rng.randint(0, 300_000)) if i % 3 == 1 else _text(rng, rng.randint(1, 300_000))
+                 for i in range(12)]
+        frames = [c.compress(p) for p in parts]
+        blob = b"".join(frames)
+        starts = [sum(len(f) for f in frames[:i]) for i in range(len(frames))]
+        assert _frames(blob, limits.MAX_PACK_BYTES) == [(s, len(f), len(p))
+                                                        for s, f, p in zip(starts, frames, parts, strict=True)]
