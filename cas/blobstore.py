@@ -25,6 +25,10 @@ T = TypeVar("T")
 log = logging.getLogger("cas.blobstore")
 
 FORMAT_LINE = b"cas-store 1\n"
+# CAS-FORMAT key (FORMAT §2): writers store packs as several frames. The first writer of a new store writes it; a
+# store made before frames lacks it, and its writers keep one frame per pack, because readers before frames (an org's
+# older deployments share its store) decode only a blob's first frame and would quarantine a framed pack.
+PACK_FRAMES_KEY = "pack_frames"
 FANOUT = list(layout.FANOUT)
 
 # zstd level 3 compresses Inductor's text artifacts ~4-6x at several hundred MB/s per core: the volume, not the
@@ -96,7 +100,8 @@ class BlobStore:
         if config is None:
             if not create:
                 raise StoreUnavailable(f"no store at {self.root}")
-            body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER)}
+            body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER),
+                    PACK_FRAMES_KEY: True}
             try:
                 # The areas first, the format file last: a store with a format file has its whole layout. The
                 # fan-out prefixes blobs/<xx> and trash/<xx> are made by the first write into each (FORMAT §2).
@@ -108,6 +113,7 @@ class BlobStore:
             except BadObject as exc:
                 raise StoreUnavailable(f"cannot initialise store at {self.root}: {exc}") from None
             config = self._read_format() or body
+        self.pack_frames = config.get(PACK_FRAMES_KEY) is True
         value = config.get("freshen_after", DEFAULT_FRESHEN_AFTER)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise FormatError(f"store {self.root}: bad freshen_after {value!r} in CAS-FORMAT")

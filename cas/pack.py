@@ -99,10 +99,11 @@ def write(store: BlobStore, group: list[tuple[str, LocalFile]]) -> WrittenPack:
 
 def _encode(store: BlobStore, content: bytes, sizes: list[int]) -> tuple[bytes, FrameTable | None]:
     """The pack's stored bytes: its frames of whole files, and their table, unless framing costs more than
-    FRAMING_COST_MAX over one frame; then one frame and no table (its readers fetch it whole)."""
+    FRAMING_COST_MAX over one frame, or the store was made before frames (blobstore.PACK_FRAMES_KEY); then one frame
+    and no table (its readers fetch it whole)."""
     runs = frame_runs(sizes)
     single = store.compress_frames([content])[0]
-    if len(runs) == 1:
+    if len(runs) == 1 or not store.pack_frames:
         return single, None
     cuts = list(itertools.pairwise([*(sum(sizes[:a]) for a, _ in runs), len(content)]))  # content [a, b) per frame
     frames = store.compress_frames([content[a:b] for a, b in cuts])

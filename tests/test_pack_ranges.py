@@ -496,3 +496,24 @@ def test_frame_walk_finds_the_boundaries_zstd_wrote():
         starts = [sum(len(f) for f in frames[:i]) for i in range(len(frames))]
         assert _frames(blob, limits.MAX_PACK_BYTES) == [(s, len(f), len(p))
                                                         for s, f, p in zip(starts, frames, parts, strict=True)]
+
+
+def test_a_store_made_before_frames_keeps_one_frame_per_pack(tmp_path):
+    """CAS-FORMAT without `pack_frames` (FORMAT §2): readers before frames may share the store, so packs stay one
+    frame there; a new store's CAS-FORMAT says `pack_frames`, and an earlier reader's parse of it still works."""
+    from cas.blobstore import FORMAT_LINE
+
+    old = PosixBackend(tmp_path / "old", create=True)
+    old.put(layout.FORMAT, FORMAT_LINE + msgpack.packb({"freshen_after": 3600}))
+    s = Stores(old, PosixBackend(tmp_path / "scope", create=True))
+    assert not s.store.pack_frames
+    files = _saved(s, tmp_path)
+    assert {e.frames for e in s.entries().values()} == {None}
+    res = _loaded(s, tmp_path, files, [_in_frame_plain(s, 4)])
+    assert res.restored == 1 and s.store_calls.ranged_gets["blobs"] == 0
+
+    new = BlobStore(tmp_path / "new", create=True)
+    assert new.pack_frames
+    config = msgpack.unpackb(new.backend.get(layout.FORMAT, limit=1 << 16)[len(FORMAT_LINE):], raw=False,
+                             max_map_len=64, max_str_len=1024)  # the limits every reader parses it with
+    assert config == {"freshen_after": 3600, "pack_frames": True}
