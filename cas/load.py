@@ -86,6 +86,23 @@ def plan_ranges(items: list[tuple[str, Entry]]) -> list[PackRange] | None:
     return ranges
 
 
+def _plan_packs(packed: list[tuple[str, Entry]]) -> tuple[dict[str, list[tuple[str, Entry]]],
+                                                          list[tuple[str, PackRange]]]:
+    """Which packs a load reads whole (pack id -> its entries to restore) and which by ranges (pack id, range)."""
+    by_pack: dict[str, list[tuple[str, Entry]]] = {}
+    for item in packed:
+        by_pack.setdefault(item[1].stored_id, []).append(item)
+    whole: dict[str, list[tuple[str, Entry]]] = {}
+    ranged: list[tuple[str, PackRange]] = []
+    for pack_id, items in by_pack.items():
+        parts = plan_ranges(items)
+        if parts is None:
+            whole[pack_id] = items
+        else:
+            ranged += [(pack_id, part) for part in parts]
+    return whole, ranged
+
+
 @dataclass
 class LoadResult:
     manifest_found: bool = False
@@ -225,18 +242,7 @@ def _restore_all(target: TargetDir, store: BlobStore, scope: Scope, env_key: str
                 restore((path, entry), data)
 
     loose = [item for item in todo if item[1].pack is None]
-    packed: dict[str, list[tuple[str, Entry]]] = {}
-    for item in todo:
-        if item[1].pack is not None:
-            packed.setdefault(item[1].pack, []).append(item)
-    whole: dict[str, list[tuple[str, Entry]]] = {}
-    ranged: list[tuple[str, PackRange]] = []
-    for pack_id, items in packed.items():
-        parts = plan_ranges(items)
-        if parts is None:
-            whole[pack_id] = items
-        else:
-            ranged += [(pack_id, part) for part in parts]
+    whole, ranged = _plan_packs([item for item in todo if item[1].pack is not None])
     retry: dict[str, list[tuple[str, Entry]]] = {}  # pack -> entries its ranges did not yield
     pack_slots = threading.Semaphore(PACKS_IN_MEMORY)
     workers = _io_workers(store, todo, threads)
