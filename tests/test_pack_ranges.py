@@ -1,5 +1,5 @@
 """Packs of independent frames (FORMAT §2) and partial loads that fetch only the frames they need (FORMAT §3a): on a
-real volume and on moto's S3, counted through FaultyBackend; old packs and manifests; hostile frame tables and
+real volume, moto and SeaweedFS, counted through FaultyBackend; old packs and manifests; hostile frame tables and
 blobs cost a read of the whole pack or a miss, never wrong content."""
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ class Stores:
         self.store_calls.inner.put(layout.blob(blob), data)
 
 
-@pytest.fixture(params=["volume", "moto"])
+@pytest.fixture(params=["volume", "moto", "seaweedfs"])
 def stores(request, tmp_path) -> Stores:
     if request.param == "volume":
         return Stores(PosixBackend(tmp_path / "store", create=True), PosixBackend(tmp_path / "scope", create=True))
-    bucket = request.getfixturevalue("moto_bucket")
+    bucket = request.getfixturevalue("moto_bucket" if request.param == "moto" else "seaweed_bucket")
     return Stores(bucket.backend("org/b10_cas"), bucket.backend("model/compile_cache"))
 
 
@@ -288,32 +288,32 @@ def _with_table(s: Stores, table: FrameTable) -> None:
     s.scope.write_manifest(manifest.dumps(), ENV_KEY)
 
 
-def test_wrong_frame_coordinates_cost_a_whole_pack_read_never_wrong_content(vol, tmp_path):
-    files = _saved(vol, tmp_path)
-    _, table = _table(vol)
+def test_wrong_frame_coordinates_cost_a_whole_pack_read_never_wrong_content(stores, tmp_path):
+    files = _saved(stores, tmp_path)
+    _, table = _table(stores)
     sizes = list(table.sizes)
     # Frame 1 one byte longer, frame 2 one shorter: same totals, a valid-looking table, ranges off by one.
     sizes[1] = (sizes[1][0] + 1, sizes[1][1])
     sizes[2] = (sizes[2][0] - 1, sizes[2][1])
-    _with_table(vol, FrameTable(tuple(sizes)))
-    res = _loaded(vol, tmp_path, files, [_in_frame(vol, 2)])
-    assert res.restored == 1 and not res.misses and res.corrupt == 0 and not _quarantined(vol)
-    assert vol.store_calls.ranged_gets["blobs"] == 1  # the ranged read, then one whole read
-    assert vol.store_calls.got_bytes["blobs"] == sizes[2][0] + table.stored_size
+    _with_table(stores, FrameTable(tuple(sizes)))
+    res = _loaded(stores, tmp_path, files, [_in_frame(stores, 2)])
+    assert res.restored == 1 and not res.misses and res.corrupt == 0 and not _quarantined(stores)
+    assert stores.store_calls.ranged_gets["blobs"] == 1  # the ranged read, then one whole read
+    assert stores.store_calls.got_bytes["blobs"] == sizes[2][0] + table.stored_size
 
 
-def test_a_range_past_the_end_of_the_pack_falls_back(vol, tmp_path):
-    files = _saved(vol, tmp_path)
-    _, table = _table(vol)
+def test_a_range_past_the_end_of_the_pack_falls_back(stores, tmp_path):
+    files = _saved(stores, tmp_path)
+    _, table = _table(stores)
     last = len(table.sizes) - 1
     # Every frame before the last claims zstd's bound for its content (the most a parser accepts): the last frame's
     # range then starts past the end of the blob, which is far smaller (compressed).
     sizes = [(compress_bound(n), n) for _, n in table.sizes[:last]] + [table.sizes[last]]
     assert FrameTable(tuple(sizes)).frame(last).start > table.stored_size
-    _with_table(vol, FrameTable(tuple(sizes)))
-    res = _loaded(vol, tmp_path, files, [_in_frame(vol, last)])
-    assert res.restored == 1 and not res.misses and not _quarantined(vol)
-    assert vol.store_calls.got_bytes["blobs"] == table.stored_size  # the ranged read got nothing, then the whole
+    _with_table(stores, FrameTable(tuple(sizes)))
+    res = _loaded(stores, tmp_path, files, [_in_frame(stores, last)])
+    assert res.restored == 1 and not res.misses and not _quarantined(stores)
+    assert stores.store_calls.got_bytes["blobs"] == table.stored_size  # the ranged read got nothing, then the whole
 
 
 def test_a_frame_range_holding_another_file_is_a_miss(vol, tmp_path):
