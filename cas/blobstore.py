@@ -401,16 +401,16 @@ class BlobStore:
         checking never changes the store)."""
         try:
             with self.backend.open(layout.blob(blob_id), limit=compress_bound(max_size)) as fh:
-                # A blob small enough to be a pack is checked by the rules of the in-memory readers (several frames
-                # allowed, FORMAT §2); a larger one streams, as its loader streams it (one frame).
-                head = fh.read(_IN_MEMORY_STORED + 1)
-                if len(head) <= _IN_MEMORY_STORED:
-                    total = sum(n for _, _, n in _frames(head, max_size))  # header arithmetic only, no decoding
-                    if total <= limits.MAX_PACK_BYTES:
+                # A blob that may be a pack (its first frame within a pack's bound) is checked by the rules of the
+                # in-memory readers (several frames allowed, FORMAT §2); a larger one streams, as its loader streams
+                # it (one frame), never held in memory.
+                head = fh.read(_FRAME_HEADER_MAX)
+                if _frame_size(head) <= limits.MAX_PACK_BYTES:
+                    head += fh.read(_IN_MEMORY_STORED + 1 - len(head))
+                    if len(head) <= _IN_MEMORY_STORED and _content_size(head, max_size) <= limits.MAX_PACK_BYTES:
                         self._decode_bounded(head, blob_id, max_size)
                         return
-                claimed = _frame_size(head)
-                self._decode_stream(_Prefixed(head, fh), blob_id, claimed, _Counter())  # type: ignore[arg-type]
+                self._decode_stream(_Prefixed(head, fh), blob_id, _frame_size(head), _Counter())  # type: ignore[arg-type]
         except NotFound:
             raise BlobMissing(f"blob {blob_id} not in store") from None
         except (ObjectTooLarge, BadObject) as exc:
@@ -543,6 +543,11 @@ def _frames(data: bytes, limit: int) -> list[tuple[int, int, int]]:
         spans.append((pos, end - pos, claimed))
         pos = end
     return spans
+
+
+def _content_size(data: bytes, limit: int) -> int:
+    """The content size an in-memory blob's frames claim together (header arithmetic only)."""
+    return sum(n for _, _, n in _frames(data, limit))
 
 
 def _frame_end(view: memoryview, pos: int) -> int:

@@ -517,3 +517,18 @@ def test_a_store_made_before_frames_keeps_one_frame_per_pack(tmp_path):
     config = msgpack.unpackb(new.backend.get(layout.FORMAT, limit=1 << 16)[len(FORMAT_LINE):], raw=False,
                              max_map_len=64, max_str_len=1024)  # the limits every reader parses it with
     assert config == {"freshen_after": 3600, "pack_frames": True}
+
+
+def test_verify_streams_blobs_larger_than_a_pack_and_holds_packs_in_memory(vol):
+    """verify (cas check --read-data) reads a blob whose first frame is within a pack's bound by the in-memory
+    rules (several frames) and streams a larger one (one frame), so a 64 GiB blob never sits in memory."""
+    big = bytes(range(256)) * ((limits.MAX_PACK_BYTES + 4096) // 256)  # one frame, more than a pack's content
+    bid = blob_id(big)
+    vol.put_raw(bid, zstandard.ZstdCompressor(level=1, write_content_size=True).compress(big))
+    vol.store.verify(bid)
+    vol.put_raw(bid, _frames_blob([big[:100], big[100:]]))  # the same content as two frames: beyond a pack's bound
+    with pytest.raises(BlobCorrupt):
+        vol.store.verify(bid)
+    small = _frames_blob([b"x" * 10, b"y" * 20])
+    vol.put_raw(blob_id(b"x" * 10 + b"y" * 20), small)
+    vol.store.verify(blob_id(b"x" * 10 + b"y" * 20))
