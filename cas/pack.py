@@ -114,12 +114,13 @@ def _encode(store: BlobStore, content: bytes, sizes: list[int]) -> tuple[bytes, 
 
 def frame_runs(sizes: list[int], target: int = PACK_FRAME_BYTES) -> list[tuple[int, int]]:
     """Cut a pack's files (their sizes, in pack order) into runs [a, b) of whole files of about `target` bytes: a
-    run ends before the file that would take it past `target`, so a file larger than `target` is a run of its own
-    and any two neighbouring runs hold more than `target` together (at most 2 * PACK_TARGET / target + 1 runs)."""
+    run ends before the (non-empty) file that would take it past `target`, so a file larger than `target` is a run
+    of its own, no run after the first is empty (a reader refuses a table with an empty frame), and any two
+    neighbouring runs hold more than `target` together (at most 2 * PACK_TARGET / target + 1 runs)."""
     runs: list[tuple[int, int]] = []
     start = size = 0
     for i, n in enumerate(sizes):
-        if i > start and size + n > target:
+        if i > start and n and size + n > target:
             runs.append((start, i))
             start, size = i, 0
         size += n

@@ -145,6 +145,9 @@ def test_frame_runs_hold_whole_files_of_about_the_target():
     assert pack.frame_runs([10, 10, 10], target=25) == [(0, 2), (2, 3)]
     assert pack.frame_runs([30, 5, 30], target=25) == [(0, 1), (1, 2), (2, 3)]  # a file above the target: alone
     assert pack.frame_runs([0, 0, 25, 0], target=25) == [(0, 4)]
+    # Empty files after a large one stay in its run: a frame of no content would void the whole table.
+    assert pack.frame_runs([30, 0, 0, 5], target=25) == [(0, 3), (3, 4)]
+    assert pack.frame_runs([0, 0], target=25) == [(0, 2)]
 
 
 def test_framing_that_costs_compression_is_not_used(vol, tmp_path):
