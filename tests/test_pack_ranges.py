@@ -535,3 +535,19 @@ def test_verify_streams_blobs_larger_than_a_pack_and_holds_packs_in_memory(vol):
     small = _frames_blob([b"x" * 10, b"y" * 20])
     vol.put_raw(blob_id(b"x" * 10 + b"y" * 20), small)
     vol.store.verify(blob_id(b"x" * 10 + b"y" * 20))
+
+
+def test_get_frames_refuses_unbounded_ranges_before_any_request(vol, tmp_path):
+    from cas.blobstore import RangeUnusable
+
+    _saved(vol, tmp_path)
+    pack_id, table = _table(vol)
+    vol.reset()
+    for start, frames in [(0, []), (-1, [table.sizes[0]]), (0, [(compress_bound(1000) + 1, 1000)]),
+                          (0, [(compress_bound(limits.MAX_PACK_BYTES), limits.MAX_PACK_BYTES), (9, 1)])]:
+        with pytest.raises(RangeUnusable):
+            vol.store.get_frames(pack_id, start, frames)
+    assert sum(vol.store_calls.calls.values()) == 0
+    first = table.frame(0)
+    content = vol.store.get_frames(pack_id, first.start, [table.sizes[0]])
+    assert len(content) == first.content_length and vol.store_calls.got_bytes["blobs"] == first.length
