@@ -25,6 +25,10 @@ T = TypeVar("T")
 log = logging.getLogger("cas.blobstore")
 
 FORMAT_LINE = b"cas-store 1\n"
+# CAS-FORMAT key (FORMAT §2): writers store packs as several frames. The first writer of a new store writes it; a
+# store made before frames lacks it, and its writers keep one frame per pack, because readers before frames (an org's
+# older deployments share its store) decode only a blob's first frame and would quarantine a framed pack.
+PACK_FRAMES_KEY = "pack_frames"
 FANOUT = list(layout.FANOUT)
 
 # zstd level 3 compresses Inductor's text artifacts ~4-6x at several hundred MB/s per core: the volume, not the
@@ -96,7 +100,8 @@ class BlobStore:
         if config is None:
             if not create:
                 raise StoreUnavailable(f"no store at {self.root}")
-            body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER)}
+            body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER),
+                    PACK_FRAMES_KEY: True}
             try:
                 # The areas first, the format file last: a store with a format file has its whole layout. The
                 # fan-out prefixes blobs/<xx> and trash/<xx> are made by the first write into each (FORMAT §2).
@@ -108,6 +113,7 @@ class BlobStore:
             except BadObject as exc:
                 raise StoreUnavailable(f"cannot initialise store at {self.root}: {exc}") from None
             config = self._read_format() or body
+        self.pack_frames = config.get(PACK_FRAMES_KEY) is True
         value = config.get("freshen_after", DEFAULT_FRESHEN_AFTER)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise FormatError(f"store {self.root}: bad freshen_after {value!r} in CAS-FORMAT")
@@ -243,19 +249,33 @@ class BlobStore:
         """Store an in-memory blob (a manifest, a pack). Returns its id and the bytes written (0: already stored,
         now freshened)."""
         blob_id = blake3.blake3(data).hexdigest()
+        return blob_id, self._put_encoded(blob_id, lambda: self._cctx.compress(data))
+
+    def compress_frames(self, parts: list[bytes]) -> list[bytes]:
+        """One zstd frame (recording its content size) per part: the frames of a pack (FORMAT §2), whose
+        concatenation is a blob of the parts' concatenation."""
+        return [self._cctx.compress(part) for part in parts]
+
+    def put_encoded(self, blob_id: str, encoded: bytes) -> int:
+        """Store a blob already encoded by the caller (a pack's frames, checked against `blob_id` by its builder,
+        cas/pack.py). Returns the bytes written (0: already stored, now freshened)."""
+        return self._put_encoded(blob_id, lambda: encoded)
+
+    def _put_encoded(self, blob_id: str, encode: Callable[[], bytes]) -> int:
+        """Store a blob whose encoded bytes `encode` makes, unless it is stored already (then freshen it)."""
         if self.stat(blob_id) is not None:
             try:
                 self.backend.touch(layout.blob(blob_id))
-                return blob_id, 0
+                return 0
             except NotFound:
                 pass  # collected meanwhile: write it
-        frame = self._cctx.compress(data)
+        encoded = encode()
 
         def fill(out: BinaryIO) -> None:
-            out.write(frame)
+            out.write(encoded)
             _faults.checkpoint("blob-written")
 
-        return blob_id, self._put(blob_id, fill).size
+        return self._put(blob_id, fill).size
 
     def compressed_size(self, src: str | int) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""
@@ -325,15 +345,37 @@ class BlobStore:
         except _Invalid as exc:
             raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
 
+    def get_frames(self, blob_id: str, start: int, frames: list[tuple[int, int]]) -> bytes:
+        """The content of a run of a multi-frame blob's frames (a pack, FORMAT §2), fetched with one ranged read from
+        byte `start`: `frames` is the run's (compressed length, content length) per frame, from the manifest's frame
+        table, and each frame is checked against it before it is decoded. The content is not verified against the
+        blob id (only the whole blob can be): the caller verifies each file it takes from it. Raises BlobMissing
+        (after looking in trash), or RangeUnusable when the range does not hold exactly those frames: a wrong table
+        or a damaged blob, which only a read of the whole blob can tell apart. Never quarantines."""
+        length = sum(c for c, _ in frames)
+        content = sum(n for _, n in frames)
+        # A table the manifest parser accepted is within these bounds; checked again since the range is a request.
+        if not frames or start < 0 or content > limits.MAX_PACK_BYTES or length > compress_bound(content):
+            raise RangeUnusable(f"blob {blob_id}: frames {frames[:4]}... at {start} are not a pack's frames")
+        try:
+            data = self._stored(blob_id, length,
+                                lambda key, limit: self.backend.get(key, limit=limit, offset=start, length=length))
+            if len(data) != length:
+                raise _Invalid(f"{len(data)} bytes at {start}, expected {length} (past the end)")
+            spans = _frames(data, content)
+            if [(size, claimed) for _, size, claimed in spans] != frames:
+                raise _Invalid("the frames there are not the ones the table records")
+            return _decode_spans(data, spans)
+        except _Invalid as exc:
+            raise RangeUnusable(f"blob {blob_id}, bytes {start}+{length}: {exc}") from None
+
     @staticmethod
     def _decode_bounded(data: bytes, blob_id: str, max_size: int) -> bytes:
-        claimed = _frame_size(data)
-        if claimed > max_size:
-            raise _Invalid(f"claims {claimed} bytes, limit {max_size}")
-        return _decode_whole(data, blob_id, claimed)
+        spans = _frames(data, max_size)
+        return _check_content(_decode_spans(data, spans), blob_id, sum(n for _, _, n in spans))
 
     def _decode_stream(self, fh: BinaryIO, blob_id: str, size: int, out: BinaryIO) -> None:
-        header = fh.read(18)
+        header = fh.read(_FRAME_HEADER_MAX)
         if _frame_size(header) != size:
             raise _Invalid(f"frame claims {_frame_size(header)} bytes, manifest says {size}")
         hasher = blake3.blake3()
@@ -359,9 +401,16 @@ class BlobStore:
         checking never changes the store)."""
         try:
             with self.backend.open(layout.blob(blob_id), limit=compress_bound(max_size)) as fh:
-                header = fh.read(18)
-                claimed = _frame_size(header)
-                self._decode_stream(_Prefixed(header, fh), blob_id, claimed, _Counter())  # type: ignore[arg-type]
+                # A blob that may be a pack (its first frame within a pack's bound) is checked by the rules of the
+                # in-memory readers (several frames allowed, FORMAT §2); a larger one streams, as its loader streams
+                # it (one frame), never held in memory.
+                head = fh.read(_FRAME_HEADER_MAX)
+                if _frame_size(head) <= limits.MAX_PACK_BYTES:
+                    head += fh.read(_IN_MEMORY_STORED + 1 - len(head))
+                    if len(head) <= _IN_MEMORY_STORED and _content_size(head, max_size) <= limits.MAX_PACK_BYTES:
+                        self._decode_bounded(head, blob_id, max_size)
+                        return
+                self._decode_stream(_Prefixed(head, fh), blob_id, _frame_size(head), _Counter())  # type: ignore[arg-type]
         except NotFound:
             raise BlobMissing(f"blob {blob_id} not in store") from None
         except (ObjectTooLarge, BadObject) as exc:
@@ -397,6 +446,15 @@ class BlobStore:
 
 class _Invalid(Exception):
     pass
+
+
+class RangeUnusable(Exception):
+    """A byte range of a blob does not hold the frames a manifest's frame table says it holds (FORMAT §2): the
+    table or the blob is wrong, which only reading the whole blob can tell."""
+
+
+# The largest stored form of a blob decoded in memory: a pack of MAX_PACK_BYTES content at its compress bound.
+_IN_MEMORY_STORED = compress_bound(limits.MAX_PACK_BYTES)
 
 
 class _Prefixed:
@@ -436,18 +494,99 @@ class _Counter:
 
 
 def _decode_whole(data: bytes, blob_id: str, size: int) -> bytes:
-    """Decode one in-memory frame that must hold exactly `size` bytes hashing to `blob_id`."""
-    if _frame_size(data) != size:
-        raise _Invalid(f"frame claims {_frame_size(data)} bytes, expected {size}")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-    except zstandard.ZstdError as exc:
-        raise _Invalid(f"undecodable: {exc}") from None
+    """Decode an in-memory blob (one frame, or a pack's several) that must hold exactly `size` bytes hashing to
+    `blob_id`. The frame headers are checked against `size` before anything is decoded."""
+    spans = _frames(data, size)
+    claimed = sum(n for _, _, n in spans)
+    if claimed != size:
+        raise _Invalid(f"frames claim {claimed} bytes, expected {size}")
+    return _check_content(_decode_spans(data, spans), blob_id, size)
+
+
+def _check_content(raw: bytes, blob_id: str, size: int) -> bytes:
     if len(raw) != size:
         raise _Invalid(f"decoded {len(raw)} bytes, expected {size}")
     if blake3.blake3(raw).hexdigest() != blob_id:
         raise _Invalid("content does not match id")
     return raw
+
+
+ZSTD_MAGIC = zstandard.FRAME_HEADER
+# RFC 8878 §3.1.1: a frame header is at most 18 bytes (magic, descriptor, window, dictionary id, content size); its
+# descriptor's bit 2 says a 4-byte checksum follows the last block.
+_FRAME_HEADER_MAX = 18
+# RFC 8878 §3.1.1.2: a block header is 3 bytes (last-block flag, type, size); no block holds more than 128 KiB.
+_BLOCK_HEADER = 3
+_BLOCK_MAX = 128 << 10
+_RLE_BLOCK, _RESERVED_BLOCK = 1, 3
+_CHECKSUM_BYTES = 4
+
+
+def _frames(data: bytes, limit: int) -> list[tuple[int, int, int]]:
+    """The zstd frames that make up an in-memory blob, as (start, compressed length, content length), from their
+    headers and block headers alone (RFC 8878 §3.1.1): nothing is decoded. Every frame must record its content size,
+    their total must stay within `limit`, the frames must cover `data` exactly, and there are at most
+    limits.MAX_PACK_FRAMES of them: a hostile blob is refused on arithmetic, before any allocation."""
+    view = memoryview(data)
+    spans: list[tuple[int, int, int]] = []
+    pos = total = 0
+    while pos < len(data) or not spans:
+        if len(spans) >= limits.MAX_PACK_FRAMES:
+            raise _Invalid(f"more than {limits.MAX_PACK_FRAMES} frames")
+        if bytes(view[pos:pos + 4]) != ZSTD_MAGIC:
+            raise _Invalid(f"no zstd frame at byte {pos}")
+        claimed = _frame_size(bytes(view[pos:pos + _FRAME_HEADER_MAX]))
+        total += claimed
+        if total > limit:
+            raise _Invalid(f"claims more than {limit} bytes")
+        end = _frame_end(view, pos)
+        spans.append((pos, end - pos, claimed))
+        pos = end
+    return spans
+
+
+def _content_size(data: bytes, limit: int) -> int:
+    """The content size an in-memory blob's frames claim together (header arithmetic only)."""
+    return sum(n for _, _, n in _frames(data, limit))
+
+
+def _frame_end(view: memoryview, pos: int) -> int:
+    """Where the frame starting at `pos` ends: past its header, its blocks and its checksum."""
+    try:
+        p = pos + zstandard.frame_header_size(bytes(view[pos:pos + _FRAME_HEADER_MAX]))
+    except zstandard.ZstdError as exc:
+        raise _Invalid(f"bad frame header at byte {pos}: {exc}") from None
+    has_checksum = view[pos + 4] & 0x04
+    while True:
+        if p + _BLOCK_HEADER > len(view):
+            raise _Invalid(f"frame at byte {pos} is cut short")
+        header = int.from_bytes(view[p:p + _BLOCK_HEADER], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == _RESERVED_BLOCK or size > _BLOCK_MAX:
+            raise _Invalid(f"bad block header at byte {p}")
+        p += _BLOCK_HEADER + (1 if kind == _RLE_BLOCK else size)
+        if last:
+            break
+    p += _CHECKSUM_BYTES if has_checksum else 0
+    if p > len(view):
+        raise _Invalid(f"frame at byte {pos} is cut short")
+    return p
+
+
+def _decode_spans(data: bytes, spans: list[tuple[int, int, int]]) -> bytes:
+    """Decode frames whose headers _frames has checked: each to exactly the size it records (zstd checks that too)."""
+    view = memoryview(data)
+    dctx = zstandard.ZstdDecompressor()
+    parts = []
+    try:
+        for start, length, claimed in spans:
+            part = dctx.decompress(view[start:start + length], max_output_size=claimed)
+            if len(part) != claimed:
+                raise _Invalid(f"frame at byte {start} decoded to {len(part)} bytes, it claims {claimed}")
+            parts.append(part)
+    except zstandard.ZstdError as exc:
+        raise _Invalid(f"undecodable: {exc}") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _frame_size(header: bytes) -> int:

@@ -7,7 +7,9 @@ that runs in production:
     backend.before = lambda verb, key: ...        # runs before every verb: swap a file, kill, pause
     backend.fail("put", "blobs/", StoreUnavailable("volume gone"), times=1)
 
-Counts every verb per key prefix (`calls`), so a test can also assert how many requests an operation made.
+Counts every verb (`calls`), and for `get` the bytes returned and the ranged reads (`got_bytes`, `ranged_gets`, per
+key area: "blobs", "manifests", ...), so a test can also assert how many requests an operation made and what they
+fetched.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class FaultyBackend(Backend):
         self.atomic_replace = inner.atomic_replace
         self.location = inner.location
         self.calls: Counter[str] = Counter()
+        self.got_bytes: Counter[str] = Counter()  # area -> bytes returned by `get`
+        self.ranged_gets: Counter[str] = Counter()  # area -> `get` calls with a length (ranged reads)
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._sleep = sleep
@@ -72,7 +76,12 @@ class FaultyBackend(Backend):
 
     def get(self, key: str, *, limit: int, offset: int = 0, length: int | None = None) -> bytes:
         self._enter("get", key)
-        return self.inner.get(key, limit=limit, offset=offset, length=length)
+        data = self.inner.get(key, limit=limit, offset=offset, length=length)
+        area = key.split("/", 1)[0]
+        with self._lock:
+            self.got_bytes[area] += len(data)
+            self.ranged_gets[area] += length is not None
+        return data
 
     def open(self, key: str, *, limit: int) -> BinaryIO:
         self._enter("open", key)

@@ -21,3 +21,8 @@ MAX_SMALL_FILE_BYTES = 64 << 10
 # A pack's uncompressed content (FORMAT §2): small enough to decode in memory, large enough that a cache of
 # thousands of small files needs a handful of packs. Readers refuse packs and packed entries beyond it.
 MAX_PACK_BYTES = 8 << 20
+# Frames in one blob, and in a pack's frame table (FORMAT §2, §3). Writers cut a pack's content into frames of about
+# pack.PACK_FRAME_BYTES (at most 2 * 8 MiB / 256 KiB + 1 = 65 frames); a blob claiming more is not ours, and the
+# bound keeps a hostile blob of tiny frames from costing a reader a list of a million spans. A table of this many
+# frames (~13 characters each) still fits the manifest decoder's 4 KiB string limit.
+MAX_PACK_FRAMES = 256

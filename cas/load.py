@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import _faults, layout, limits, localfs, nogc, pack, timing
 from .atomic import write_all
-from .blobstore import BlobStore
+from .blobstore import BlobStore, RangeUnusable
 from .errors import BlobCorrupt, BlobMissing, CasError, NoSpace, StoreUnavailable, UnsafePath
 from .index import Index
 from .localfs import TargetDir
@@ -37,6 +37,70 @@ TEMP_EXPIRY = timing.TEMP_EXPIRY
 # Packs decoded and held at once (each up to limits.MAX_PACK_BYTES): bounds a load's memory to ~100 MB whatever the
 # thread count, and a few packs already keep every core busy writing files.
 PACKS_IN_MEMORY = 8
+# A pack whose needed frames are more than this share of its stored bytes is fetched whole (FORMAT §3a): one request
+# instead of several, for at most twice the bytes, and the whole pack is verified as a blob. A full load needs every
+# frame of every pack, so it always fetches whole packs.
+RANGED_SHARE_MAX = 0.5
+# Two runs of needed frames closer than this (compressed bytes between them) are fetched as one range: a request
+# costs a round trip (1-20 ms to an object store, a few to a network volume), in which 128 KiB moves at ~100 MB/s
+# or more, and it is about half a frame of PACK_FRAME_BYTES of text.
+RANGE_GAP_BYTES = 128 << 10
+
+
+@dataclass
+class PackRange:
+    """One ranged read of a pack: consecutive frames from `frames[0]`'s start, and the entries they hold."""
+
+    start: int  # compressed byte offset in the pack blob
+    content_start: int  # where the first frame's content starts in the pack's content
+    frames: list[tuple[int, int]]  # (compressed length, content length) per frame
+    items: list[tuple[str, Entry]]
+
+
+def plan_ranges(items: list[tuple[str, Entry]]) -> list[PackRange] | None:
+    """The ranged reads that fetch just the frames of one pack holding `items` (its entries a load needs), or None
+    when the pack is to be read whole: an entry without a frame table or outside every frame of it (a pack written
+    before frames, or a wrong claim), entries disagreeing on the table, or frames needed beyond RANGED_SHARE_MAX."""
+    table = items[0][1].frames
+    if table is None:
+        return None
+    needed: dict[int, list[tuple[str, Entry]]] = {}
+    for path, entry in items:
+        frame = table.frame_of(entry.offset, entry.size) if entry.frames == table else None
+        if frame is None:
+            return None
+        needed.setdefault(frame.index, []).append((path, entry))
+    if sum(table.sizes[i][0] for i in needed) > RANGED_SHARE_MAX * table.stored_size:
+        return None
+    ranges: list[PackRange] = []
+    last = -1
+    for index in sorted(needed):
+        gap = sum(table.sizes[i][0] for i in range(last + 1, index))
+        if ranges and gap <= RANGE_GAP_BYTES:
+            ranges[-1].frames += table.sizes[last + 1:index + 1]  # the gap's frames too: one contiguous read
+        else:
+            frame = table.frame(index)
+            ranges.append(PackRange(frame.start, frame.content_start, [table.sizes[index]], []))
+        ranges[-1].items += needed[index]
+        last = index
+    return ranges
+
+
+def _plan_packs(packed: list[tuple[str, Entry]]) -> tuple[dict[str, list[tuple[str, Entry]]],
+                                                          list[tuple[str, PackRange]]]:
+    """Which packs a load reads whole (pack id -> its entries to restore) and which by ranges (pack id, range)."""
+    by_pack: dict[str, list[tuple[str, Entry]]] = {}
+    for item in packed:
+        by_pack.setdefault(item[1].stored_id, []).append(item)
+    whole: dict[str, list[tuple[str, Entry]]] = {}
+    ranged: list[tuple[str, PackRange]] = []
+    for pack_id, items in by_pack.items():
+        parts = plan_ranges(items)
+        if parts is None:
+            whole[pack_id] = items
+        else:
+            ranged += [(pack_id, part) for part in parts]
+    return whole, ranged
 
 
 @dataclass
@@ -151,20 +215,47 @@ def _restore_all(target: TargetDir, store: BlobStore, scope: Scope, env_key: str
                     continue
                 restore((path, entry), data)
 
+    def restore_range(pack_id: str, part: PackRange) -> None:
+        """A pack's frames fetched alone; whatever they do not yield verified goes to the whole pack (`retry`): a
+        ranged read proves nothing about the pack, so it never quarantines it or counts anything corrupt."""
+        with pack_slots:
+            if abort.is_set():
+                return
+            try:
+                content = store.get_frames(pack_id, part.start, part.frames)
+            except BlobMissing as exc:
+                for path, _ in part.items:
+                    miss(path, exc)
+                return
+            except RangeUnusable as exc:
+                log.info("%s; reading the whole pack", exc)
+                with lock:
+                    retry.setdefault(pack_id, []).extend(part.items)
+                return
+            for path, entry in part.items:
+                try:
+                    data = pack.extract(content, entry.blob_id, entry.size, entry.offset - part.content_start)
+                except pack.PackEntryCorrupt:
+                    with lock:
+                        retry.setdefault(pack_id, []).append((path, entry))
+                    continue
+                restore((path, entry), data)
+
     loose = [item for item in todo if item[1].pack is None]
-    packed: dict[str, list[tuple[str, Entry]]] = {}
-    for item in todo:
-        if item[1].pack is not None:
-            packed.setdefault(item[1].pack, []).append(item)
+    whole, ranged = _plan_packs([item for item in todo if item[1].pack is not None])
+    retry: dict[str, list[tuple[str, Entry]]] = {}  # pack -> entries its ranges did not yield
     pack_slots = threading.Semaphore(PACKS_IN_MEMORY)
     workers = _io_workers(store, todo, threads)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cas-load") as pool:
         # The root refresh (scope.id read, root stat, server-clock probe: ~10 serial requests) overlaps the restores.
         pool.submit(_refresh_root, store, scope, env_key)
         # Packs first: each is one large read followed by many local writes, the longest tasks.
-        futures = [pool.submit(restore_pack, p, items) for p, items in packed.items()]
+        futures = [pool.submit(restore_pack, p, items) for p, items in whole.items()]
+        futures += [pool.submit(restore_range, p, part) for p, part in ranged]
         futures += [pool.submit(restore, item) for item in loose]
         errors = [f.exception() for f in futures]
+        if retry and not abort.is_set():  # at most one whole read per pack, after all its ranges have answered
+            errors += [f.exception() for f in [pool.submit(restore_pack, p, items) for p, items in retry.items()]]
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first

@@ -1,10 +1,13 @@
-"""Manifests: path -> (blob id, size, mode[, pack, offset]) for one deployment and environment (docs/FORMAT.md §3).
+"""Manifests: path -> (blob id, size, mode[, pack, offset]) for one deployment and environment (docs/FORMAT.md §3),
+and each pack's frame table (where its files can be fetched alone).
 
 Parsing treats the bytes as hostile: size and count limits are enforced by the msgpack decoder itself, and any
 entry that is not exactly what the format allows rejects the whole manifest.
 """
 from __future__ import annotations
 
+import bisect
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +15,7 @@ import msgpack
 import zstandard
 
 from . import limits, nogc
+from .blobstore import compress_bound
 from .errors import ManifestError, TooLarge, UnsafePath
 from .paths import check_entry_path
 
@@ -20,9 +24,87 @@ from .paths import check_entry_path
 # bytes). Compressed, a manifest of 680 entries shrinks ~3x: it is stored twice per deployment (scope and store).
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
+# The optional `frames` map (each pack's frame table, FORMAT §3) left the version at 2: earlier readers ignore keys
+# they do not know, as they did `parent`, whereas a saver of an earlier version that met a version it cannot read
+# would replace the whole manifest with its own files (save.py `_read_current`).
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _ID_BYTES = 32
+
+
+# A stored frame table: ASCII decimal numbers (at most 10 digits: the content bound is far below 10**10) separated
+# by commas; the decoder's string limit (limits.MAX_PATH_BYTES) bounds its length.
+_TABLE = re.compile(r"[0-9]{1,10}(?:,[0-9]{1,10})*")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a pack (FORMAT §2): bytes [start, start+length) of the pack blob decode to content bytes
+    [content_start, content_start+content_length)."""
+
+    index: int
+    start: int
+    length: int
+    content_start: int
+    content_length: int
+
+
+@dataclass(frozen=True, eq=True)
+class FrameTable:
+    """A pack's frames in order, as (compressed length, content length) pairs: the frames tile the blob and its
+    content, so the starts are running sums. A claim like any location (FORMAT §3): whatever a reader takes through
+    it is checked frame by frame and file by file."""
+
+    sizes: tuple[tuple[int, int], ...]
+    _starts: tuple[tuple[int, ...], tuple[int, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        starts, content_starts = [0], [0]
+        for length, content in self.sizes:
+            starts.append(starts[-1] + length)
+            content_starts.append(content_starts[-1] + content)
+        object.__setattr__(self, "_starts", (tuple(starts), tuple(content_starts)))
+
+    @property
+    def stored_size(self) -> int:
+        return self._starts[0][-1]
+
+    def frame(self, index: int) -> Frame:
+        starts, content_starts = self._starts
+        length, content = self.sizes[index]
+        return Frame(index, starts[index], length, content_starts[index], content)
+
+    def frame_of(self, offset: int, size: int) -> Frame | None:
+        """The frame holding content bytes [offset, offset+size) whole, or None (a file never straddles frames)."""
+        # (an empty file at the very end of the content belongs to the last frame)
+        index = min(bisect.bisect_right(self._starts[1], offset) - 1, len(self.sizes) - 1)
+        if index < 0:
+            return None
+        frame = self.frame(index)
+        inside = frame.content_start <= offset and offset + size <= frame.content_start + frame.content_length
+        return frame if inside else None
+
+    def dump(self) -> str:
+        """As stored (FORMAT §3): "c0,n0,c1,n1,..." in decimal, a string because every reader's decoder limits
+        (arrays of at most 5 elements, bins of at most 32 bytes) let through strings of up to 4 KiB."""
+        return ",".join(str(n) for pair in self.sizes for n in pair)
+
+    @classmethod
+    def parse(cls, value: object) -> FrameTable | None:
+        """A table as stored, or None if it is not one a writer could have made: at most MAX_PACK_FRAMES frames,
+        every frame of 1 content byte or more and no larger than zstd's bound for it, at most MAX_PACK_BYTES of
+        content. Bounds every range a reader asks for through it."""
+        if type(value) is not str or not _TABLE.fullmatch(value):
+            return None
+        numbers = [int(n) for n in value.split(",")]
+        if len(numbers) % 2 or len(numbers) > 2 * limits.MAX_PACK_FRAMES:
+            return None
+        sizes = tuple(zip(numbers[::2], numbers[1::2], strict=True))
+        if not all(0 < length <= compress_bound(content) and content > 0 for length, content in sizes):
+            return None
+        if sum(content for _, content in sizes) > limits.MAX_PACK_BYTES:
+            return None
+        return cls(sizes)
 
 
 @dataclass(frozen=True)
@@ -36,14 +118,17 @@ class Entry:
     mode: int  # permission bits only
     pack: str | None = field(default=None, compare=False)
     offset: int = field(default=0, compare=False)
+    # The pack's frame table, when the manifest records one (FORMAT §3: shared by the pack's entries; None for
+    # loose files and for packs written before frames, which are read whole).
+    frames: FrameTable | None = field(default=None, compare=False, repr=False)
 
     @property
     def stored_id(self) -> str:
         """The blob the store must keep for this entry: its pack, or the file's own blob."""
         return self.pack or self.blob_id
 
-    def located(self, pack: str | None, offset: int = 0) -> Entry:
-        return Entry(self.blob_id, self.size, self.mode, pack, offset)
+    def located(self, pack: str | None, offset: int = 0, frames: FrameTable | None = None) -> Entry:
+        return Entry(self.blob_id, self.size, self.mode, pack, offset, frames if pack is not None else None)
 
     def pack_fields(self) -> list:
         fields = [bytes.fromhex(self.blob_id), self.size, self.mode]
@@ -104,9 +189,21 @@ class Manifest:
                 "updated": float(self.updated),
                 "entries": {p: e.pack_fields() for p, e in sorted(self.entries.items())},
                 **({"parent": bytes.fromhex(self.parent)} if self.parent else {}),
+                **({"frames": frames} if (frames := self._frame_tables()) else {}),
             },
             use_bin_type=True,
         )
+
+    def _frame_tables(self) -> dict[bytes, str]:
+        """pack id -> its frame table, for every pack an entry names with a table (FORMAT §3). Entries of one pack
+        carry the same table unless a peer claimed another (save.py `_located`); the first in path order wins,
+        since a wrong one only costs a reader the whole pack."""
+        tables: dict[bytes, str] = {}
+        for _, e in sorted(self.entries.items()):
+            # (a table longer than every reader's decoder takes, 4 KiB, is never made: 65 frames are ~1 KiB)
+            if e.pack is not None and e.frames is not None and len(table := e.frames.dump()) <= limits.MAX_PATH_BYTES:
+                tables.setdefault(bytes.fromhex(e.pack), table)
+        return tables
 
 
 def loads(data: bytes, source: object = "<manifest>", limit: int = limits.MAX_MANIFEST_BYTES) -> Manifest:
@@ -165,13 +262,14 @@ def _loads(data: bytes, source: object, limit: int) -> Manifest:
         raise ManifestError(source, "entries missing or not a map")
     if len(raw_entries) > limits.MAX_ENTRIES:
         raise ManifestError(source, f"{len(raw_entries)} entries exceeds the limit of {limits.MAX_ENTRIES}")
+    tables = _frame_tables(doc.get("frames"))
     entries: dict[str, Entry] = {}
     for path, value in raw_entries.items():
         try:
             check_entry_path(path)
         except UnsafePath as exc:
             raise ManifestError(source, f"illegal entry: {exc}") from None
-        entries[path] = _entry(value, path, source, version)
+        entries[path] = _entry(value, path, source, version, tables)
     parent = doc.get("parent", b"")
     parent_id = parent.hex() if isinstance(parent, bytes) and len(parent) == _ID_BYTES else ""
     return Manifest(env_key, env, entries, float(created), float(updated), parent_id)
@@ -216,7 +314,19 @@ def _map_without_duplicates(pairs: list) -> dict:
     return result
 
 
-def _entry(value: object, path: str, source: object, version: int) -> Entry:
+def _frame_tables(raw: object) -> dict[str, FrameTable]:
+    """The optional `frames` map (FORMAT §3): pack id -> frame table. A hint, not content: a table that is not one
+    a writer could have made is ignored (its pack's files are then read from the whole pack), never an error."""
+    if not isinstance(raw, dict):
+        return {}
+    tables: dict[str, FrameTable] = {}
+    for pack, value in raw.items():
+        if type(pack) is bytes and len(pack) == _ID_BYTES and (table := FrameTable.parse(value)) is not None:
+            tables[pack.hex()] = table
+    return tables
+
+
+def _entry(value: object, path: str, source: object, version: int, tables: dict[str, FrameTable]) -> Entry:
     # The common case, checked in one expression (`type(x) is int` also refuses bool, as the full check does); any
     # doubt goes to the full check, which says what is wrong.
     if type(value) is list:
@@ -226,16 +336,17 @@ def _entry(value: object, path: str, source: object, version: int) -> Entry:
                     and 0 <= size <= limits.MAX_ENTRY_SIZE and type(mode) is int and 0 <= mode <= 0o777
                     and type(pack) is bytes and len(pack) == _ID_BYTES and type(offset) is int
                     and 0 <= offset and offset + size <= limits.MAX_PACK_BYTES):
-                return Entry(blob.hex(), size, mode, pack.hex(), offset)
+                pack_id = pack.hex()
+                return Entry(blob.hex(), size, mode, pack_id, offset, tables.get(pack_id) if tables else None)
         elif len(value) == 3:
             blob, size, mode = value
             if (type(blob) is bytes and len(blob) == _ID_BYTES and type(size) is int
                     and 0 <= size <= limits.MAX_ENTRY_SIZE and type(mode) is int and 0 <= mode <= 0o777):
                 return Entry(blob.hex(), size, mode)
-    return _entry_checked(value, path, source, version)
+    return _entry_checked(value, path, source, version, tables)
 
 
-def _entry_checked(value: object, path: str, source: object, version: int) -> Entry:
+def _entry_checked(value: object, path: str, source: object, version: int, tables: dict[str, FrameTable]) -> Entry:
     lengths = (3, 5) if version >= 2 else (3,)
     if not (isinstance(value, list) and len(value) in lengths):
         raise ManifestError(source, f"entry {path!r} is not [id, size, mode] or [id, size, mode, pack, offset]")
@@ -255,4 +366,4 @@ def _entry_checked(value: object, path: str, source: object, version: int) -> En
     if not (isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset
             and offset + size <= limits.MAX_PACK_BYTES):
         raise ManifestError(source, f"entry {path!r}: offset {offset!r} puts it outside any pack")
-    return Entry(blob.hex(), size, mode, pack.hex(), offset)
+    return Entry(blob.hex(), size, mode, pack.hex(), offset, tables.get(pack.hex()))

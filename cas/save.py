@@ -30,7 +30,7 @@ from .errors import (
     TooLarge,
 )
 from .index import Index
-from .manifest import Entry, Manifest, loads
+from .manifest import Entry, FrameTable, Manifest, loads
 from .roots import encode_root, parse_root, read_root, write_root
 from .scope import Scope, check_env_key
 from .space import require_free_bytes
@@ -151,7 +151,7 @@ def save_tree(
                 changed.update(written_pack.changed)
                 if written_pack.pack_id is not None:  # else every file changed: no offsets
                     for bid, offset in written_pack.offsets.items():
-                        located[bid] = (written_pack.pack_id, offset)
+                        located[bid] = (written_pack.pack_id, offset, written_pack.frames)
                         result.blobs_uploaded += 1
                         result.raw_bytes_uploaded += by_id[bid].size
                 result.bytes_uploaded += written_pack.stored_bytes
@@ -211,33 +211,38 @@ def _hash_all(
     return entries, by_id, changed
 
 
+# Where a small file is stored: pack id, offset in its content, the pack's frame table (if recorded).
+Location = tuple[str, int, FrameTable | None]
+
+
 def _located(
     store: BlobStore, scope: Scope, env_key: str, current: Manifest | None, wanted: list[str], pool: ThreadPoolExecutor
-) -> dict[str, tuple[str, int]]:
+) -> dict[str, Location]:
     """Where the store already holds these small files: pack locations recorded by this deployment's manifest or,
-    for the rest, by the manifests of the deployments that saved the same environment most recently. Only packs
-    that are still there (and freshened, FORMAT §2) count. A location is a claim checked on every read (the file's
-    own hash), so a wrong one costs a miss and an audit, never wrong content."""
+    for the rest, by the manifests of the deployments that saved the same environment most recently, with the
+    pack's frame table where the manifest records one. Only packs that are still there (and freshened, FORMAT §2)
+    count. A location is a claim checked on every read (the file's own hash), so a wrong one costs a miss and an
+    audit, never wrong content (a wrong frame table: a read of the whole pack)."""
     if not wanted:
         return {}
     todo = set(wanted)
-    candidates: dict[str, list[tuple[str, int]]] = {}
+    candidates: dict[str, list[Location]] = {}
 
     def collect(manifest: Manifest) -> None:
         for e in manifest.entries.values():
             if e.pack is not None and e.blob_id in todo:
                 spots = candidates.setdefault(e.blob_id, [])
-                if (e.pack, e.offset) not in spots:
-                    spots.append((e.pack, e.offset))
+                if all((e.pack, e.offset) != spot[:2] for spot in spots):
+                    spots.append((e.pack, e.offset, e.frames))
 
     if current is not None:
         collect(current)
     if todo - candidates.keys():
         for manifest in _peer_manifests(store, scope, env_key, pool):
             collect(manifest)
-    packs = sorted({p for spots in candidates.values() for p, _ in spots})
+    packs = sorted({spot[0] for spots in candidates.values() for spot in spots})
     alive = {p for p, ok in zip(packs, pool.map(store.ensure_fresh, packs), strict=True) if ok}
-    found: dict[str, tuple[str, int]] = {}
+    found: dict[str, Location] = {}
     for bid, spots in candidates.items():
         spot = next((s for s in spots if s[0] in alive), None)
         if spot is not None:

@@ -187,6 +187,9 @@ class Ours:
         out["seconds"] = time.perf_counter() - t0
         calls = sb.calls + cb.calls
         out["requests"] = requests_of(calls)
+        # What the store's GETs returned (blobs, packs, their frames) and how many of them were ranged reads.
+        out["got_mb"] = round(sb.got_bytes["blobs"] / 1e6, 3)
+        out["ranged"] = sb.ranged_gets["blobs"]
         out["verbs"] = dict(calls)
         out["store_verbs"], out["scope_verbs"] = dict(sb.calls), dict(cb.calls)
         sb.close()
@@ -340,7 +343,7 @@ class Run:
         if "requests" in res:
             slot["requests"].append(res["requests"])
             slot["verbs"].append(res.get("verbs"))
-        for k in ("path", "packs", "uploaded_mb"):
+        for k in ("path", "packs", "uploaded_mb", "got_mb", "ranged"):
             if k in res:
                 slot.setdefault(k, []).append(res[k])
         if error:
@@ -571,6 +574,8 @@ def render(raw: dict) -> str:
                         ratio += f" ({om / med(down['s']):.2f} vs cp down)"
                 if "path" in o:
                     notes.append("path: " + ", ".join(f"{k} {v}" for k, v in Counter(o["path"]).items()))
+                if "got_mb" in o and "load" in op and "concurrent" not in op:
+                    notes.append(f"blobs fetched {med(o['got_mb']):.2f} MB, {med(o['ranged']):g} ranged GETs")
                 if "packs" in o and op.startswith("first"):
                     notes.append(f"{o['packs'][0]} packs, {o['uploaded_mb'][0]} MB stored")
                 for impl, x in (("ours", o), ("s5cmd", s), ("slowfs", sl)):
