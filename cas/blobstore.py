@@ -138,6 +138,22 @@ class BlobStore:
             raise FormatError(f"store {self.root}: unreadable CAS-FORMAT config: {exc}") from exc
         return config if isinstance(config, dict) else {}
 
+    def enable_pack_frames(self) -> bool:
+        """Set `"pack_frames": true` in CAS-FORMAT (FORMAT §2, Packs) of an existing store; False if already set.
+
+        For an operator, once no reader older than frames uses the store. A conditional write of the file as read:
+        a concurrent change of it raises PreconditionFailed, and nothing else of the file changes."""
+        info = self.backend.stat(layout.FORMAT)
+        config = self._read_format()
+        if info is None or config is None:
+            raise StoreUnavailable(f"no store at {self.root}")
+        if config.get(PACK_FRAMES_KEY) is True:
+            return False
+        body = dict(config, **{PACK_FRAMES_KEY: True})
+        self.backend.put(layout.FORMAT, FORMAT_LINE + msgpack.packb(body), if_version=info.version)
+        self.pack_frames = True
+        return True
+
     def blob_path(self, blob_id: str) -> str:
         """The blob's path on a POSIX volume (tests and tools; `cas` itself goes through the backend)."""
         return os.path.join(self.root, layout.blob(blob_id))

@@ -4,6 +4,7 @@
     cas check  [--read-data] [--subset n/m]
     cas stats | cas du
     cas ls     [ENV_KEY | SCOPE_ID/ENV_KEY]
+    cas enable-pack-frames
 
 Every command takes --org PATH (default $B10FS_ORG_CACHE_DIR, else <volume>/org/b10_cas, or <volume>/model/b10_cas
 when <volume>/org is not mounted, as the library; <volume> is $B10FS_VOLUME_ROOT, else /cache), --scope PATH
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a root unused for longer is dead (default 30d)")
 
     parser = argparse.ArgumentParser(prog="cas", description=__doc__.split("\n\n")[0], parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gc,check,stats,du,ls}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{gc,check,stats,du,ls,enable-pack-frames}")
 
     p = sub.add_parser("gc", parents=[common, ttl], help="collect blobs no live root references")
     p.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", parents=[common], help="list roots, or a manifest's entries")
     p.add_argument("name", nargs="?", help="ENV_KEY (this deployment's manifest) or SCOPE_ID/ENV_KEY (any root's)")
+
+    sub.add_parser("enable-pack-frames", parents=[common],
+                   help="let saves write packs of independent frames, so that partial loads fetch byte ranges "
+                        "(a store made before frames; run it once no older reader uses the store)")
     return parser
 
 
@@ -365,7 +370,17 @@ def _ls_roots(store: BlobStore, scope: Scope | None, args) -> int:
     return EXIT_PROBLEMS if problems else EXIT_OK
 
 
-_COMMANDS = {"gc": cmd_gc, "check": cmd_check, "stats": cmd_stats, "du": cmd_stats, "ls": cmd_ls}
+def cmd_enable_pack_frames(store: BlobStore, scope: Scope | None, args, progress: Progress) -> int:
+    changed = store.enable_pack_frames()
+    if args.json:
+        _emit_json({"pack_frames": True, "changed": changed})
+    else:
+        print(f"{store.root}: pack_frames {'enabled' if changed else 'already enabled'}")
+    return EXIT_OK
+
+
+_COMMANDS = {"gc": cmd_gc, "check": cmd_check, "stats": cmd_stats, "du": cmd_stats, "ls": cmd_ls,
+             "enable-pack-frames": cmd_enable_pack_frames}
 
 if __name__ == "__main__":
     sys.exit(main())

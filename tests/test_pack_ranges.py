@@ -551,3 +551,33 @@ def test_get_frames_refuses_unbounded_ranges_before_any_request(vol, tmp_path):
     first = table.frame(0)
     content = vol.store.get_frames(pack_id, first.start, [table.sizes[0]])
     assert len(content) == first.content_length and vol.store_calls.got_bytes["blobs"] == first.length
+
+
+def test_cas_enable_pack_frames_upgrades_a_store_made_before_frames(tmp_path, capsys):
+    """`cas enable-pack-frames` adds the key to an existing store's CAS-FORMAT (keeping the rest), once: after it
+    a save writes framed packs there and a partial load fetches ranges; a second run changes nothing."""
+    from cas import cli
+    from cas.blobstore import FORMAT_LINE
+
+    old = PosixBackend(tmp_path / "old", create=True)
+    old.put(layout.FORMAT, FORMAT_LINE + msgpack.packb({"freshen_after": 7200}))
+    assert cli.main(["--org", str(tmp_path / "old"), "--scope", str(tmp_path / "scope"), "enable-pack-frames"]) == 0
+    assert "pack_frames enabled" in capsys.readouterr().out
+    config = msgpack.unpackb(old.get(layout.FORMAT, limit=1 << 16)[len(FORMAT_LINE):], raw=False)
+    assert config == {"freshen_after": 7200, "pack_frames": True}
+    assert cli.main(["--org", str(tmp_path / "old"), "--json", "enable-pack-frames"]) == 0
+    assert '"changed": false' in capsys.readouterr().out
+
+    s = Stores(old, PosixBackend(tmp_path / "scope", create=True))
+    assert s.store.pack_frames
+    files = _saved(s, tmp_path)
+    assert any(e.frames for e in s.entries().values())
+    res = _loaded(s, tmp_path, files, [_in_frame_plain(s, 4)])
+    assert res.restored == 1 and s.store_calls.ranged_gets["blobs"] >= 1
+
+
+def test_cas_enable_pack_frames_on_no_store_is_an_error(tmp_path, capsys):
+    from cas import cli
+
+    assert cli.main(["--org", str(tmp_path / "none"), "enable-pack-frames"]) == 2
+    assert "enable-pack-frames" in capsys.readouterr().err
