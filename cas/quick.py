@@ -30,6 +30,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -38,9 +39,9 @@ import blake3
 from . import layout, limits, nogc
 from .backends import open_location
 from .errors import CasError, UnsafePath
-from .index import INDEX_NAME, Index
+from .index import INDEX_NAME, DirKey, Index, dir_key, settled
 from .manifest import Entry, Manifest, loads
-from .paths import check_entry_path
+from .paths import check_entry_path, is_transient
 from .roots import parse_root
 from .scope import Scope, check_env_key, read_scope_id
 from .storage import Backend, NotFound
@@ -59,6 +60,8 @@ _MANIFESTS_KEPT = 16
 _last_lock = threading.Lock()
 _POOL: _Readers | None = None
 _POOL_PID = 0
+# The clock a walk's directory stats are judged by (index.settled); tests move it.
+_clock_ns = time.time_ns
 
 
 def nothing_new(
@@ -93,9 +96,10 @@ def nothing_new(
         audit_f = None if listed_f else pool.submit(_exists, scope.backend, layout.audit(env_key))
         with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
             index = Index(src)
-            hits = _local_hits(src, index)  # this thread, while the volume answers
-            if hits is None:
+            local = _local_hits(src, index)  # this thread, while the volume answers
+            if local is None:
                 return None  # reads still in flight finish on their own
+            hits, walked_dirs = local
             if listed_f is not None:
                 data, audit = listed_f.result()
             else:
@@ -114,8 +118,8 @@ def nothing_new(
         root = root_f.result()
         if root is None or root.manifest != digest:
             return None  # no root, or it names other bytes: save_tree audits the manifest (FORMAT §3)
-        if not known:
-            _note_verified(index, hits, manifest_path, digest)
+        if not known or walked_dirs is not None:
+            _note_verified(index, hits, manifest_path, digest, walked_dirs)
         return len(hits)
     except Exception as exc:  # noqa: BLE001 - any doubt is a "maybe"
         log.debug("no-op check inconclusive: %s: %s", type(exc).__name__, exc)
@@ -243,18 +247,107 @@ def _copy(source: Future, target: Future) -> None:
 def _local_entries(src: str) -> dict[str, Entry] | None:
     """path -> Entry of every file `tree.scan(src)` would return, from the index alone; None at the first file the
     index does not vouch for (new, changed, or modified too recently to trust its stat)."""
-    hits = _local_hits(src, Index(src))
-    return None if hits is None else _entries_of(hits)
+    local = _local_hits(src, Index(src))
+    return None if local is None else _entries_of(local[0])
 
 
-def _local_hits(src: str, index: Index) -> list[tuple[str, str, os.stat_result]] | None:
-    """(path, blob id, lstat) of every file `tree.scan(src)` would return, from the index alone; None at the first
-    file the index does not vouch for."""
+Hit = tuple[str, str, os.stat_result]  # path, blob id, lstat
+
+
+def _local_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] | None] | None:
+    """(path, blob id, lstat) of every file `tree.scan(src)` would return, from the index alone, and the directory
+    record to keep if the tree had to be walked for it (None: the index's record vouched for the listings, or the
+    walk met a directory changed too recently to record). None at the first file the index does not vouch for."""
+    found = _recorded_hits(src, index)
+    if found is _CHANGED:
+        return None
+    if found is not _WALK:
+        assert isinstance(found, list)
+        return found, None
+    return _walked_hits(src, index)
+
+
+# What _recorded_hits found instead of the hits: a file that is not the indexed one (the answer is "maybe"), or a
+# directory the record does not vouch for (the tree is walked).
+_CHANGED = object()
+_WALK = object()
+
+
+def _recorded_hits(src: str, index: Index) -> list[Hit] | object:
+    """The hits from the index's directory record (FORMAT §7) without listing the tree: every recorded directory
+    still has its recorded (mtime, ctime, inode), so each listing is what it was and the files are exactly the
+    entries; then one lstat per entry, by path from the root's descriptor. The root itself is listed every time:
+    writing `.cas-index` there (renaming it into place) changes its mtime. _WALK if the record is absent or does
+    not match, _CHANGED at the first entry whose stat is not the indexed one."""
+    dirs = index.dirs
+    if dirs is None:
+        return _WALK
+    entries = index.entries()
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return _WALK  # the walk says what is wrong
+    try:
+        lstat, isdir = os.lstat, stat.S_ISDIR
+        # Every ancestor of every entry is checked before any entry is stat-ed by a path through it: a recorded
+        # directory swapped for a symlink shows here (lstat), never as an entry read through the link.
+        for rel, key in dirs.items():
+            st = lstat(rel, dir_fd=fd)
+            if (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != key or not isdir(st.st_mode):
+                return _WALK
+        if not _root_as_recorded(fd, entries, dirs):
+            return _WALK
+        hits: list[Hit] = []
+        for rel, (want, blob_id) in entries.items():
+            st = lstat(rel, dir_fd=fd)
+            if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != want:
+                return _CHANGED
+            hits.append((rel, blob_id, st))
+        return hits
+    except (OSError, TypeError, ValueError):
+        # Gone or swapped since the directories were checked (a race), or a record that is not as written (a path
+        # that is not a string, or has a NUL): the walk decides.
+        return _WALK
+    finally:
+        os.close(fd)
+
+
+def _root_as_recorded(fd: int, entries: dict, dirs: dict[str, DirKey]) -> bool:
+    """The root directory (descriptor `fd`) holds exactly the top-level entries and recorded subdirectories, besides
+    names a save never takes."""
+    files = {rel for rel in entries if "/" not in rel}
+    subdirs = {rel for rel in dirs if "/" not in rel}
+    seen_files = seen_dirs = 0
+    with os.scandir(fd) as it:
+        for entry in it:
+            name = entry.name
+            if is_transient(name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if name not in subdirs:
+                    return False
+                seen_dirs += 1
+            elif entry.is_file(follow_symlinks=False):
+                if name not in files:
+                    try:
+                        check_entry_path(name)
+                    except UnsafePath:
+                        continue  # never taken (scan says why)
+                    return False
+                seen_files += 1
+            # symlinks and other non-regular files: never taken
+    return seen_files == len(files) and seen_dirs == len(subdirs)
+
+
+def _walked_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] | None] | None:
+    """_local_hits by listing every directory, noting each one's stat for the record."""
     lookup = index.lookup
-    hits: list[tuple[str, str, os.stat_result]] = []
+    hits: list[Hit] = []
+    since = _clock_ns()
+    met: dict[str, os.stat_result] = {}
     try:
         # Names are checked only on an index miss: the index records only files a save took, so a hit is valid.
-        for rel, _, st in walk(src, validate=False, strict=True):
+        for rel, _, st in walk(src, validate=False, strict=True, dirs=met):
             blob_id = lookup(rel, st)
             if blob_id is None:
                 try:
@@ -265,18 +358,35 @@ def _local_hits(src: str, index: Index) -> list[tuple[str, str, os.stat_result]]
             hits.append((rel, blob_id, st))
     except Unreadable:
         return None  # scan skips it with a warning: let save_tree say so
-    return hits
+    return hits, _recordable(met, since)
 
 
-def _entries_of(hits: list[tuple[str, str, os.stat_result]]) -> dict[str, Entry]:
+def _recordable(met: dict[str, os.stat_result], since: int) -> dict[str, DirKey] | None:
+    """The directory record for the walk that started at `since` and met these directories, or None if one of them
+    may not be trusted: changed within RACY_NS of the walk (a change in the same timestamp tick would not show in
+    its stat), swapped for a non-directory while walked, or too many to keep."""
+    if len(met) > limits.MAX_ENTRIES:  # the index's map limit (a reader would refuse the whole index)
+        return None
+    dirs: dict[str, DirKey] = {}
+    for rel, st in met.items():
+        if not stat.S_ISDIR(st.st_mode) or not settled(st, since):
+            return None
+        dirs[rel] = dir_key(st)
+    return dirs
+
+
+def _entries_of(hits: list[Hit]) -> dict[str, Entry]:
     return {rel: Entry(blob_id, st.st_size, stat.S_IMODE(st.st_mode) & 0o777) for rel, blob_id, st in hits}
 
 
-def _note_verified(index: Index, hits: list[tuple[str, str, os.stat_result]], manifest_path: str,
-                   digest: str) -> None:
+def _note_verified(index: Index, hits: list[Hit], manifest_path: str, digest: str,
+                   dirs: dict[str, DirKey] | None) -> None:
     """Record in the local index that each of its entries (only the files just compared: the others are dropped)
-    is in the manifest with `digest`. Best effort: a lost write only means the next check compares again."""
+    is in the manifest with `digest`, and the walk's directory record if there is one (after the drop: it vouches
+    for exactly these entries). Best effort: a lost write only means the next check compares or walks again."""
     index.retain({rel for rel, _, _ in hits})
+    if dirs is not None:
+        index.record_dirs(dirs)
     index.mark_verified(manifest_path, digest)
     index.write()
 

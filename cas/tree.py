@@ -28,14 +28,18 @@ class Unreadable(Exception):
     walk)."""
 
 
-def walk(root: str | os.PathLike, *, validate: bool = True,
-         strict: bool = False) -> Iterator[tuple[str, str, os.stat_result]]:
+def walk(root: str | os.PathLike, *, validate: bool = True, strict: bool = False,
+         dirs: dict[str, os.stat_result] | None = None) -> Iterator[tuple[str, str, os.stat_result]]:
     """(rel, absolute path, lstat) of each regular file a save takes under `root`: transient names
     (paths.is_transient) skipped, symlinks never followed (one in a cache directory points somewhere we must not
     publish), and with `validate` names no reader accepts (backslash, not UTF-8) left out with a warning. A directory
     that cannot be listed (permissions, I/O error, a path the kernel refuses as too long) or whose relative path is
     over limits.MAX_PATH_BYTES (no entry below it is legal) is skipped whole with one warning, or with `strict`
-    raises Unreadable: one bad subtree must not fail the save of the rest. Order is unspecified."""
+    raises Unreadable: one bad subtree must not fail the save of the rest. Order is unspecified.
+
+    With `dirs`, each subdirectory met is put there (relative path without the trailing '/' -> its lstat, taken
+    before the listing: a change made after the stat, even during the listing, then shows as a changed directory).
+    One found to be no longer a directory (swapped since its parent was listed) is put there too, and not listed."""
     stack = [("", os.fspath(root))]
     while stack:
         prefix, directory = stack.pop()
@@ -43,6 +47,10 @@ def walk(root: str | os.PathLike, *, validate: bool = True,
             _skip(directory, f"deeper than {limits.MAX_PATH_BYTES} bytes", strict)
             continue
         try:
+            if dirs is not None and prefix:
+                dirs[prefix[:-1]] = st = os.lstat(directory)
+                if not stat.S_ISDIR(st.st_mode):  # swapped for a symlink or a file since its parent was listed
+                    continue
             with os.scandir(directory) as it:
                 entries = list(it)
         except (FileNotFoundError, NotADirectoryError):
