@@ -364,15 +364,27 @@ def _walked_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] |
 def _recordable(met: dict[str, os.stat_result], since: int) -> dict[str, DirKey] | None:
     """The directory record for the walk that started at `since` and met these directories, or None if one of them
     may not be trusted: changed within RACY_NS of the walk (a change in the same timestamp tick would not show in
-    its stat), swapped for a non-directory while walked, or too many to keep."""
+    its stat), swapped for a non-directory while walked, named in no UTF-8, or too many to keep."""
     if len(met) > limits.MAX_ENTRIES:  # the index's map limit (a reader would refuse the whole index)
         return None
     dirs: dict[str, DirKey] = {}
     for rel, st in met.items():
-        if not stat.S_ISDIR(st.st_mode) or not settled(st, since):
+        if not stat.S_ISDIR(st.st_mode) or not settled(st, since) or not _storable(rel):
             return None
         dirs[rel] = dir_key(st)
     return dirs
+
+
+def _storable(rel: str) -> bool:
+    """The index can hold this path: a directory whose name is not UTF-8 (its files are never taken, FORMAT §3) is
+    walked, for msgpack cannot write the name."""
+    if rel.isascii():
+        return True
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entries_of(hits: list[Hit]) -> dict[str, Entry]:

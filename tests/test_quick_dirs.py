@@ -391,3 +391,14 @@ def test_record_and_walk_agree_after_every_change(recorded, tmp_path):
         if expected is None:
             save_tree(src, store, scope, KEY)
             assert check(src, store, scope) == sum(1 for _ in walk(src))
+
+
+def test_a_directory_named_in_no_utf8_is_walked(saved, monkeypatch):
+    """Its files are never taken, and the index cannot hold its name: no record, the same answer as the walk."""
+    src, store, scope = saved
+    os.mkdir(os.fsencode(src) + b"/bad\xff")
+    (Path(os.fsdecode(os.fsencode(src) + b"/bad\xff")) / "f.py").write_bytes(b"never taken")
+    later(monkeypatch)
+    assert check(src, store, scope) == len(FILES)
+    assert Index(src).dirs is None
+    assert check(src, store, scope) == len(FILES)
