@@ -134,8 +134,15 @@ class Index:
             doc["verified"] = list(self.verified)
         if self.dirs is not None:
             doc["dirs"] = {rel: list(key) for rel, key in self.dirs.items()}
+        data = msgpack.packb(doc, use_bin_type=True)
+        if len(data) > limits.MAX_MANIFEST_BYTES and self.dirs is not None:
+            # Over what _read accepts: without the record the entries may still fit (a walk costs less than
+            # hashing everything again).
+            self.dirs = None
+            del doc["dirs"]
+            data = msgpack.packb(doc, use_bin_type=True)
         try:
-            replace_atomically(self.path, msgpack.packb(doc, use_bin_type=True), fsync=False)
+            replace_atomically(self.path, data, fsync=False)
             self._dirty = False
         except OSError as exc:
             log.debug("cannot write index %s: %s", self.path, exc)

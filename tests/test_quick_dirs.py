@@ -402,3 +402,16 @@ def test_a_directory_named_in_no_utf8_is_walked(saved, monkeypatch):
     assert check(src, store, scope) == len(FILES)
     assert Index(src).dirs is None
     assert check(src, store, scope) == len(FILES)
+
+
+def test_an_index_too_large_with_the_record_is_written_without_it(recorded, monkeypatch):
+    from cas import limits
+
+    src, _, _ = recorded
+    index = Index(src)
+    size = (src / INDEX_NAME).stat().st_size
+    monkeypatch.setattr(limits, "MAX_MANIFEST_BYTES", size - 1)  # the same index, one byte over what is read
+    index._dirty = True  # written again as it is
+    index.write()
+    monkeypatch.undo()
+    assert Index(src).dirs is None and len(Index(src).entries()) == len(FILES)
