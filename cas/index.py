@@ -50,10 +50,12 @@ class Index:
         self.verified: tuple[str, str] | None = None
         # Subdirectory (relative path, no trailing '/') -> DirKey of every directory under the root, recorded by the
         # no-op check's full walk (FORMAT §7). Its meaning: each directory listed, while it had that key, exactly
-        # the entries now held below it, these subdirectories and names a save never takes. So while every key
-        # still matches, stat-ing each entry by path stands for listing the tree. It is valid only with the very
-        # entry names it was recorded with: adding or dropping a name drops it (a changed key of an entry does not:
-        # a file rewritten in place leaves its directory's listing as it was).
+        # the entries now held below it, these subdirectories and names a save never takes. So while a directory's
+        # key still matches, stat-ing its entries by path stands for listing it. Dropping an entry drops the record
+        # (the file may still be there, unlisted). Adding one does not: a name a save or load records in a
+        # directory that still has its recorded key was in its listing then, so it was an entry already; a new
+        # name is in a directory whose key has changed, which is listed again. A changed key of an entry does not
+        # either: a file rewritten in place leaves its directory's listing as it was.
         self.dirs: dict[str, DirKey] | None = None
         self._read()
 
@@ -95,10 +97,7 @@ class Index:
                 self.dirs = None  # one name fewer
             return
         key = stat_key(st)
-        old = self._entries.get(rel)
-        if old != (key, blob_id):
-            if old is None:
-                self.dirs = None  # one name more
+        if self._entries.get(rel) != (key, blob_id):
             self._entries[rel] = (key, blob_id)
             self._dirty = True
             self.verified = None  # this entry was never compared with the manifest
@@ -149,7 +148,11 @@ class Index:
 
 
 def _read_dirs(found: object) -> dict[str, DirKey] | None:
-    """The `dirs` record as read. Its items are not checked one by one (20,000 of them): a value that is not a
-    directory's (mtime, ctime, inode) never equals one, so it only sends the check to the walk; a path that is not
-    one makes the check's lstat fail, which does the same (cas/quick.py)."""
-    return found if isinstance(found, dict) else None
+    """The `dirs` record, or None if it is not a map of paths to 3-tuples (written by something else: the next check
+    walks and records it again). The three values are not checked one by one (20,000 directories): a value that is
+    not a directory's (mtime, ctime, inode) never equals one, which only sends the check to listing it, and a path
+    that is not one makes its lstat fail, which sends the check to the walk (cas/quick.py)."""
+    if not (isinstance(found, dict) and all(type(rel) is str for rel in found)
+            and all(type(key) is tuple and len(key) == 3 for key in found.values())):
+        return None
+    return found

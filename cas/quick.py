@@ -45,7 +45,7 @@ from .paths import check_entry_path, is_transient
 from .roots import parse_root
 from .scope import Scope, check_env_key, read_scope_id
 from .storage import Backend, NotFound
-from .tree import Unreadable, walk
+from .tree import Listing, Unreadable, walk
 
 log = logging.getLogger("cas.quick")
 
@@ -340,14 +340,16 @@ def _root_as_recorded(fd: int, entries: dict, dirs: dict[str, DirKey]) -> bool:
 
 
 def _walked_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] | None] | None:
-    """_local_hits by listing every directory, noting each one's stat for the record."""
+    """_local_hits by walking the tree, noting each directory's stat for the record. Where the index has a record,
+    only the directories whose stat changed since are listed (the others' listings are the record's)."""
     lookup = index.lookup
     hits: list[Hit] = []
     since = _clock_ns()
     met: dict[str, os.stat_result] = {}
+    known = _known_listings(index)
     try:
         # Names are checked only on an index miss: the index records only files a save took, so a hit is valid.
-        for rel, _, st in walk(src, validate=False, strict=True, dirs=met):
+        for rel, _, st in walk(src, validate=False, strict=True, dirs=met, known=known):
             blob_id = lookup(rel, st)
             if blob_id is None:
                 try:
@@ -359,6 +361,37 @@ def _walked_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] |
     except Unreadable:
         return None  # scan skips it with a warning: let save_tree say so
     return hits, _recordable(met, since)
+
+
+def _known_listings(index: Index) -> Callable[[str, os.stat_result], Listing | None] | None:
+    """For walk's `known`: the listing of each recorded directory whose stat is still the recorded one, from the
+    entries directly below it and its recorded subdirectories (FORMAT §7). None without a record."""
+    dirs = index.dirs
+    if dirs is None:
+        return None
+    listings: dict[str, Listing] = {rel: ([], []) for rel in dirs}
+    for rel in index.entries():
+        parent, _, name = rel.rpartition("/")
+        if parent:
+            found = listings.get(parent)
+            if found is None:
+                continue  # under a directory made since: its parent has changed, so it is listed
+            found[0].append(name)
+    for rel in dirs:
+        parent, _, name = rel.rpartition("/")
+        if parent:
+            found = listings.get(parent)
+            if found is None:
+                return None  # not as written (every recorded directory's parent is recorded): walk it all
+            found[1].append(name)
+
+    def known(rel: str, st: os.stat_result) -> Listing | None:
+        key = dirs.get(rel)
+        if key is None or (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != key:
+            return None
+        return listings[rel]
+
+    return known
 
 
 def _recordable(met: dict[str, os.stat_result], since: int) -> dict[str, DirKey] | None:

@@ -91,9 +91,7 @@ def test_recorded_check_lists_no_directory(recorded, monkeypatch):
     src, store, scope = recorded
     no_walk(monkeypatch)  # a walk would fail the check (it answers None, never raises)
     assert check(src, store, scope) == len(FILES)
-    listed = []
-    real = os.scandir
-    monkeypatch.setattr(os, "scandir", lambda p=".": listed.append(p) or real(p))
+    listed = listed_dirs(monkeypatch)
     assert check(src, store, scope) == len(FILES)
     assert len(listed) == 1 and isinstance(listed[0], int)  # the root only, by its descriptor
 
@@ -298,13 +296,38 @@ def test_settled():
 
 
 # -- the record and the entries it was made with -----------------------------------------------------------------------
-def test_a_save_of_a_new_file_drops_the_record(recorded):
+def listed_dirs(monkeypatch) -> list:
+    """The directories the check lists from now on (the root is listed by its descriptor: an int)."""
+    listed: list = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": listed.append(p) or real(p))
+    return listed
+
+
+def test_a_save_of_a_new_file_keeps_the_record_and_only_its_directory_is_listed(recorded, monkeypatch):
+    """The record survives a save that adds entries (their directories' keys changed); the next check lists the
+    root and the changed directory only, and records again."""
     src, store, scope = recorded
-    write(src, {"a/new.py": b"new"})
+    write(src, {"a/b/new.py": b"new"})
     assert save_tree(src, store, scope, KEY).new_entries == 1
-    assert Index(src).dirs is None
-    assert check(src, store, scope) == len(FILES) + 1  # walked, and recorded again
     assert Index(src).dirs is not None
+    listed = listed_dirs(monkeypatch)
+    assert check(src, store, scope) == len(FILES) + 1
+    assert sorted(p for p in listed if not isinstance(p, int)) == [str(src), str(src / "a/b")]
+    del listed[:]
+    assert check(src, store, scope) == len(FILES) + 1
+    assert [p for p in listed if not isinstance(p, int)] == []  # recorded again: no directory but the root
+
+
+def test_a_changed_directory_is_listed_alone(recorded, monkeypatch):
+    """Through the record, a directory whose key changed (a transient file came and went) is listed, the others
+    are not, and the answer is the walk's."""
+    src, store, scope = recorded
+    write(src, {"d0/sub/x.lock": b""})
+    (src / "d0/sub/x.lock").unlink()
+    listed = listed_dirs(monkeypatch)
+    assert check(src, store, scope) == len(FILES)
+    assert sorted(p for p in listed if not isinstance(p, int)) == [str(src), str(src / "d0/sub")]
 
 
 def test_a_save_of_a_rewritten_file_keeps_the_record(recorded, monkeypatch):
@@ -320,15 +343,16 @@ def test_a_save_of_a_rewritten_file_keeps_the_record(recorded, monkeypatch):
 def test_index_changes_that_drop_the_record(recorded):
     src, _, _ = recorded
     index = Index(src)
-    index.retain(set(FILES) - {"top.bin"})
+    index.retain(set(FILES) - {"top.bin"})  # a dropped name: the file may still be there
     assert index.dirs is None
     index = Index(src)
-    st = os.lstat(src / "top.bin")
-    index.record("top.bin", st, "cd" * 32)  # a known name, another blob: kept
-    assert index.dirs is not None
+    index.record("top.bin", os.lstat(src / "top.bin"), "cd" * 32)  # a known name, another blob: kept
     write(src, {"a/g.py": b"g"})
-    index.record("a/g.py", os.lstat(src / "a/g.py"), "ab" * 32)  # a new name
-    assert index.dirs is None
+    index.record("a/g.py", os.lstat(src / "a/g.py"), "ab" * 32)  # a new name (its directory changed): kept
+    assert index.dirs is not None
+    write(src, {"a/f1.py": b"rewritten"}, mtime=None)
+    index.record("a/f1.py", os.lstat(src / "a/f1.py"), "ef" * 32)  # too recent to keep: dropped, so is the record
+    assert "a/f1.py" not in index.entries() and index.dirs is None
 
 
 def _rewrite_index(src: Path, change) -> None:
@@ -354,14 +378,19 @@ def test_an_index_without_the_record_is_walked_then_recorded(recorded):
     {"a": "not a key"},
     {"a": [1, 2]},
     {"a\0b": [1, 2, 3]},
+    {"a": [1, 2, 3], "a/b/c": [1, 2, 3]},  # a/b is not recorded
     {"../outside": [1, 2, 3]},
 ])
-def test_a_record_not_as_written_means_a_walk(recorded, dirs, monkeypatch):
+def test_a_record_not_as_written_means_a_walk(recorded, dirs):
+    """Never trusted, never a "maybe" by itself: the walk's answer, then a good record."""
     src, store, scope = recorded
+    _rewrite_index(src, lambda doc: doc.update(dirs=dirs))
+    assert quick._recorded_hits(str(src), Index(src)) is quick._WALK
+    assert check(src, store, scope) == len(FILES)
+    assert set(Index(src).dirs or ()) == DIRS
     _rewrite_index(src, lambda doc: doc.update(dirs=dirs))
     write(src, {"a/b/c/new.py": b"new"})
     assert check(src, store, scope) is None
-    assert quick._recorded_hits(str(src), Index(src)) is quick._WALK
 
 
 def test_an_older_reader_reads_an_index_with_the_record(recorded):
