@@ -4,7 +4,8 @@ Most saves (every replica after the first, every periodic save of the companion)
 settles that exactly, without hashing, without a save slot and without writing, so the caller can skip the rest:
 
 - locally: every regular file the save would take (`tree.scan`'s rules) has a `.cas-index` entry matching its
-  stat (size, mtime, inode, ctime), which gives its blob id without hashing;
+  stat (size, mtime, inode, ctime), which gives its blob id without hashing; where the index's directory record
+  allows, without listing the tree (cas/dircache.py);
 - on the volume (FORMAT §3, §4): the manifest holds every one of those entries identically (`Manifest.changes_from`),
   no audit marker exists, and the gc root of this scope and environment names exactly the manifest's bytes.
 
@@ -30,7 +31,6 @@ import os
 import queue
 import stat
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -38,14 +38,13 @@ import blake3
 
 from . import layout, limits, nogc
 from .backends import open_location
-from .errors import CasError, UnsafePath
-from .index import INDEX_NAME, DirKey, Index, dir_key, settled
+from .dircache import Hit, local_hits
+from .errors import CasError
+from .index import INDEX_NAME, DirKey, Index
 from .manifest import Entry, Manifest, loads
-from .paths import check_entry_path, is_transient
 from .roots import parse_root
 from .scope import Scope, check_env_key, read_scope_id
 from .storage import Backend, NotFound
-from .tree import Listing, Unreadable, walk
 
 log = logging.getLogger("cas.quick")
 
@@ -60,8 +59,6 @@ _MANIFESTS_KEPT = 16
 _last_lock = threading.Lock()
 _POOL: _Readers | None = None
 _POOL_PID = 0
-# The clock a walk's directory stats are judged by (index.settled); tests move it.
-_clock_ns = time.time_ns
 
 
 def nothing_new(
@@ -96,7 +93,7 @@ def nothing_new(
         audit_f = None if listed_f else pool.submit(_exists, scope.backend, layout.audit(env_key))
         with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
             index = Index(src)
-            local = _local_hits(src, index)  # this thread, while the volume answers
+            local = local_hits(src, index)  # this thread, while the volume answers (cas/dircache.py)
             if local is None:
                 return None  # reads still in flight finish on their own
             hits, walked_dirs = local
@@ -247,177 +244,8 @@ def _copy(source: Future, target: Future) -> None:
 def _local_entries(src: str) -> dict[str, Entry] | None:
     """path -> Entry of every file `tree.scan(src)` would return, from the index alone; None at the first file the
     index does not vouch for (new, changed, or modified too recently to trust its stat)."""
-    local = _local_hits(src, Index(src))
+    local = local_hits(src, Index(src))
     return None if local is None else _entries_of(local[0])
-
-
-Hit = tuple[str, str, os.stat_result]  # path, blob id, lstat
-
-
-def _local_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] | None] | None:
-    """(path, blob id, lstat) of every file `tree.scan(src)` would return, from the index alone, and the directory
-    record to keep if the tree had to be walked for it (None: the index's record vouched for the listings, or the
-    walk met a directory changed too recently to record). None at the first file the index does not vouch for."""
-    found = _recorded_hits(src, index)
-    if found is _CHANGED:
-        return None
-    if found is not _WALK:
-        assert isinstance(found, list)
-        return found, None
-    return _walked_hits(src, index)
-
-
-# What _recorded_hits found instead of the hits: a file that is not the indexed one (the answer is "maybe"), or a
-# directory the record does not vouch for (the tree is walked).
-_CHANGED = object()
-_WALK = object()
-
-
-def _recorded_hits(src: str, index: Index) -> list[Hit] | object:
-    """The hits from the index's directory record (FORMAT §7) without listing the tree: every recorded directory
-    still has its recorded (mtime, ctime, inode), so each listing is what it was and the files are exactly the
-    entries; then one lstat per entry, by path from the root's descriptor. The root itself is listed every time:
-    writing `.cas-index` there (renaming it into place) changes its mtime. _WALK if the record is absent or does
-    not match, _CHANGED at the first entry whose stat is not the indexed one."""
-    dirs = index.dirs
-    if dirs is None:
-        return _WALK
-    entries = index.entries()
-    try:
-        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return _WALK  # the walk says what is wrong
-    try:
-        lstat, isdir = os.lstat, stat.S_ISDIR
-        # Every ancestor of every entry is checked before any entry is stat-ed by a path through it: a recorded
-        # directory swapped for a symlink shows here (lstat), never as an entry read through the link.
-        for rel, key in dirs.items():
-            st = lstat(rel, dir_fd=fd)
-            if (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != key or not isdir(st.st_mode):
-                return _WALK
-        if not _root_as_recorded(fd, entries, dirs):
-            return _WALK
-        hits: list[Hit] = []
-        for rel, (want, blob_id) in entries.items():
-            st = lstat(rel, dir_fd=fd)
-            if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != want:
-                return _CHANGED
-            hits.append((rel, blob_id, st))
-        return hits
-    except (OSError, TypeError, ValueError):
-        # Gone or swapped since the directories were checked (a race), or a record that is not as written (a path
-        # that is not a string, or has a NUL): the walk decides.
-        return _WALK
-    finally:
-        os.close(fd)
-
-
-def _root_as_recorded(fd: int, entries: dict, dirs: dict[str, DirKey]) -> bool:
-    """The root directory (descriptor `fd`) holds exactly the top-level entries and recorded subdirectories, besides
-    names a save never takes."""
-    files = {rel for rel in entries if "/" not in rel}
-    subdirs = {rel for rel in dirs if "/" not in rel}
-    seen_files = seen_dirs = 0
-    with os.scandir(fd) as it:
-        for entry in it:
-            name = entry.name
-            if is_transient(name):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                if name not in subdirs:
-                    return False
-                seen_dirs += 1
-            elif entry.is_file(follow_symlinks=False):
-                if name not in files:
-                    try:
-                        check_entry_path(name)
-                    except UnsafePath:
-                        continue  # never taken (scan says why)
-                    return False
-                seen_files += 1
-            # symlinks and other non-regular files: never taken
-    return seen_files == len(files) and seen_dirs == len(subdirs)
-
-
-def _walked_hits(src: str, index: Index) -> tuple[list[Hit], dict[str, DirKey] | None] | None:
-    """_local_hits by walking the tree, noting each directory's stat for the record. Where the index has a record,
-    only the directories whose stat changed since are listed (the others' listings are the record's)."""
-    lookup = index.lookup
-    hits: list[Hit] = []
-    since = _clock_ns()
-    met: dict[str, os.stat_result] = {}
-    known = _known_listings(index)
-    try:
-        # Names are checked only on an index miss: the index records only files a save took, so a hit is valid.
-        for rel, _, st in walk(src, validate=False, strict=True, dirs=met, known=known):
-            blob_id = lookup(rel, st)
-            if blob_id is None:
-                try:
-                    check_entry_path(rel)
-                except UnsafePath:
-                    continue  # scan never takes it (and says why): not a change
-                return None
-            hits.append((rel, blob_id, st))
-    except Unreadable:
-        return None  # scan skips it with a warning: let save_tree say so
-    return hits, _recordable(met, since)
-
-
-def _known_listings(index: Index) -> Callable[[str, os.stat_result], Listing | None] | None:
-    """For walk's `known`: the listing of each recorded directory whose stat is still the recorded one, from the
-    entries directly below it and its recorded subdirectories (FORMAT §7). None without a record."""
-    dirs = index.dirs
-    if dirs is None:
-        return None
-    listings: dict[str, Listing] = {rel: ([], []) for rel in dirs}
-    for rel in index.entries():
-        parent, _, name = rel.rpartition("/")
-        if parent:
-            found = listings.get(parent)
-            if found is None:
-                continue  # under a directory made since: its parent has changed, so it is listed
-            found[0].append(name)
-    for rel in dirs:
-        parent, _, name = rel.rpartition("/")
-        if parent:
-            found = listings.get(parent)
-            if found is None:
-                return None  # not as written (every recorded directory's parent is recorded): walk it all
-            found[1].append(name)
-
-    def known(rel: str, st: os.stat_result) -> Listing | None:
-        key = dirs.get(rel)
-        if key is None or (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != key:
-            return None
-        return listings[rel]
-
-    return known
-
-
-def _recordable(met: dict[str, os.stat_result], since: int) -> dict[str, DirKey] | None:
-    """The directory record for the walk that started at `since` and met these directories, or None if one of them
-    may not be trusted: changed within RACY_NS of the walk (a change in the same timestamp tick would not show in
-    its stat), swapped for a non-directory while walked, named in no UTF-8, or too many to keep."""
-    if len(met) > limits.MAX_ENTRIES:  # the index's map limit (a reader would refuse the whole index)
-        return None
-    dirs: dict[str, DirKey] = {}
-    for rel, st in met.items():
-        if not stat.S_ISDIR(st.st_mode) or not settled(st, since) or not _storable(rel):
-            return None
-        dirs[rel] = dir_key(st)
-    return dirs
-
-
-def _storable(rel: str) -> bool:
-    """The index can hold this path: a directory whose name is not UTF-8 (its files are never taken, FORMAT §3) is
-    walked, for msgpack cannot write the name."""
-    if rel.isascii():
-        return True
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _entries_of(hits: list[Hit]) -> dict[str, Entry]:

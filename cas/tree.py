@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import limits, nogc
@@ -28,13 +28,8 @@ class Unreadable(Exception):
     walk)."""
 
 
-# A directory's listing as the caller knows it: (names of the regular files a save takes, names of subdirectories).
-Listing = tuple[list[str], list[str]]
-
-
 def walk(root: str | os.PathLike, *, validate: bool = True, strict: bool = False,
-         dirs: dict[str, os.stat_result] | None = None,
-         known: Callable[[str, os.stat_result], Listing | None] | None = None,
+         dirs: dict[str, os.stat_result] | None = None, start: str = "",
          ) -> Iterator[tuple[str, str, os.stat_result]]:
     """(rel, absolute path, lstat) of each regular file a save takes under `root`: transient names
     (paths.is_transient) skipped, symlinks never followed (one in a cache directory points somewhere we must not
@@ -47,11 +42,9 @@ def walk(root: str | os.PathLike, *, validate: bool = True, strict: bool = False
     before the listing: a change made after the stat, even during the listing, then shows as a changed directory).
     One found to be no longer a directory (swapped since its parent was listed) is put there too, and not listed.
 
-    With `known` (and `dirs`), each subdirectory's lstat is offered to `known(relative path, lstat)` first: a
-    Listing it returns stands for listing that directory (the caller vouches that the directory, while it has
-    that stat, holds exactly those files and subdirectories besides names a save never takes); each of its files
-    is then lstat-ed by path. The root is always listed."""
-    stack = [("", os.fspath(root))]
+    `start` ("" or ending in '/') is `root`'s own path relative to the tree, for a walk of one subtree: it prefixes
+    every relative path, counts toward the depth limit, and with `dirs` `root` itself is recorded."""
+    stack = [(start, os.fspath(root))]
     while stack:
         prefix, directory = stack.pop()
         if len(prefix.encode("utf-8", "surrogateescape")) > limits.MAX_PATH_BYTES:
@@ -61,10 +54,6 @@ def walk(root: str | os.PathLike, *, validate: bool = True, strict: bool = False
             if dirs is not None and prefix:
                 dirs[prefix[:-1]] = st = os.lstat(directory)
                 if not stat.S_ISDIR(st.st_mode):  # swapped for a symlink or a file since its parent was listed
-                    continue
-                listing = known(prefix[:-1], st) if known is not None else None
-                if listing is not None:
-                    yield from _known_files(prefix, directory, listing, stack, validate)
                     continue
             with os.scandir(directory) as it:
                 entries = list(it)
@@ -99,35 +88,6 @@ def walk(root: str | os.PathLike, *, validate: bool = True, strict: bool = False
                 yield rel, entry.path, st
             elif stat.S_ISLNK(st.st_mode):
                 log.debug("not saving symlink %s", entry.path)
-
-
-def _known_files(prefix: str, directory: str, listing: Listing, stack: list[tuple[str, str]],
-                 validate: bool) -> Iterator[tuple[str, str, os.stat_result]]:
-    """walk's files of a directory whose listing the caller knows (see walk's `known`); its subdirectories go on
-    `stack`. A name that is gone, or no longer a regular file, is treated as a listing would have shown it."""
-    files, subdirs = listing
-    for name in subdirs:
-        stack.append((prefix + name + "/", directory + "/" + name))
-    for name in files:
-        path = directory + "/" + name
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("not saving %s: %s", path[:200], exc.strerror or exc)
-            continue
-        if stat.S_ISREG(st.st_mode):
-            rel = prefix + name
-            if validate:
-                try:
-                    check_entry_path(rel)
-                except UnsafePath as exc:
-                    log.warning("not saving %s: %s", path, exc)
-                    continue
-            yield rel, path, st
-        elif stat.S_ISDIR(st.st_mode):
-            stack.append((prefix + name + "/", path))
 
 
 def _skip(directory: str, why: str, strict: bool) -> None:

@@ -4,8 +4,8 @@ listing the tree. Every change a save must see (or count) has to be seen through
 walk: each test here records, changes one thing on the real filesystem, and checks the answer.
 
 The directories of a test tree are seconds old, inside the racy window (index.RACY_NS) in which a record is never
-kept, so the `recorded` fixture moves the check's clock (quick._clock_ns) past that window; the racy tests move it
-to the window's edge.
+kept, so the `recorded` fixture moves the check's clock (dircache.clock_ns) past that window; the racy tests move
+it to the window's edge.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cas import BlobStore, Scope, quick, save_tree
+from cas import BlobStore, Scope, dircache, quick, save_tree
 from cas.index import INDEX_NAME, RACY_NS, Index, settled
 from cas.tree import walk
 
@@ -46,7 +46,7 @@ def write(root: Path, files: dict[str, bytes], mtime: float | None = OLD) -> Non
 
 def later(monkeypatch, seconds: float = 10 * RACY_NS / 1e9) -> None:
     """The check's clock, `seconds` ahead: the tree's directories are then settled."""
-    monkeypatch.setattr(quick, "_clock_ns", lambda: time.time_ns() + int(seconds * 1e9))
+    monkeypatch.setattr(dircache, "clock_ns", lambda: time.time_ns() + int(seconds * 1e9))
 
 
 def check(src, store, scope) -> int | None:
@@ -78,13 +78,15 @@ def no_walk(monkeypatch) -> None:
     def refuse(*_a, **_k):
         raise AssertionError("the tree was walked")
 
-    monkeypatch.setattr(quick, "walk", refuse)
+    monkeypatch.setattr(dircache, "walk", refuse)
 
 
 def walked(src) -> int | None:
     """What the full walk answers for the tree as it is now (the reference for the record's answer)."""
-    found = quick._walked_hits(str(src), Index(src))
-    return None if found is None else len(found[0])
+    try:
+        return len(dircache._walked(str(src), Index(src))[0])
+    except dircache._Changed:
+        return None
 
 
 def test_recorded_check_lists_no_directory(recorded, monkeypatch):
@@ -269,10 +271,10 @@ def test_racy_window_edge(saved, monkeypatch):
     one nanosecond older is."""
     src, store, scope = saved
     newest = _newest(src)
-    monkeypatch.setattr(quick, "_clock_ns", lambda: newest + RACY_NS)
+    monkeypatch.setattr(dircache, "clock_ns", lambda: newest + RACY_NS)
     assert check(src, store, scope) == len(FILES)
     assert Index(src).dirs is None
-    monkeypatch.setattr(quick, "_clock_ns", lambda: newest + RACY_NS + 1)
+    monkeypatch.setattr(dircache, "clock_ns", lambda: newest + RACY_NS + 1)
     assert check(src, store, scope) == len(FILES)
     assert set(Index(src).dirs or ()) == DIRS
 
@@ -282,7 +284,7 @@ def test_directory_mtime_set_to_the_walk_time_is_not_recorded(saved, monkeypatch
     file added to it in the same tick could never be missed."""
     src, store, scope = saved
     now = time.time_ns() + 10 * RACY_NS
-    monkeypatch.setattr(quick, "_clock_ns", lambda: now)
+    monkeypatch.setattr(dircache, "clock_ns", lambda: now)
     os.utime(src / "a/b", ns=(now, now))
     assert check(src, store, scope) == len(FILES)
     assert Index(src).dirs is None
@@ -385,7 +387,6 @@ def test_a_record_not_as_written_means_a_walk(recorded, dirs):
     """Never trusted, never a "maybe" by itself: the walk's answer, then a good record."""
     src, store, scope = recorded
     _rewrite_index(src, lambda doc: doc.update(dirs=dirs))
-    assert quick._recorded_hits(str(src), Index(src)) is quick._WALK
     assert check(src, store, scope) == len(FILES)
     assert set(Index(src).dirs or ()) == DIRS
     _rewrite_index(src, lambda doc: doc.update(dirs=dirs))
