@@ -445,3 +445,78 @@ def test_an_index_too_large_with_the_record_is_written_without_it(recorded, monk
     index.write()
     monkeypatch.undo()
     assert Index(src).dirs is None and len(Index(src).entries()) == len(FILES)
+
+
+def test_walk_of_a_subtree_names_paths_from_the_tree_root(saved):
+    src, _, _ = saved
+    met: dict = {}
+    got = {rel for rel, _, _ in walk(src / "a/b", dirs=met, start="a/b/")}
+    assert got == {"a/b/f2.py", "a/b/c/f3.py"}
+    assert set(met) == {"a/b", "a/b/c"}
+
+
+def _random_change(rng, src: Path, tmp: Path, step: int) -> str:
+    """One change of the kinds a pod makes (and a few it should not), on the real tree."""
+    files = sorted(rel for rel, _, _ in walk(src))
+    dirs = sorted({os.path.dirname(f) for f in files} - {""})
+    kind = rng.choice(["add", "add_dir", "delete", "rewrite", "rewrite_keep_mtime", "replace", "transient",
+                       "rmtree", "symlink_dir", "move_dir", "empty_dir", "nothing"])
+    if kind == "add" or (not files and kind != "nothing"):
+        where = rng.choice([*dirs, ""])
+        write(src, {os.path.join(where, f"n{step}.py"): b"new %d" % step})
+    elif kind == "add_dir":
+        write(src, {os.path.join(rng.choice([*dirs, ""]), f"nd{step}", "k.py"): b"k %d" % step})
+    elif kind == "delete":
+        (src / rng.choice(files)).unlink()
+    elif kind in ("rewrite", "rewrite_keep_mtime"):
+        path = src / rng.choice(files)
+        before = os.lstat(path)
+        data = path.read_bytes()
+        path.write_bytes(bytes([data[0] ^ 1]) + data[1:] if data else b"x")
+        if kind == "rewrite_keep_mtime":
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    elif kind == "replace":
+        path = src / rng.choice(files)
+        tmp_file = path.with_name(path.name + ".part")
+        tmp_file.write_bytes(path.read_bytes())
+        os.utime(tmp_file, ns=(os.lstat(path).st_atime_ns, os.lstat(path).st_mtime_ns))
+        os.replace(tmp_file, path)  # same bytes, same mtime, another inode
+    elif kind == "transient":
+        write(src, {os.path.join(rng.choice([*dirs, ""]), f"t{step}.lock"): b""})
+    elif kind == "rmtree" and dirs:
+        shutil.rmtree(src / rng.choice(dirs))
+    elif kind == "symlink_dir" and dirs:
+        d = rng.choice(dirs)
+        os.rename(src / d, tmp / f"moved{step}")
+        os.symlink(tmp / f"moved{step}", src / d)
+    elif kind == "move_dir" and len(dirs) > 1:
+        d = rng.choice(dirs)
+        target = src / f"mv{step}"
+        if not str(target).startswith(str(src / d) + "/"):
+            os.rename(src / d, target)
+    elif kind == "empty_dir":
+        os.makedirs(src / rng.choice([*dirs, ""]) / f"e{step}", exist_ok=True)
+    return kind
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_changes_answer_as_the_walk_does(recorded, tmp_path, seed):
+    """Random changes, one at a time: the check (through the record, repaired or rebuilt as it goes) always gives
+    the full walk's answer; when that answer is "maybe", a save brings the tree back to nothing new."""
+    import random
+
+    src, store, scope = recorded
+    rng = random.Random(seed)
+    side = tmp_path / "side"
+    side.mkdir()
+    for step in range(40):
+        kind = _random_change(rng, src, side, step)
+        expected = walked(src)
+        assert check(src, store, scope) == expected, (step, kind)
+        if expected is None:
+            save_tree(src, store, scope, KEY)
+            # Files written just now are too recent for the index: the walk answers "maybe" until they are old.
+            for rel, _, _ in walk(src):
+                os.utime(src / rel, (OLD, OLD))
+            save_tree(src, store, scope, KEY)
+            assert check(src, store, scope) == walked(src) == sum(1 for _ in walk(src)), (step, kind)
