@@ -49,13 +49,13 @@ class Index:
         # drops it, so it never vouches for a file that was recorded here after the comparison.
         self.verified: tuple[str, str] | None = None
         # Subdirectory (relative path, no trailing '/') -> DirKey of every directory under the root, recorded by the
-        # no-op check's full walk (FORMAT §7). Its meaning: each directory listed, while it had that key, exactly
-        # the entries now held below it, these subdirectories and names a save never takes. So while a directory's
-        # key still matches, stat-ing its entries by path stands for listing it. Dropping an entry drops the record
-        # (the file may still be there, unlisted). Adding one does not: a name a save or load records in a
-        # directory that still has its recorded key was in its listing then, so it was an entry already; a new
-        # name is in a directory whose key has changed, which is listed again. A changed key of an entry does not
-        # either: a file rewritten in place leaves its directory's listing as it was.
+        # no-op check (cas/dircache.py, FORMAT §7). Its meaning: each directory held, while it had that key, exactly
+        # the entries now directly below it, its recorded subdirectories and names a save never takes. So while a
+        # directory's key still matches, stat-ing its entries by path stands for listing it. Dropping an entry
+        # drops the record (the file may still be there, unlisted). Adding one does not: a name a save or load
+        # records in a directory that still has its recorded key was in its listing then, so it was an entry
+        # already; a new name is in a directory whose key has changed, which is listed again. Nor does a changed
+        # key of an entry: a file rewritten in place leaves its directory's listing as it was.
         self.dirs: dict[str, DirKey] | None = None
         self._read()
 
