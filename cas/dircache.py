@@ -9,9 +9,9 @@ removing or renaming a name changes them (POSIX). So a check stats every recorde
 path, lists only the root (the index is renamed into it) and the directories that changed, and walks only
 directories that are new.
 
-A walk records directories only when each one last changed more than the racy window before the walk began
-(index.settled), so a name added within the timestamp tick of a directory's stat is never hidden behind an
-unchanged mtime.
+A directory that last changed less than the racy window before the walk began (index.settled) is recorded as
+UNSETTLED, which no lstat matches, so a name added within the timestamp tick of its stat is never hidden behind an
+unchanged mtime: it is listed by every check until one finds it settled.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ Found = tuple[list[Hit], "dict[str, DirKey] | None"]  # the hits, and the record
 
 # The clock a walk's directory stats are judged by (index.settled); tests move it.
 clock_ns = time.time_ns
+# The recorded values of a directory that changed within the racy window of the walk that recorded it: no lstat has
+# them (no inode is 0), so every check lists it until one finds it settled and records its own.
+UNSETTLED: DirKey = (0, 0, 0)
 
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -187,7 +190,7 @@ def _repaired(src: str, fd: int, index: Index, changed: dict[str, os.stat_result
     if fresh is None:
         return hits, None
     fresh.update((rel, dirs[rel]) for rel in unchanged)
-    return hits, fresh
+    return hits, (None if fresh == dirs else fresh)  # None: nothing to write (an unsettled one listed again)
 
 
 def _reached(dirs: dict[str, DirKey], changed: dict[str, os.stat_result | None],
@@ -246,16 +249,17 @@ def _relist(hits: list[Hit], index: Index, src: str, rel: str, unchanged: set[st
 
 
 def _recordable(met: dict[str, os.stat_result], since: int) -> dict[str, DirKey] | None:
-    """The directory record for the walk that started at `since` and met these directories, or None if one of them
-    may not be trusted: changed within RACY_NS of the walk (a change in the same timestamp tick would not show in
-    its stat), swapped for a non-directory while walked, named in no UTF-8, or too many to keep."""
+    """The directory record for the walk that started at `since` and met these directories. One that changed within
+    RACY_NS of the walk is recorded as UNSETTLED, so that every check lists it until one records it settled (a
+    change in the same timestamp tick as its stat would not show in its values). None if the walk cannot be
+    recorded: a directory swapped for a non-directory while walked, one named in no UTF-8, or too many."""
     if len(met) > limits.MAX_ENTRIES:  # the index's map limit (a reader would refuse the whole index)
         return None
     dirs: dict[str, DirKey] = {}
     for rel, st in met.items():
-        if not stat.S_ISDIR(st.st_mode) or not settled(st, since) or not _storable(rel):
+        if not stat.S_ISDIR(st.st_mode) or not _storable(rel):
             return None
-        dirs[rel] = dir_key(st)
+        dirs[rel] = dir_key(st) if settled(st, since) else UNSETTLED
     return dirs
 
 

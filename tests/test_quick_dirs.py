@@ -3,9 +3,9 @@ directory's (mtime, ctime, inode), later checks stat every directory and every i
 listing the tree. Every change a save must see (or count) has to be seen through the record exactly as through the
 walk: each test here records, changes one thing on the real filesystem, and checks the answer.
 
-The directories of a test tree are seconds old, inside the racy window (index.RACY_NS) in which a record is never
-kept, so the `recorded` fixture moves the check's clock (dircache.clock_ns) past that window; the racy tests move
-it to the window's edge.
+The directories of a test tree are seconds old, inside the racy window (index.RACY_NS) in which a directory is
+recorded only as unsettled (listed by every check), so the `recorded` fixture moves the check's clock
+(dircache.clock_ns) past that window; the racy tests move it to the window's edge.
 """
 from __future__ import annotations
 
@@ -254,40 +254,63 @@ def test_change_made_while_the_recording_walk_lists(saved, monkeypatch):
 
 
 # -- the racy window ---------------------------------------------------------------------------------------------------
-def test_fresh_directories_are_not_recorded(saved):
-    """Without the moved clock the test tree's directories are seconds old: the check walks and records nothing."""
+def unsettled(src: Path) -> set[str]:
+    return {rel for rel, key in (Index(src).dirs or {}).items() if key == dircache.UNSETTLED}
+
+
+def test_fresh_directories_are_recorded_unsettled(saved, monkeypatch):
+    """Without the moved clock the test tree's directories are seconds old: recorded as unsettled, so each check
+    lists them all; a file added to one with its mtime put back is found; a check past the window settles them."""
     src, store, scope = saved
     assert check(src, store, scope) == len(FILES)
-    assert Index(src).dirs is None
-    assert Index(src).verified is not None
+    assert unsettled(src) == DIRS
+    assert check(src, store, scope) == len(FILES)
+    before = os.lstat(src / "a/b")
+    write(src, {"a/b/same_tick.py": b"k"})
+    os.utime(src / "a/b", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert check(src, store, scope) is None
+    (src / "a/b/same_tick.py").unlink()
+    later(monkeypatch)
+    assert check(src, store, scope) == len(FILES)
+    assert unsettled(src) == set() and set(Index(src).dirs or ()) == DIRS
 
 
-def _newest(src: Path) -> int:
-    return max(max(st.st_mtime_ns, st.st_ctime_ns) for st in (os.lstat(src / d) for d in DIRS))
+def _newest(src: Path) -> tuple[int, set[str]]:
+    """The newest mtime/ctime of the tree's directories, and the directories that have it."""
+    times = {d: max(st.st_mtime_ns, st.st_ctime_ns) for d, st in ((d, os.lstat(src / d)) for d in DIRS)}
+    newest = max(times.values())
+    return newest, {d for d, t in times.items() if t == newest}
 
 
 def test_racy_window_edge(saved, monkeypatch):
     """A directory whose mtime/ctime is not strictly older than the walk's start minus RACY_NS is not trusted;
     one nanosecond older is."""
     src, store, scope = saved
-    newest = _newest(src)
+    newest, those = _newest(src)
     monkeypatch.setattr(dircache, "clock_ns", lambda: newest + RACY_NS)
     assert check(src, store, scope) == len(FILES)
-    assert Index(src).dirs is None
+    assert unsettled(src) == those and set(Index(src).dirs or ()) == DIRS
     monkeypatch.setattr(dircache, "clock_ns", lambda: newest + RACY_NS + 1)
     assert check(src, store, scope) == len(FILES)
-    assert set(Index(src).dirs or ()) == DIRS
+    assert unsettled(src) == set() and set(Index(src).dirs or ()) == DIRS
 
 
-def test_directory_mtime_set_to_the_walk_time_is_not_recorded(saved, monkeypatch):
-    """A directory whose mtime equals the clock of the walk (set with utime): the whole record is dropped, so a
-    file added to it in the same tick could never be missed."""
+def test_directory_mtime_set_to_the_walk_time_is_listed_every_time(saved, monkeypatch):
+    """A directory whose mtime equals the clock of the walk (set with utime) is recorded unsettled: each check
+    lists it, so a file added to it in the same tick (its mtime put back) is never missed; the others are not
+    listed."""
     src, store, scope = saved
     now = time.time_ns() + 10 * RACY_NS
     monkeypatch.setattr(dircache, "clock_ns", lambda: now)
     os.utime(src / "a/b", ns=(now, now))
     assert check(src, store, scope) == len(FILES)
-    assert Index(src).dirs is None
+    assert unsettled(src) == {"a/b"}
+    listed = listed_dirs(monkeypatch)
+    assert check(src, store, scope) == len(FILES)
+    assert sorted(p for p in listed if not isinstance(p, int)) == [str(src), str(src / "a/b")]
+    write(src, {"a/b/same_tick.py": b"k"})
+    os.utime(src / "a/b", ns=(now, now))
+    assert check(src, store, scope) is None
 
 
 def test_settled():
