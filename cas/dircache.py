@@ -67,7 +67,7 @@ def _walked(src: str, index: Index) -> Found:
     hits: list[Hit] = []
     met: dict[str, os.stat_result] = {}
     _walk_into(hits, index, src, "", met)
-    return hits, _recordable(met, since)
+    return hits, _kept(_recordable(met, since))
 
 
 def _walk_into(hits: list[Hit], index: Index, path: str, prefix: str, met: dict[str, os.stat_result]) -> None:
@@ -190,7 +190,7 @@ def _repaired(src: str, fd: int, index: Index, changed: dict[str, os.stat_result
     if fresh is None:
         return hits, None
     fresh.update((rel, dirs[rel]) for rel in unchanged)
-    return hits, (None if fresh == dirs else fresh)  # None: nothing to write (an unsettled one listed again)
+    return hits, (None if fresh == dirs else _kept(fresh))  # None: nothing to write
 
 
 def _reached(dirs: dict[str, DirKey], changed: dict[str, os.stat_result | None],
@@ -261,6 +261,16 @@ def _recordable(met: dict[str, os.stat_result], since: int) -> dict[str, DirKey]
             return None
         dirs[rel] = dir_key(st) if settled(st, since) else UNSETTLED
     return dirs
+
+
+def _kept(record: dict[str, DirKey] | None) -> dict[str, DirKey] | None:
+    """The record, unless most of its directories are unsettled (a tree just copied or restored): checks would then
+    list them all anyway, and rewrite the index each time a few more settle. Not writing it leaves them to walk,
+    until a check past the racy window records the tree."""
+    if record is None:
+        return None
+    unsettled = sum(1 for key in record.values() if key == UNSETTLED)
+    return None if unsettled * 2 > len(record) else record
 
 
 def _storable(rel: str) -> bool:
