@@ -47,9 +47,9 @@ class _Walk(Exception):
 
 def local_hits(src: str, index: Index) -> Found | None:
     """(path, blob id, lstat) of every file `tree.scan(src)` would return, from the index alone, and the directory
-    record to write (None when the index's record vouched for every listing as it is, or when a directory changed
-    too recently to record). None at the first file the index does not vouch for, or when a directory cannot be
-    listed (scan skips it with a warning: save_tree then says so)."""
+    record to write (None: nothing to write, either because the index's record holds as it is or because none can
+    be kept, see _kept and _recordable). None at the first file the index does not vouch for, or when a directory
+    cannot be listed (scan skips it with a warning: save_tree then says so)."""
     try:
         if index.dirs is not None:
             try:
