@@ -4,7 +4,8 @@ Most saves (every replica after the first, every periodic save of the companion)
 settles that exactly, without hashing, without a save slot and without writing, so the caller can skip the rest:
 
 - locally: every regular file the save would take (`tree.scan`'s rules) has a `.cas-index` entry matching its
-  stat (size, mtime, inode, ctime), which gives its blob id without hashing;
+  stat (size, mtime, inode, ctime), which gives its blob id without hashing; where the index's directory record
+  allows, without listing the tree (cas/dircache.py);
 - on the volume (FORMAT §3, §4): the manifest holds every one of those entries identically (`Manifest.changes_from`),
   no audit marker exists, and the gc root of this scope and environment names exactly the manifest's bytes.
 
@@ -37,14 +38,13 @@ import blake3
 
 from . import layout, limits, nogc
 from .backends import open_location
-from .errors import CasError, UnsafePath
-from .index import INDEX_NAME, Index
+from .dircache import Hit, local_hits
+from .errors import CasError
+from .index import INDEX_NAME, DirKey, Index
 from .manifest import Entry, Manifest, loads
-from .paths import check_entry_path
 from .roots import parse_root
 from .scope import Scope, check_env_key, read_scope_id
 from .storage import Backend, NotFound
-from .tree import Unreadable, walk
 
 log = logging.getLogger("cas.quick")
 
@@ -93,9 +93,10 @@ def nothing_new(
         audit_f = None if listed_f else pool.submit(_exists, scope.backend, layout.audit(env_key))
         with nogc.paused():  # a few objects per file, no cycles (cas/nogc.py)
             index = Index(src)
-            hits = _local_hits(src, index)  # this thread, while the volume answers
-            if hits is None:
+            local = local_hits(src, index)  # this thread, while the volume answers (cas/dircache.py)
+            if local is None:
                 return None  # reads still in flight finish on their own
+            hits, walked_dirs = local
             if listed_f is not None:
                 data, audit = listed_f.result()
             else:
@@ -114,8 +115,8 @@ def nothing_new(
         root = root_f.result()
         if root is None or root.manifest != digest:
             return None  # no root, or it names other bytes: save_tree audits the manifest (FORMAT §3)
-        if not known:
-            _note_verified(index, hits, manifest_path, digest)
+        if not known or walked_dirs is not None:
+            _note_verified(index, hits, manifest_path, digest, walked_dirs)
         return len(hits)
     except Exception as exc:  # noqa: BLE001 - any doubt is a "maybe"
         log.debug("no-op check inconclusive: %s: %s", type(exc).__name__, exc)
@@ -243,40 +244,22 @@ def _copy(source: Future, target: Future) -> None:
 def _local_entries(src: str) -> dict[str, Entry] | None:
     """path -> Entry of every file `tree.scan(src)` would return, from the index alone; None at the first file the
     index does not vouch for (new, changed, or modified too recently to trust its stat)."""
-    hits = _local_hits(src, Index(src))
-    return None if hits is None else _entries_of(hits)
+    local = local_hits(src, Index(src))
+    return None if local is None else _entries_of(local[0])
 
 
-def _local_hits(src: str, index: Index) -> list[tuple[str, str, os.stat_result]] | None:
-    """(path, blob id, lstat) of every file `tree.scan(src)` would return, from the index alone; None at the first
-    file the index does not vouch for."""
-    lookup = index.lookup
-    hits: list[tuple[str, str, os.stat_result]] = []
-    try:
-        # Names are checked only on an index miss: the index records only files a save took, so a hit is valid.
-        for rel, _, st in walk(src, validate=False, strict=True):
-            blob_id = lookup(rel, st)
-            if blob_id is None:
-                try:
-                    check_entry_path(rel)
-                except UnsafePath:
-                    continue  # scan never takes it (and says why): not a change
-                return None
-            hits.append((rel, blob_id, st))
-    except Unreadable:
-        return None  # scan skips it with a warning: let save_tree say so
-    return hits
-
-
-def _entries_of(hits: list[tuple[str, str, os.stat_result]]) -> dict[str, Entry]:
+def _entries_of(hits: list[Hit]) -> dict[str, Entry]:
     return {rel: Entry(blob_id, st.st_size, stat.S_IMODE(st.st_mode) & 0o777) for rel, blob_id, st in hits}
 
 
-def _note_verified(index: Index, hits: list[tuple[str, str, os.stat_result]], manifest_path: str,
-                   digest: str) -> None:
+def _note_verified(index: Index, hits: list[Hit], manifest_path: str, digest: str,
+                   dirs: dict[str, DirKey] | None) -> None:
     """Record in the local index that each of its entries (only the files just compared: the others are dropped)
-    is in the manifest with `digest`. Best effort: a lost write only means the next check compares again."""
+    is in the manifest with `digest`, and the walk's directory record if there is one (after the drop: it vouches
+    for exactly these entries). Best effort: a lost write only means the next check compares or walks again."""
     index.retain({rel for rel, _, _ in hits})
+    if dirs is not None:
+        index.record_dirs(dirs)
     index.mark_verified(manifest_path, digest)
     index.write()
 

@@ -28,21 +28,33 @@ class Unreadable(Exception):
     walk)."""
 
 
-def walk(root: str | os.PathLike, *, validate: bool = True,
-         strict: bool = False) -> Iterator[tuple[str, str, os.stat_result]]:
+def walk(root: str | os.PathLike, *, validate: bool = True, strict: bool = False,
+         dirs: dict[str, os.stat_result] | None = None, start: str = "",
+         ) -> Iterator[tuple[str, str, os.stat_result]]:
     """(rel, absolute path, lstat) of each regular file a save takes under `root`: transient names
     (paths.is_transient) skipped, symlinks never followed (one in a cache directory points somewhere we must not
     publish), and with `validate` names no reader accepts (backslash, not UTF-8) left out with a warning. A directory
     that cannot be listed (permissions, I/O error, a path the kernel refuses as too long) or whose relative path is
     over limits.MAX_PATH_BYTES (no entry below it is legal) is skipped whole with one warning, or with `strict`
-    raises Unreadable: one bad subtree must not fail the save of the rest. Order is unspecified."""
-    stack = [("", os.fspath(root))]
+    raises Unreadable: one bad subtree must not fail the save of the rest. Order is unspecified.
+
+    With `dirs`, each subdirectory met is put there (relative path without the trailing '/' -> its lstat, taken
+    before the listing: a change made after the stat, even during the listing, then shows as a changed directory).
+    One found to be no longer a directory (swapped since its parent was listed) is put there too, and not listed.
+
+    `start` ("" or ending in '/') is `root`'s own path relative to the tree, for a walk of one subtree: it prefixes
+    every relative path, counts toward the depth limit, and with `dirs` `root` itself is recorded."""
+    stack = [(start, os.fspath(root))]
     while stack:
         prefix, directory = stack.pop()
         if len(prefix.encode("utf-8", "surrogateescape")) > limits.MAX_PATH_BYTES:
             _skip(directory, f"deeper than {limits.MAX_PATH_BYTES} bytes", strict)
             continue
         try:
+            if dirs is not None and prefix:
+                dirs[prefix[:-1]] = st = os.lstat(directory)
+                if not stat.S_ISDIR(st.st_mode):  # swapped for a symlink or a file since its parent was listed
+                    continue
             with os.scandir(directory) as it:
                 entries = list(it)
         except (FileNotFoundError, NotADirectoryError):

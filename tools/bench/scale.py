@@ -992,10 +992,52 @@ FINDINGS = """### Findings (issue 14, 2026-12-01)
     own layout (a kernel's .source/.ttir/.ttgir/.llir/.ptx/.cubin/.json side by side) is the latter.
 - **Noise.** Five full runs of this tool on 2 cores shared with other work (1-minute load 1 to 76) moved the
   20,000-file load ratio (4,029 directories) between 2.74x and 4.3x and its no-op check between 170 and 520 ms;
-  CPU-time columns are the steadier figures. The worst case left: the no-op check of the one-directory-per-file
-  tree, 0.33-0.35 s, over the 0.25 s goal: a bare `os.scandir` + `lstat` loop over that tree alone costs 210 ms of
-  CPU here and our walk 240 ms; skipping unchanged directories would need their mtimes to cover files rewritten in
-  place, which they do not.
+  CPU-time columns are the steadier figures. The worst case that run left, the no-op check of the
+  one-directory-per-file tree (0.33-0.35 s, over the 0.25 s goal: a bare `os.scandir` + `lstat` loop over that tree
+  costs 210 ms of CPU here), is the next point.
+- **No-op check without listing the tree (after the run above).** `.cas-index` may now also hold a directory
+  record (FORMAT §7): each directory's mtime, ctime and inode as the check's walk stat-ed them before listing them,
+  kept only when every directory last changed more than 2 s before the walk began (the racy window). A later check
+  stats every recorded directory and every entry by path from the root's descriptor and lists only the root (the
+  index is renamed into it): a directory whose three values are unchanged holds the same names (creating, removing
+  or renaming one changes them), and a file rewritten in place shows in its own stat as before. Directories that
+  did change are listed, new ones walked, the others still taken from the record (`cas/dircache.py`). 39,356
+  lstats (19,356 directories, 20,000 files) cost about 100 ms of CPU here; the walk they replace 260 ms.
+  `tools/bench/noop_check.py` (cold checks alone, local disk; `first`: the check right after the first save, which
+  walks and records; `steady`: nothing changed; `after save`: one new file saved just before, so the manifest is
+  compared again and the index rewritten), medians of 10 (two runs of 5, base and this branch interleaved,
+  2026-12-01 12:45-12:52 UTC, this 2-core VM, 1-minute load average 3.9-9.3), wall / CPU:
+
+  | tree (files, directories) | first, before | after | steady, before | after | after save, before | after |
+  |---|---:|---:|---:|---:|---:|---:|
+  | 680, 177 | 21 / 17 ms | 47 / 14 ms | 7 / 7 ms | 5 / 5 ms | 13 / 12 ms | 12 / 10 ms |
+  | 5,000, 1,158 | 83 / 79 ms | 90 / 87 ms | 51 / 44 ms | 35 / 32 ms | 84 / 79 ms | 72 / 67 ms |
+  | 20,000, 4,029 | 468 / 312 ms | 424 / 355 ms | 292 / 193 ms | 156 / 118 ms | 618 / 348 ms | 323 / 247 ms |
+  | 20,000, 19,356 | 692 / 499 ms | 755 / 592 ms | 474 / 380 ms | **197 / 181 ms** | 656 / 579 ms | 354 / 337 ms |
+
+  ```
+  .venv/bin/python -m tools.bench.noop_check --reps 5             # this branch, in its checkout
+  mkdir /tmp/base && git archive 85bcaac | tar -x -C /tmp/base     # before: the commit it started from
+  cp tools/bench/noop_check.py /tmp/base/tools/bench/
+  cd /tmp/base && PYTHONPATH=/tmp/base /work/main/.venv/bin/python -m tools.bench.noop_check --reps 5
+  ```
+
+  The check that records (`first`) costs up to 90 ms more CPU than before (+43 ms at 4,029 directories, +93 ms at
+  19,356: an lstat per directory, and a larger index to write, 3.5 MB instead of 2.3 MB at 19,356 directories);
+  every later check saves 75 ms (4,029 directories) to 200 ms (19,356) of CPU. Through
+  `save_compile_cache` with torch imported (`tools.bench.noop_save --tree .scratch/bench-trees/scale-20000-1
+  --local --repeat 7`, 12:52-12:54 UTC, load 3.5-4.4), no-op saves 2-7 of the 19,356-directory tree took 232-517 ms
+  wall (median 375), CPU 180-260 ms, against 377-764 ms (median 639), CPU 350-430 ms before. The goal (0.25 s) is
+  met by the check's CPU on both trees; its wall time is under 0.25 s whenever this shared machine leaves the
+  process a core. This tool's own one-deployment rows, `.venv/bin/python -m tools.bench scale --ns '' --volumes
+  local --trees 680,5000,20000,20000:1 --no-write`, this branch (aea5ddd) then the base in the same way, 2026-12-01
+  13:06-13:09 UTC, load 1.3-5.2, no-op (nothing_new) medians of 5, wall (CPU): 680 files 8 ms (10 ms) against 6 ms
+  (0-10 ms); 5,000 files 54 ms (60 ms) against 54 ms (50 ms); 20,000 files in 4,029 directories 118 ms (120 ms)
+  against 180 ms (180 ms); in 19,356 directories **198 ms (200 ms)** against 367 ms (350 ms), where the table above
+  (10:13 UTC, b30ab45) has 333 ms: that goal is now met. The 680- and 5,000-file trees are copied and saved less
+  than 2 s before their checks, so their directories are all unsettled: no record is kept and every check walks,
+  paying an lstat per directory (about 2 ms at 680 files) for a record it cannot keep; a cache checked later than
+  2 s after its last change gets the record as the 20,000-file trees do.
 """
 
 
