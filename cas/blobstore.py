@@ -103,11 +103,14 @@ class BlobStore:
                 for area in layout.STORE_AREAS:
                     self.backend.make_prefix(area + "/")
                 self.backend.put(layout.FORMAT, FORMAT_LINE + msgpack.packb(body), if_absent=True)
+                # An object store's create has one winner, ours: nothing to read back. A volume may have fallen
+                # back to check-then-rename (no hard links, FORMAT §1), where a racing creator can win after us.
+                created = self.backend.atomic_replace
             except AlreadyExists:
-                pass  # a concurrent first writer: its file wins, read below
+                created = False  # a concurrent first writer: its file wins, read below
             except BadObject as exc:
                 raise StoreUnavailable(f"cannot initialise store at {self.root}: {exc}") from None
-            config = self._read_format() or body
+            config = body if created else (self._read_format() or body)
         value = config.get("freshen_after", DEFAULT_FRESHEN_AFTER)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise FormatError(f"store {self.root}: bad freshen_after {value!r} in CAS-FORMAT")
@@ -152,9 +155,10 @@ class BlobStore:
         return self.backend.now()
 
     # -- existence ---------------------------------------------------------------------------------------------
-    def stat(self, blob_id: str) -> ObjectInfo | None:
-        """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2). None if absent (something that is
-        not a plain object at its key counts as absent: a save replaces it)."""
+    def stat(self, blob_id: str, *, from_trash: bool = True) -> ObjectInfo | None:
+        """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2; `from_trash=False`: a writer that
+        can store the blob again does not look there). None if absent (something that is not a plain object at its
+        key counts as absent: a save replaces it)."""
         key = layout.blob(blob_id)
         try:
             return self.backend.stat(key)
@@ -162,7 +166,7 @@ class BlobStore:
             pass
         except BadObject:
             return None
-        if not self.untrash(blob_id):
+        if not from_trash or not self.untrash(blob_id):
             return None
         log.info("restored blob %s from trash", blob_id)
         try:
@@ -179,22 +183,29 @@ class BlobStore:
         except CasError:
             return False
 
-    def ensure_fresh(self, blob_id: str) -> bool:
-        """True if the blob is stored; freshens its mtime if older than freshen_after (a save relies on it)."""
-        info = self.stat(blob_id)
+    def ensure_fresh(self, blob_id: str, *, from_trash: bool = True) -> bool:
+        """True if the blob is stored; freshens its mtime if older than freshen_after (a save relies on it).
+        `from_trash=False`: a writer that holds the content and stores it again when absent (FORMAT §2)."""
+        info = self.stat(blob_id, from_trash=from_trash)
         if info is None:
             return False
+        return self._freshen(info)
+
+    def _freshen(self, info: ObjectInfo) -> bool:
+        """Touch a stored blob older than freshen_after; False if it vanished meanwhile."""
         if self.server_now() - info.mtime > self.freshen_after:
             try:
-                self.backend.touch(layout.blob(blob_id))
+                self.backend.touch(info.key)
             except NotFound:
                 return False  # collected between stat and touch (only possible past the grace assumption)
         return True
 
     # -- writing -----------------------------------------------------------------------------------------------
-    def put_file(self, src: str | int, blob_id: str, size: int) -> int:
-        """Store local file `src`, which hashed to `blob_id`. Returns bytes written. Raises SourceChanged if the
-        file no longer hashes to `blob_id`; the blob is then not stored."""
+    def put_file(self, src: str | int, blob_id: str, size: int, *, seen_absent: bool = False) -> int:
+        """Store local file `src`, which hashed to `blob_id`. Returns bytes written, 0 when the blob was already
+        stored (it is then freshened). Raises SourceChanged if the file no longer hashes to `blob_id`; the blob is
+        then not stored. `seen_absent`: the caller's `stat` just found no blob, so a plain put (on S3 multipart
+        above 64 MiB) replaces the create-if-absent; identical content makes an overwrite harmless either way."""
 
         def fill(out: BinaryIO) -> None:
             with localfs.open_source(src) as inp:  # an fd checked against the scan, or a path: no symlink, no FIFO
@@ -203,7 +214,9 @@ class BlobStore:
             if digest != blob_id or read != size:
                 raise SourceChanged(f"{src} changed while being saved")
 
-        return self._put(blob_id, fill).size
+        if seen_absent:
+            return self._put(blob_id, fill).size
+        return self._create(blob_id, fill)
 
     def _put(self, blob_id: str, data: Payload) -> ObjectInfo:
         key = layout.blob(blob_id)
@@ -213,6 +226,28 @@ class BlobStore:
             # Something planted at the blob's name (a directory): set it aside, store the real one.
             self.quarantine(blob_id)
             return self.backend.put(key, data)
+
+    def _create(self, blob_id: str, data: Payload) -> int:
+        """Store a blob with one create-if-absent put (FORMAT §2: no stat, no look into trash first). Returns the
+        bytes written, or 0 when `blobs/` already had it: that copy is then checked to be a plain object and
+        freshened, as a writer relying on a stored blob does. A copy in trash is not looked for: this one makes it a
+        duplicate that gc deletes."""
+        key = layout.blob(blob_id)
+        try:
+            return self.backend.put(key, data, if_absent=True).size
+        except AlreadyExists:
+            pass
+        except BadObject:
+            return self._put(blob_id, data).size
+        try:
+            info = self.backend.stat(key)
+        except NotFound:  # gc moved it to trash since the put found it: store it again
+            return self._put(blob_id, data).size
+        except BadObject:  # a directory at the name (link(2) says "exists" for one): set aside, store the blob
+            return self._put(blob_id, data).size
+        if not self._freshen(info):
+            return self._put(blob_id, data).size
+        return 0
 
     def _compress_into(self, inp: BinaryIO, out: BinaryIO, size: int) -> tuple[str, int]:
         if size <= WHOLE_FILE_LIMIT:
@@ -241,21 +276,16 @@ class BlobStore:
 
     def put_bytes_sized(self, data: bytes) -> tuple[str, int]:
         """Store an in-memory blob (a manifest, a pack). Returns its id and the bytes written (0: already stored,
-        now freshened)."""
+        now freshened). A pack's or manifest's id is the hash of what this save just assembled, so it is almost
+        always new: one create-if-absent put, no stat first."""
         blob_id = blake3.blake3(data).hexdigest()
-        if self.stat(blob_id) is not None:
-            try:
-                self.backend.touch(layout.blob(blob_id))
-                return blob_id, 0
-            except NotFound:
-                pass  # collected meanwhile: write it
         frame = self._cctx.compress(data)
 
         def fill(out: BinaryIO) -> None:
             out.write(frame)
             _faults.checkpoint("blob-written")
 
-        return blob_id, self._put(blob_id, fill).size
+        return blob_id, self._create(blob_id, fill)
 
     def compressed_size(self, src: str | int) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""

@@ -309,6 +309,7 @@ class S3Backend(Backend):
     """One bucket + prefix. Thread-safe; at most `settings.max_concurrency` requests in flight."""
 
     atomic_replace = True
+    check_alive_first = False  # see Backend: a PUT into a deleted bucket fails, or makes a new bucket (SeaweedFS)
 
     def __init__(self, url: str, *, environ: Mapping[str, str] | None = None,
                  credentials: S3Credentials | None = None, settings: S3Settings | None = None):
@@ -375,6 +376,19 @@ class S3Backend(Backend):
         if end - start > limit:  # checked on the response headers, before the body is read
             raise ObjectTooLarge(f"{self._where(key)}: {end - start} bytes, limit {limit}")
         return bytes(result.bytes())
+
+    def get_versioned(self, key: str, *, limit: int) -> tuple[bytes, str]:
+        """One GET: the ETag in its response headers is the version of exactly the body it carries."""
+        check_key(key)
+
+        def one() -> tuple[bytes, str]:
+            result = self._obstore.get(self._store, key)
+            size = result.meta["size"]
+            if size > limit:  # checked on the response headers, before the body is read
+                raise ObjectTooLarge(f"{self._where(key)}: {size} bytes, limit {limit}")
+            return bytes(result.bytes()), result.meta.get("e_tag") or ""
+
+        return self._call("get", key, one)
 
     def open(self, key: str, *, limit: int) -> BinaryIO:
         check_key(key)
