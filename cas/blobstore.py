@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar, cast
 
@@ -88,14 +89,57 @@ class BlobStore:
         self.root = self.backend.location
         self._clock = clock
         self._local = threading.local()  # zstd contexts are not thread-safe: one per thread
-        self.freshen_after = float(self._open(create, freshen_after))
+        # Resolved once the format file was read and found ours (or absent, for a creator): writes wait for it.
+        self._writable: Future[None] = Future()
+        # Resolved with freshen_after once the store is open (on a new store: its format file created).
+        self._opened: Future[float] = Future()
+        if create and self.backend.atomic_replace:
+            # An object store is opened in the background while the save reads its scope and hashes its files: the
+            # format file's read (and a new store's create) leaves a first save's chain of round trips (FORMAT §3a).
+            # Its errors surface at the first write, or at the commit (`ready`), as the same exceptions.
+            threading.Thread(target=self._open_into_futures, args=(create, freshen_after), name="cas-store-open",
+                             daemon=True).start()
+        else:
+            self._open_into_futures(create, freshen_after)
+            self.ready()  # a volume, or a reader: opened (or refused) before the constructor returns
+
+    @property
+    def freshen_after(self) -> float:
+        return self._opened.result()
+
+    def ready(self) -> None:
+        """Wait until the store is open (its format file read, or on a new store created); raises what opening
+        raised (FormatError, StoreUnavailable). A save calls it before it commits."""
+        self._opened.result()
+
+    def ready_to_write(self) -> None:
+        """Wait until the format file was read (and found ours, or absent on a new store whose creation may still be
+        in flight); raises what that read raised. A caller about to write elsewhere first (a save slot) calls it, so
+        that a missing bucket fails before anything is written (SeaweedFS would create the bucket on a PUT)."""
+        self._writable.result()
 
     # -- layout ------------------------------------------------------------------------------------------------
+    def _open_into_futures(self, create: bool, freshen_after: float | None) -> None:
+        try:
+            value = float(self._open(create, freshen_after))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits (the constructor, or the first write)
+            for future in (self._writable, self._opened):
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if not self._writable.done():
+            self._writable.set_result(None)
+        self._opened.set_result(value)
+
     def _open(self, create: bool, freshen_after: float | None) -> float:
         config = self._read_format()
         if config is None:
             if not create:
                 raise StoreUnavailable(f"no store at {self.root}")
+            # No format file: no other version to refuse, so blobs may be written while it is created (an object
+            # store has no areas to make first; a reader takes the store for absent until the file is there).
+            if self.backend.atomic_replace:
+                self._writable.set_result(None)
             body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER)}
             try:
                 # The areas first, the format file last: a store with a format file has its whole layout. The
@@ -177,6 +221,7 @@ class BlobStore:
 
     def untrash(self, blob_id: str) -> bool:
         """Move a blob from trash back into blobs/. False if it is not in trash (or cannot be moved)."""
+        self.ready_to_write()
         try:
             self.backend.move(layout.trash(blob_id), layout.blob(blob_id))
             return True
@@ -219,6 +264,7 @@ class BlobStore:
         return self._create(blob_id, fill)
 
     def _put(self, blob_id: str, data: Payload) -> ObjectInfo:
+        self.ready_to_write()
         key = layout.blob(blob_id)
         try:
             return self.backend.put(key, data)
@@ -232,6 +278,7 @@ class BlobStore:
         bytes written, or 0 when `blobs/` already had it: that copy is then checked to be a plain object and
         freshened, as a writer relying on a stored blob does. A copy in trash is not looked for: this one makes it a
         duplicate that gc deletes."""
+        self.ready_to_write()
         key = layout.blob(blob_id)
         try:
             return self.backend.put(key, data, if_absent=True).size
@@ -400,6 +447,7 @@ class BlobStore:
             raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
 
     def quarantine(self, blob_id: str) -> None:
+        self.ready_to_write()
         try:
             self.backend.move(layout.blob(blob_id), layout.quarantine(blob_id, time.time_ns()))
             log.warning("quarantined corrupt blob %s", blob_id)

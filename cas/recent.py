@@ -117,18 +117,19 @@ def note_saver(store: BlobStore, env_key: str, scope_id: str, family: str | None
     for _ in range(WRITE_ATTEMPTS):
         try:
             absent = False
+            version: str | None = None
             try:
-                info = store.backend.stat(key)
-                current = _parse(store.backend.get(key, limit=RECORD_LIMIT))
+                data, version = store.backend.get_versioned(key, limit=RECORD_LIMIT)  # one request, bytes + version
+                current = _parse(data)
             except NotFound:
-                info, current, absent = None, [], True
+                current, absent = [], True
             except CasError:
-                info, current = None, []  # something planted or oversized: replaced below
+                current = []  # something planted or oversized: replaced below
             if _fresh_head(current, scope_id, now):
                 return True
             body = _body(current, scope_id, now)
-            if info is not None:
-                store.backend.put(key, body, if_version=info.version)
+            if version is not None:
+                store.backend.put(key, body, if_version=version)
             else:
                 store.backend.put(key, body, if_absent=absent)  # a create races other creators; garbage is replaced
             return True

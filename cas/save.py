@@ -112,6 +112,7 @@ def save_tree(
             wave.marker.result() or wave.root().named != blake3.blake3(data).hexdigest())
         delta = dict(entries) if audit or current is None else current.changes_from(entries)
         if not delta and not audit:
+            store.ready()  # an unusable store (another format version, a missing bucket) still fails the save
             result.seconds = time.monotonic() - started
             return result  # nothing new: the volume saw reads only
         _faults.checkpoint("hashed")
@@ -603,6 +604,7 @@ def _publish_locked(store: BlobStore, scope: Scope, env_key: str, new: bytes) ->
     # A store or scope unmounted or renamed mid-save must fail the save, not receive a manifest in its ghost.
     for backend in (store.backend, scope.backend):
         backend.check_alive()
+    store.ready()
     manifest_id = store.put_bytes(new)
     scope.write_manifest(new, env_key)
     return manifest_id
@@ -618,6 +620,7 @@ def _publish_swapped(store: BlobStore, scope: Scope, env_key: str, new: bytes,
     for backend in (store.backend, scope.backend):
         if backend.check_alive_first:
             backend.check_alive()
+    store.ready()  # opened in the background (a new store's format file created): done, or its error, before this
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cas-commit") as side:
         copy = side.submit(store.put_bytes, new)
         alive = [side.submit(b.check_alive) for b in (store.backend, scope.backend) if not b.check_alive_first]
