@@ -1,7 +1,9 @@
 """save_tree: publish a local cache directory into the store and merge it into the deployment's manifest.
 
 Order matters for crash safety (FORMAT §3, §7): blobs are made durable first, the manifest is renamed into place
-second, the GC root is replaced last, all manifest work under the manifest lock.
+second, the GC root is replaced last, all manifest work under the manifest lock (on an object store, a compare-and-
+swap instead). On an object store each step is one concurrent wave of requests (FORMAT §3a): a small cache's save is
+a handful of round trips, not one per request.
 """
 from __future__ import annotations
 
