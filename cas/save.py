@@ -124,18 +124,8 @@ def save_tree(
         if max_stored_bytes is not None:
             _check_cap(files, entries, store, max_stored_bytes, pool)
 
-        needed = sorted({e.blob_id for e in delta.values()})
-        small = [b for b in needed if by_id[b].size <= pack.PACK_FILE_MAX]
-        large = [b for b in needed if by_id[b].size > pack.PACK_FILE_MAX]
-        # An audit distrusts recorded locations (that is what it checks): its small files go into new packs.
-        located = {} if audit else _located(store, scope, env_key, current, small, pool, wave)
-        # A large file is the blob other deployments of one model share: one stat (no look into trash: a trashed
-        # copy is simply stored again, FORMAT §2) saves re-sending it when it is there.
-        present = list(pool.map(lambda b: store.ensure_fresh(b, from_trash=False), large))
-        missing = [bid for bid, ok in zip(large, present, strict=True) if not ok]
-        to_pack = [b for b in small if b not in located]
-        result.blobs_present = len(needed) - len(missing) - len(to_pack)
-        require_free_bytes(store.backend, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
+        missing, to_pack, located = _plan_uploads(store, scope, env_key, current, delta, by_id, audit, pool, wave,
+                                                  result)
         changed = _write_blobs(store, pool, missing, to_pack, by_id, located, result)
         if claimed.result():
             wave.created_scope_id = scope.scope_id
@@ -156,6 +146,26 @@ def save_tree(
     result.seconds = time.monotonic() - started
     log.debug("save %s: %s", env_key, result)
     return result
+
+
+def _plan_uploads(store: BlobStore, scope: Scope, env_key: str, current: Manifest | None, delta: dict[str, Entry],
+                  by_id: dict[str, LocalFile], audit: bool, pool: ThreadPoolExecutor, wave: _FirstWave,
+                  result: SaveResult) -> tuple[list[str], list[str], dict[str, tuple[str, int]]]:
+    """Which large files the store lacks, which small files go into new packs, and where the store already holds the
+    others (pack, offset); counts the contents already stored in `result`."""
+    needed = sorted({e.blob_id for e in delta.values()})
+    small = [b for b in needed if by_id[b].size <= pack.PACK_FILE_MAX]
+    large = [b for b in needed if by_id[b].size > pack.PACK_FILE_MAX]
+    # An audit distrusts recorded locations (that is what it checks): its small files go into new packs.
+    located = {} if audit else _located(store, scope, env_key, current, small, pool, wave)
+    # A large file is the blob other deployments of one model share: one stat (no look into trash: a trashed copy is
+    # simply stored again, FORMAT §2) saves re-sending it when it is there.
+    present = list(pool.map(lambda b: store.ensure_fresh(b, from_trash=False), large))
+    missing = [bid for bid, ok in zip(large, present, strict=True) if not ok]
+    to_pack = [b for b in small if b not in located]
+    result.blobs_present = len(needed) - len(missing) - len(to_pack)
+    require_free_bytes(store.backend, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
+    return missing, to_pack, located
 
 
 def _write_blobs(store: BlobStore, pool: ThreadPoolExecutor, missing: list[str], to_pack: list[str],
