@@ -118,8 +118,6 @@ def save_tree(
             result.seconds = time.monotonic() - started
             return result  # nothing new: the volume saw reads only
         _faults.checkpoint("hashed")
-        # scope.id, if the first wave found none, is created alongside the uploads: the commit needs it.
-        claimed = pool.submit(wave.claim_scope_id)
 
         if max_stored_bytes is not None:
             _check_cap(files, entries, store, max_stored_bytes, pool)
@@ -127,8 +125,6 @@ def save_tree(
         missing, to_pack, located = _plan_uploads(store, scope, env_key, current, delta, by_id, audit, pool, wave,
                                                   result)
         changed = _write_blobs(store, pool, missing, to_pack, by_id, located, result)
-        if claimed.result():
-            wave.created_scope_id = scope.scope_id
         # A file that changed under us is left for the next save: drop every entry that expected that content.
         result.skipped_changed += len(changed)
         delta = {
@@ -255,11 +251,14 @@ class _FirstWave:
     def root(self) -> _RootSeen:
         return self._root.result()
 
-    def claim_scope_id(self) -> bool:
-        """Create scope.id if the first wave found none; True when it is this save's own, new id."""
-        if self.root().scope_id is not None:
-            return False
-        return self.scope.create_scope_id()
+    def claim_scope_id(self) -> None:
+        """After this save's manifest put: create scope.id if the first wave found none, without reading it again,
+        and note it when it is this save's own new id (no root can exist under it). Not earlier, alongside the
+        uploads: there every replica of a new deployment would race to create it, and SeaweedFS has been seen to let
+        two of 16 racing creates succeed, leaving savers with different ids; after the manifest's compare-and-swap
+        the creators are its winners, which come one at a time."""
+        if self.root().scope_id is None and self.scope.create_scope_id():
+            self.created_scope_id = self.scope.scope_id
 
     def peers_record(self) -> recent.Seen | None:
         return self._recent.result() if self._recent is not None else None
@@ -508,7 +507,10 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
     deadline = time.monotonic() + lock_timeout
     delay = CAS_RETRY_MIN_S
     checked: dict[str, bool] = {}  # stored blob id -> present, kept across attempts (an audit checks each once)
-    prior = wave.manifest_for_commit if wave is not None else None  # the first attempt merges into what was read
+    # The first attempt merges into the manifest the first wave read (a newer one fails its put). Not an audit's:
+    # it compares the manifest with the root, which other savers may have moved past that read since, and a root
+    # naming a manifest newer than the one compared looks like another scope's (a clone) to the copied-scope check.
+    prior = wave.manifest_for_commit if wave is not None and not audit else None
     for attempt in itertools.count(1):
         _faults.checkpoint("locked")  # the point where the volume's commit holds its lock
         try:
@@ -585,6 +587,8 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
     try:
         if swap:
             manifest_id, written = _publish_swapped(store, scope, env_key, new, version)
+            if wave is not None:
+                wave.claim_scope_id()
         else:
             manifest_id = _publish_locked(store, scope, env_key, new)
         _faults.checkpoint("manifest-renamed")
