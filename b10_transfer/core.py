@@ -289,6 +289,7 @@ def _save(target: Path, s: Settings, label: str | None, env: dict, stats: Operat
         for check in checks:
             check.result()
         store, scope = opened_store.result(), opened_scope.result()
+    store.ready_to_write()  # an object store opens in the background: its bucket is there before a slot is written
     try:
         slot = acquire_slot(
             scope.backend,  # slots/ below the scope: the peer's cleanup (top-level *.lock by age) cannot touch them

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar, cast
 
@@ -92,28 +93,83 @@ class BlobStore:
         self.root = self.backend.location
         self._clock = clock
         self._local = threading.local()  # zstd contexts are not thread-safe: one per thread
-        self.freshen_after = float(self._open(create, freshen_after))
+        # Resolved once the format file was read and found ours (or absent, for a creator): writes wait for it.
+        self._writable: Future[None] = Future()
+        # Resolved with freshen_after once the store is open (on a new store: its format file created).
+        self._opened: Future[float] = Future()
+        self._pack_frames = False  # from the format file (FORMAT §2, Packs): read through `pack_frames`
+        if create and self.backend.atomic_replace:
+            # An object store is opened in the background while the save reads its scope and hashes its files: the
+            # format file's read (and a new store's create) leaves a first save's chain of round trips (FORMAT §3a).
+            # Its errors surface at the first write, or at the commit (`ready`), as the same exceptions.
+            threading.Thread(target=self._open_into_futures, args=(create, freshen_after), name="cas-store-open",
+                             daemon=True).start()
+        else:
+            self._open_into_futures(create, freshen_after)
+            self.ready()  # a volume, or a reader: opened (or refused) before the constructor returns
+
+    @property
+    def freshen_after(self) -> float:
+        return self._opened.result()
+
+    @property
+    def pack_frames(self) -> bool:
+        """Whether saves may write packs of several frames: the format file says so (FORMAT §2, Packs). Known once
+        the store may be written (a new store's is its creator's, True)."""
+        self._writable.result()
+        return self._pack_frames
+
+    def ready(self) -> None:
+        """Wait until the store is open (its format file read, or on a new store created); raises what opening
+        raised (FormatError, StoreUnavailable). A save calls it before it commits."""
+        self._opened.result()
+
+    def ready_to_write(self) -> None:
+        """Wait until the format file was read (and found ours, or absent on a new store whose creation may still be
+        in flight); raises what that read raised. A caller about to write elsewhere first (a save slot) calls it, so
+        that a missing bucket fails before anything is written (SeaweedFS would create the bucket on a PUT)."""
+        self._writable.result()
 
     # -- layout ------------------------------------------------------------------------------------------------
+    def _open_into_futures(self, create: bool, freshen_after: float | None) -> None:
+        try:
+            value = float(self._open(create, freshen_after))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits (the constructor, or the first write)
+            for future in (self._writable, self._opened):
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if not self._writable.done():
+            self._writable.set_result(None)
+        self._opened.set_result(value)
+
     def _open(self, create: bool, freshen_after: float | None) -> float:
         config = self._read_format()
         if config is None:
             if not create:
                 raise StoreUnavailable(f"no store at {self.root}")
+            # No format file: no other version to refuse, so blobs may be written while it is created (an object
+            # store has no areas to make first; a reader takes the store for absent until the file is there).
             body = {"freshen_after": int(freshen_after if freshen_after is not None else DEFAULT_FRESHEN_AFTER),
                     PACK_FRAMES_KEY: True}
+            if self.backend.atomic_replace:
+                self._pack_frames = True  # what this creator writes; a racing creator's file is read below
+                self._writable.set_result(None)
             try:
                 # The areas first, the format file last: a store with a format file has its whole layout. The
                 # fan-out prefixes blobs/<xx> and trash/<xx> are made by the first write into each (FORMAT §2).
                 for area in layout.STORE_AREAS:
                     self.backend.make_prefix(area + "/")
                 self.backend.put(layout.FORMAT, FORMAT_LINE + msgpack.packb(body), if_absent=True)
+                # An object store's create has one winner, ours: nothing to read back. A volume may have fallen
+                # back to check-then-rename (no hard links, FORMAT §1), where a racing creator can win after us.
+                created = self.backend.atomic_replace
             except AlreadyExists:
-                pass  # a concurrent first writer: its file wins, read below
+                created = False  # a concurrent first writer: its file wins, read below
             except BadObject as exc:
                 raise StoreUnavailable(f"cannot initialise store at {self.root}: {exc}") from None
-            config = self._read_format() or body
-        self.pack_frames = config.get(PACK_FRAMES_KEY) is True
+            config = body if created else (self._read_format() or body)
+        self._pack_frames = config.get(PACK_FRAMES_KEY) is True
         value = config.get("freshen_after", DEFAULT_FRESHEN_AFTER)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise FormatError(f"store {self.root}: bad freshen_after {value!r} in CAS-FORMAT")
@@ -151,7 +207,7 @@ class BlobStore:
             return False
         body = dict(config, **{PACK_FRAMES_KEY: True})
         self.backend.put(layout.FORMAT, FORMAT_LINE + msgpack.packb(body), if_version=info.version)
-        self.pack_frames = True
+        self._pack_frames = True
         return True
 
     def blob_path(self, blob_id: str) -> str:
@@ -174,9 +230,10 @@ class BlobStore:
         return self.backend.now()
 
     # -- existence ---------------------------------------------------------------------------------------------
-    def stat(self, blob_id: str) -> ObjectInfo | None:
-        """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2). None if absent (something that is
-        not a plain object at its key counts as absent: a save replaces it)."""
+    def stat(self, blob_id: str, *, from_trash: bool = True) -> ObjectInfo | None:
+        """Stat a blob, bringing it back from trash if gc retired it (FORMAT §2; `from_trash=False`: a writer that
+        can store the blob again does not look there). None if absent (something that is not a plain object at its
+        key counts as absent: a save replaces it)."""
         key = layout.blob(blob_id)
         try:
             return self.backend.stat(key)
@@ -184,7 +241,7 @@ class BlobStore:
             pass
         except BadObject:
             return None
-        if not self.untrash(blob_id):
+        if not from_trash or not self.untrash(blob_id):
             return None
         log.info("restored blob %s from trash", blob_id)
         try:
@@ -195,28 +252,36 @@ class BlobStore:
 
     def untrash(self, blob_id: str) -> bool:
         """Move a blob from trash back into blobs/. False if it is not in trash (or cannot be moved)."""
+        self.ready_to_write()
         try:
             self.backend.move(layout.trash(blob_id), layout.blob(blob_id))
             return True
         except CasError:
             return False
 
-    def ensure_fresh(self, blob_id: str) -> bool:
-        """True if the blob is stored; freshens its mtime if older than freshen_after (a save relies on it)."""
-        info = self.stat(blob_id)
+    def ensure_fresh(self, blob_id: str, *, from_trash: bool = True) -> bool:
+        """True if the blob is stored; freshens its mtime if older than freshen_after (a save relies on it).
+        `from_trash=False`: a writer that holds the content and stores it again when absent (FORMAT §2)."""
+        info = self.stat(blob_id, from_trash=from_trash)
         if info is None:
             return False
+        return self._freshen(info)
+
+    def _freshen(self, info: ObjectInfo) -> bool:
+        """Touch a stored blob older than freshen_after; False if it vanished meanwhile."""
         if self.server_now() - info.mtime > self.freshen_after:
             try:
-                self.backend.touch(layout.blob(blob_id))
+                self.backend.touch(info.key)
             except NotFound:
                 return False  # collected between stat and touch (only possible past the grace assumption)
         return True
 
     # -- writing -----------------------------------------------------------------------------------------------
-    def put_file(self, src: str | int, blob_id: str, size: int) -> int:
-        """Store local file `src`, which hashed to `blob_id`. Returns bytes written. Raises SourceChanged if the
-        file no longer hashes to `blob_id`; the blob is then not stored."""
+    def put_file(self, src: str | int, blob_id: str, size: int, *, seen_absent: bool = False) -> int:
+        """Store local file `src`, which hashed to `blob_id`. Returns bytes written, 0 when the blob was already
+        stored (it is then freshened). Raises SourceChanged if the file no longer hashes to `blob_id`; the blob is
+        then not stored. `seen_absent`: the caller's `stat` just found no blob, so a plain put (on S3 multipart
+        above 64 MiB) replaces the create-if-absent; identical content makes an overwrite harmless either way."""
 
         def fill(out: BinaryIO) -> None:
             with localfs.open_source(src) as inp:  # an fd checked against the scan, or a path: no symlink, no FIFO
@@ -225,9 +290,12 @@ class BlobStore:
             if digest != blob_id or read != size:
                 raise SourceChanged(f"{src} changed while being saved")
 
-        return self._put(blob_id, fill).size
+        if seen_absent:
+            return self._put(blob_id, fill).size
+        return self._create(blob_id, fill)
 
     def _put(self, blob_id: str, data: Payload) -> ObjectInfo:
+        self.ready_to_write()
         key = layout.blob(blob_id)
         try:
             return self.backend.put(key, data)
@@ -235,6 +303,29 @@ class BlobStore:
             # Something planted at the blob's name (a directory): set it aside, store the real one.
             self.quarantine(blob_id)
             return self.backend.put(key, data)
+
+    def _create(self, blob_id: str, data: Payload) -> int:
+        """Store a blob with one create-if-absent put (FORMAT §2: no stat, no look into trash first). Returns the
+        bytes written, or 0 when `blobs/` already had it: that copy is then checked to be a plain object and
+        freshened, as a writer relying on a stored blob does. A copy in trash is not looked for: this one makes it a
+        duplicate that gc deletes."""
+        self.ready_to_write()
+        key = layout.blob(blob_id)
+        try:
+            return self.backend.put(key, data, if_absent=True).size
+        except AlreadyExists:
+            pass
+        except BadObject:
+            return self._put(blob_id, data).size
+        try:
+            info = self.backend.stat(key)
+        except NotFound:  # gc moved it to trash since the put found it: store it again
+            return self._put(blob_id, data).size
+        except BadObject:  # a directory at the name (link(2) says "exists" for one): set aside, store the blob
+            return self._put(blob_id, data).size
+        if not self._freshen(info):
+            return self._put(blob_id, data).size
+        return 0
 
     def _compress_into(self, inp: BinaryIO, out: BinaryIO, size: int) -> tuple[str, int]:
         if size <= WHOLE_FILE_LIMIT:
@@ -263,9 +354,10 @@ class BlobStore:
 
     def put_bytes_sized(self, data: bytes) -> tuple[str, int]:
         """Store an in-memory blob (a manifest, a pack). Returns its id and the bytes written (0: already stored,
-        now freshened)."""
+        now freshened). A pack's or manifest's id is the hash of what this save just assembled, so it is almost
+        always new: one create-if-absent put, no stat first."""
         blob_id = blake3.blake3(data).hexdigest()
-        return blob_id, self._put_encoded(blob_id, lambda: self._cctx.compress(data))
+        return blob_id, self.put_encoded(blob_id, self._cctx.compress(data))
 
     def compress_frames(self, parts: list[bytes]) -> list[bytes]:
         """One zstd frame (recording its content size) per part: the frames of a pack (FORMAT §2), whose
@@ -273,25 +365,15 @@ class BlobStore:
         return [self._cctx.compress(part) for part in parts]
 
     def put_encoded(self, blob_id: str, encoded: bytes) -> int:
-        """Store a blob already encoded by the caller (a pack's frames, checked against `blob_id` by its builder,
-        cas/pack.py). Returns the bytes written (0: already stored, now freshened)."""
-        return self._put_encoded(blob_id, lambda: encoded)
-
-    def _put_encoded(self, blob_id: str, encode: Callable[[], bytes]) -> int:
-        """Store a blob whose encoded bytes `encode` makes, unless it is stored already (then freshen it)."""
-        if self.stat(blob_id) is not None:
-            try:
-                self.backend.touch(layout.blob(blob_id))
-                return 0
-            except NotFound:
-                pass  # collected meanwhile: write it
-        encoded = encode()
+        """Store a blob already encoded by the caller (a manifest; a pack's frames, checked against `blob_id` by its
+        builder, cas/pack.py) with one create-if-absent put. Returns the bytes written (0: already stored, now
+        freshened)."""
 
         def fill(out: BinaryIO) -> None:
             out.write(encoded)
             _faults.checkpoint("blob-written")
 
-        return self._put(blob_id, fill).size
+        return self._create(blob_id, fill)
 
     def compressed_size(self, src: str | int) -> int:
         """Size `src` would take in the store (used only to enforce a size cap)."""
@@ -435,6 +517,7 @@ class BlobStore:
             raise BlobCorrupt(f"blob {blob_id}: {exc}") from None
 
     def quarantine(self, blob_id: str) -> None:
+        self.ready_to_write()
         try:
             self.backend.move(layout.blob(blob_id), layout.quarantine(blob_id, time.time_ns()))
             log.warning("quarantined corrupt blob %s", blob_id)

@@ -42,6 +42,7 @@ class FaultyBackend(Backend):
         self.latency = latency
         self.before = before
         self.atomic_replace = inner.atomic_replace
+        self.check_alive_first = inner.check_alive_first
         self.location = inner.location
         self.calls: Counter[str] = Counter()
         self.got_bytes: Counter[str] = Counter()  # area -> bytes returned by `get`
@@ -82,6 +83,10 @@ class FaultyBackend(Backend):
             self.got_bytes[area] += len(data)
             self.ranged_gets[area] += length is not None
         return data
+
+    def get_versioned(self, key: str, *, limit: int) -> tuple[bytes, str]:
+        self._enter("get", key)  # one request where the inner backend can: counted (and failed) as a get
+        return self.inner.get_versioned(key, limit=limit)
 
     def open(self, key: str, *, limit: int) -> BinaryIO:
         self._enter("open", key)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 
 import msgpack
 
 from . import layout
 from .blobstore import BlobStore
 from .errors import CasError
-from .storage import NotFound, PreconditionFailed
+from .storage import AlreadyExists, NotFound, PreconditionFailed
 
 log = logging.getLogger("cas.recent")
 
@@ -67,42 +68,83 @@ def _parse(data: bytes) -> list[tuple[str, float]]:
     return out[:RECENT_MAX]
 
 
-def read_recent(store: BlobStore, env_key: str, family: str | None = None) -> list[str]:
-    """The scope ids listed, newest first (at most RECENT_MAX); [] when there is no record or it is garbage."""
+@dataclass(frozen=True)
+class Seen:
+    """A record as one read found it, so a saver that read it early (to find peers) can note itself later without
+    reading it again: its entries, and whether there was no record at all (then the note is a create-if-absent)."""
+
+    entries: list[tuple[str, float]]
+    absent: bool
+
+
+def read_seen(store: BlobStore, env_key: str, family: str | None = None) -> Seen | None:
+    """The record as it is now; None when it cannot be read (unreachable: not the same as absent)."""
     try:
         data = store.backend.get(record_key(env_key, family), limit=RECORD_LIMIT)
+    except NotFound:
+        return Seen([], True)
     except CasError:
-        return []
-    return [s for s, _ in _parse(data)]
+        return None
+    return Seen(_parse(data), False)
+
+
+def read_recent(store: BlobStore, env_key: str, family: str | None = None) -> list[str]:
+    """The scope ids listed, newest first (at most RECENT_MAX); [] when there is no record or it is garbage."""
+    seen = read_seen(store, env_key, family)
+    return [s for s, _ in seen.entries] if seen is not None else []
 
 
 def note_saver(store: BlobStore, env_key: str, scope_id: str, family: str | None = None,
-               now: float | None = None) -> bool:
+               now: float | None = None, seen: Seen | None = None) -> bool:
     """Put `scope_id` at the head of the record (unless it is there, refreshed within REFRESH_AFTER). Best effort:
-    returns False when it could not (read-only store, a lost race after WRITE_ATTEMPTS)."""
+    returns False when it could not (read-only store, a lost race after WRITE_ATTEMPTS). `seen`: the record as this
+    saver read it earlier in the save (read_seen): nothing to write if it already lists this saver fresh at its head,
+    one create-if-absent if there was none; otherwise the record is read again for its version."""
     key = record_key(env_key, family)
     now = time.time() if now is None else now
+    if seen is not None:
+        if _fresh_head(seen.entries, scope_id, now):
+            return True
+        if seen.absent:
+            try:
+                store.backend.put(key, _body(seen.entries, scope_id, now), if_absent=True)
+                return True
+            except AlreadyExists:
+                pass  # another saver created it since: merge with theirs below
+            except CasError as exc:
+                log.debug("recent savers %s not created: %s", key, exc)
+                return False
     for _ in range(WRITE_ATTEMPTS):
         try:
+            absent = False
+            version: str | None = None
             try:
-                info = store.backend.stat(key)
-                current = _parse(store.backend.get(key, limit=RECORD_LIMIT))
+                data, version = store.backend.get_versioned(key, limit=RECORD_LIMIT)  # one request, bytes + version
+                current = _parse(data)
             except NotFound:
-                info, current = None, []
+                current, absent = [], True
             except CasError:
-                info, current = None, []  # something planted or oversized: replaced below
-            if current and current[0][0] == scope_id and now - current[0][1] < REFRESH_AFTER:
+                current = []  # something planted or oversized: replaced below
+            if _fresh_head(current, scope_id, now):
                 return True
-            entries = [(scope_id, now)] + [(s, t) for s, t in current if s != scope_id]
-            body = msgpack.packb([[s, t] for s, t in entries[:RECENT_MAX]])
-            if info is None:
-                store.backend.put(key, body)
+            body = _body(current, scope_id, now)
+            if version is not None:
+                store.backend.put(key, body, if_version=version)
             else:
-                store.backend.put(key, body, if_version=info.version)
+                store.backend.put(key, body, if_absent=absent)  # a create races other creators; garbage is replaced
             return True
-        except PreconditionFailed:
+        except (PreconditionFailed, AlreadyExists):
             continue
         except CasError as exc:
             log.debug("recent savers %s not updated: %s", key, exc)
             return False
     return False
+
+
+def _fresh_head(entries: list[tuple[str, float]], scope_id: str, now: float) -> bool:
+    return bool(entries) and entries[0][0] == scope_id and now - entries[0][1] < REFRESH_AFTER
+
+
+def _body(current: list[tuple[str, float]], scope_id: str, now: float) -> bytes:
+    entries = [(scope_id, now)] + [(s, t) for s, t in current if s != scope_id]
+    return msgpack.packb([[s, t] for s, t in entries[:RECENT_MAX]])

@@ -1,7 +1,9 @@
 """save_tree: publish a local cache directory into the store and merge it into the deployment's manifest.
 
 Order matters for crash safety (FORMAT §3, §7): blobs are made durable first, the manifest is renamed into place
-second, the GC root is replaced last, all manifest work under the manifest lock.
+second, the GC root is replaced last, all manifest work under the manifest lock (on an object store, a compare-and-
+swap instead). On an object store each step is one concurrent wave of requests (FORMAT §3a): a small cache's save is
+a handful of round trips, not one per request.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .manifest import Entry, FrameTable, Manifest, loads
 from .roots import encode_root, parse_root, read_root, write_root
 from .scope import Scope, check_env_key
 from .space import require_free_bytes
-from .storage import AlreadyExists, NotFound, PreconditionFailed
+from .storage import AlreadyExists, BadObject, NotFound, ObjectInfo, ObjectTooLarge, PreconditionFailed
 from .tree import LocalFile, scan
 
 log = logging.getLogger("cas.save")
@@ -95,24 +97,24 @@ def save_tree(
     result.files, result.bytes = len(files), sum(f.size for f in files)
 
     index = Index(src_dir) if use_index else None
-    with ThreadPoolExecutor(max_workers=min(max(1, threads), HASH_THREADS), thread_name_prefix="cas-hash") as hashers:
-        entries, by_id, result.skipped_changed = _hash_all(files, hashers, index)
-    if index is not None:
-        index.retain(set(entries))
-        index.write()
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-save") as pool:
-        # Three independent reads (each a few round trips): the manifest, the audit marker, the gc root.
-        read = pool.submit(_read_current, scope, env_key)
-        marker = pool.submit(scope.audit_requested, env_key)
-        rooted = pool.submit(_root_manifest_id, store, scope, env_key)
-        data, current = read.result()
+        # Everything that depends on nothing is read at once, while the files are hashed (FORMAT §3a).
+        wave = _FirstWave(pool, store, scope, env_key)
+        with ThreadPoolExecutor(max_workers=min(max(1, threads), HASH_THREADS),
+                                thread_name_prefix="cas-hash") as hashers:
+            entries, by_id, result.skipped_changed = _hash_all(files, hashers, index)
+        if index is not None:
+            index.retain(set(entries))
+            index.write()
+        data, current = wave.manifest()
         # A manifest whose gc root is missing or names another manifest may reference blobs gc has collected
         # (its root died, or a save died between manifest and root), and a loader that missed a blob asks for
         # an audit: re-check every entry instead of trusting the manifest.
         audit = current is not None and data is not None and (  # a parsed manifest always has its bytes
-            marker.result() or rooted.result() != blake3.blake3(data).hexdigest())
+            wave.marker.result() or wave.root().named != blake3.blake3(data).hexdigest())
         delta = dict(entries) if audit or current is None else current.changes_from(entries)
         if not delta and not audit:
+            store.ready()  # an unusable store (another format version, a missing bucket) still fails the save
             result.seconds = time.monotonic() - started
             return result  # nothing new: the volume saw reads only
         _faults.checkpoint("hashed")
@@ -120,42 +122,9 @@ def save_tree(
         if max_stored_bytes is not None:
             _check_cap(files, entries, store, max_stored_bytes, pool)
 
-        needed = sorted({e.blob_id for e in delta.values()})
-        small = [b for b in needed if by_id[b].size <= pack.PACK_FILE_MAX]
-        large = [b for b in needed if by_id[b].size > pack.PACK_FILE_MAX]
-        # An audit distrusts recorded locations (that is what it checks): its small files go into new packs.
-        located = {} if audit else _located(store, scope, env_key, current, small, pool)
-        present = list(pool.map(store.ensure_fresh, large))
-        missing = [bid for bid, ok in zip(large, present, strict=True) if not ok]
-        to_pack = [b for b in small if b not in located]
-        result.blobs_present = len(needed) - len(missing) - len(to_pack)
-        require_free_bytes(store.backend, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
-
-        changed: set[str] = set()
-        uploads = [pool.submit(_upload, store, bid, by_id[bid]) for bid in missing]
-        groups = pack.plan([(bid, by_id[bid]) for bid in to_pack])
-        # A pack is built in memory (at most PACK_TARGET bytes plus its frame): a few at a time bound the memory.
-        with ThreadPoolExecutor(max_workers=min(len(groups), PACK_WRITERS) or 1,
-                                thread_name_prefix="cas-pack") as packers:
-            packs = [packers.submit(_write_pack, store, group) for group in groups]
-            for bid, fut in zip(missing, uploads, strict=True):
-                written = fut.result()
-                if written is None:
-                    changed.add(bid)
-                else:
-                    result.blobs_uploaded += 1
-                    result.bytes_uploaded += written
-                    result.raw_bytes_uploaded += by_id[bid].size
-            for pack_fut in packs:
-                written_pack = pack_fut.result()
-                changed.update(written_pack.changed)
-                if written_pack.pack_id is not None:  # else every file changed: no offsets
-                    for bid, offset in written_pack.offsets.items():
-                        located[bid] = (written_pack.pack_id, offset, written_pack.frames)
-                        result.blobs_uploaded += 1
-                        result.raw_bytes_uploaded += by_id[bid].size
-                result.bytes_uploaded += written_pack.stored_bytes
-                result.packs_written += written_pack.pack_id is not None
+        missing, to_pack, located = _plan_uploads(store, scope, env_key, current, delta, by_id, audit, pool, wave,
+                                                  result)
+        changed = _write_blobs(store, pool, missing, to_pack, by_id, located, result)
         # A file that changed under us is left for the next save: drop every entry that expected that content.
         result.skipped_changed += len(changed)
         delta = {
@@ -168,11 +137,131 @@ def save_tree(
     if delta or audit:
         result.new_entries, result.manifest_written = _commit(
             store, scope, env_key, env or {}, delta, lock_timeout, stale_after, audit=audit, threads=threads,
-            family=family,
+            family=family, wave=wave,
         )
     result.seconds = time.monotonic() - started
     log.debug("save %s: %s", env_key, result)
     return result
+
+
+def _plan_uploads(store: BlobStore, scope: Scope, env_key: str, current: Manifest | None, delta: dict[str, Entry],
+                  by_id: dict[str, LocalFile], audit: bool, pool: ThreadPoolExecutor, wave: _FirstWave,
+                  result: SaveResult) -> tuple[list[str], list[str], dict[str, Location]]:
+    """Which large files the store lacks, which small files go into new packs, and where the store already holds the
+    others (pack, offset, frame table); counts the contents already stored in `result`."""
+    needed = sorted({e.blob_id for e in delta.values()})
+    small = [b for b in needed if by_id[b].size <= pack.PACK_FILE_MAX]
+    large = [b for b in needed if by_id[b].size > pack.PACK_FILE_MAX]
+    # An audit distrusts recorded locations (that is what it checks): its small files go into new packs.
+    located = {} if audit else _located(store, scope, env_key, current, small, pool, wave)
+    # A large file is the blob other deployments of one model share: one stat (no look into trash: a trashed copy is
+    # simply stored again, FORMAT §2) saves re-sending it when it is there.
+    present = list(pool.map(lambda b: store.ensure_fresh(b, from_trash=False), large))
+    missing = [bid for bid, ok in zip(large, present, strict=True) if not ok]
+    to_pack = [b for b in small if b not in located]
+    result.blobs_present = len(needed) - len(missing) - len(to_pack)
+    require_free_bytes(store.backend, sum(by_id[b].size for b in missing + to_pack), "saving to the store")
+    return missing, to_pack, located
+
+
+def _write_blobs(store: BlobStore, pool: ThreadPoolExecutor, missing: list[str], to_pack: list[str],
+                 by_id: dict[str, LocalFile], located: dict[str, Location], result: SaveResult) -> set[str]:
+    """Upload the large files the store lacks and the packs of the small ones, all at once. Records each packed
+    file's location in `located`; returns the blob ids whose file changed under us (not stored)."""
+    changed: set[str] = set()
+    uploads = [pool.submit(_upload, store, bid, by_id[bid]) for bid in missing]
+    groups = pack.plan([(bid, by_id[bid]) for bid in to_pack])
+    # A pack is built in memory (at most PACK_TARGET bytes plus its frame): a few at a time bound the memory.
+    with ThreadPoolExecutor(max_workers=min(len(groups), PACK_WRITERS) or 1,
+                            thread_name_prefix="cas-pack") as packers:
+        packs = [packers.submit(_write_pack, store, group) for group in groups]
+        for bid, fut in zip(missing, uploads, strict=True):
+            written = fut.result()
+            if written is None:
+                changed.add(bid)
+            elif written == 0:  # stored meanwhile by another saver: freshened, nothing sent
+                result.blobs_present += 1
+            else:
+                result.blobs_uploaded += 1
+                result.bytes_uploaded += written
+                result.raw_bytes_uploaded += by_id[bid].size
+        for pack_fut in packs:
+            written_pack = pack_fut.result()
+            changed.update(written_pack.changed)
+            if written_pack.pack_id is not None:  # else every file changed: no offsets
+                for bid, offset in written_pack.offsets.items():
+                    located[bid] = (written_pack.pack_id, offset, written_pack.frames)
+                    result.blobs_uploaded += 1
+                    result.raw_bytes_uploaded += by_id[bid].size
+            result.bytes_uploaded += written_pack.stored_bytes
+            result.packs_written += written_pack.pack_id is not None
+    return changed
+
+
+@dataclass
+class _RootSeen:
+    """This deployment's gc root as the first wave read it: the manifest it names (None: absent or unreadable) and
+    its version (None: absent), under `scope_id` (None: no scope.id, so no root)."""
+
+    scope_id: str | None
+    named: str | None = None
+    version: str | None = None
+    known: bool = True  # False: it could not be read, so its version is unknown
+
+
+class _FirstWave:
+    """The reads a save makes before it knows anything, started together before hashing (FORMAT §3a): the manifest
+    (with its version on an object store, for the commit's first compare-and-swap), the audit marker, `scope.id`
+    then the gc root, and the recent-savers record (the peers a first save dedups against). On a volume the
+    commit reads the manifest again under its lock; the rest is used as read."""
+
+    def __init__(self, pool: ThreadPoolExecutor, store: BlobStore, scope: Scope, env_key: str):
+        self.store, self.scope, self.env_key = store, scope, env_key
+        self.swap = scope.backend.atomic_replace
+        self._manifest = pool.submit(self._read_manifest)
+        self.marker = pool.submit(scope.audit_requested, env_key)
+        self._root = pool.submit(self._read_root)
+        # A process that has this manifest in memory saved or loaded it before: its files are mostly recorded
+        # there, so peers are read only if needed. Otherwise (a first save) the record is read now, in parallel.
+        self._recent = None if scope.remembers_manifest(env_key) else pool.submit(recent.read_seen, store, env_key)
+        self.created_scope_id: str | None = None  # set when this save created scope.id: no root exists under it
+        self.manifest_for_commit: tuple[bytes | None, Manifest | None, str | None] | None = None
+
+    def _read_manifest(self) -> tuple[bytes | None, Manifest | None]:
+        if not self.swap:
+            return _read_current(self.scope, self.env_key)
+        data, version = self.scope.read_manifest_versioned(self.env_key)
+        current = _parsed(self.scope, self.env_key, data)
+        self.manifest_for_commit = (data, current, version)
+        return data, current
+
+    def manifest(self) -> tuple[bytes | None, Manifest | None]:
+        return self._manifest.result()
+
+    def _read_root(self) -> _RootSeen:
+        scope_id = self.scope.existing_scope_id()  # a reader: no scope.id means no root, and it is not made here
+        if scope_id is None:
+            return _RootSeen(None)
+        try:
+            named, version = _root_as_is(self.store, layout.root(scope_id, self.env_key))
+        except CasError:  # unreadable now: the audit decision sees no root; the commit settles it the long way
+            return _RootSeen(scope_id, known=False)
+        return _RootSeen(scope_id, named, version)
+
+    def root(self) -> _RootSeen:
+        return self._root.result()
+
+    def claim_scope_id(self) -> None:
+        """After this save's manifest put: create scope.id if the first wave found none, without reading it again,
+        and note it when it is this save's own new id (no root can exist under it). Not earlier, alongside the
+        uploads: there every replica of a new deployment would race to create it, and SeaweedFS has been seen to let
+        two of 16 racing creates succeed, leaving savers with different ids; after the manifest's compare-and-swap
+        the creators are its winners, which come one at a time."""
+        if self.root().scope_id is None and self.scope.create_scope_id():
+            self.created_scope_id = self.scope.scope_id
+
+    def peers_record(self) -> recent.Seen | None:
+        return self._recent.result() if self._recent is not None else None
 
 
 def _hash_all(
@@ -216,7 +305,8 @@ Location = tuple[str, int, FrameTable | None]
 
 
 def _located(
-    store: BlobStore, scope: Scope, env_key: str, current: Manifest | None, wanted: list[str], pool: ThreadPoolExecutor
+    store: BlobStore, scope: Scope, env_key: str, current: Manifest | None, wanted: list[str], pool: ThreadPoolExecutor,
+    wave: _FirstWave | None = None,
 ) -> dict[str, Location]:
     """Where the store already holds these small files: pack locations recorded by this deployment's manifest or,
     for the rest, by the manifests of the deployments that saved the same environment most recently, with the
@@ -238,7 +328,7 @@ def _located(
     if current is not None:
         collect(current)
     if todo - candidates.keys():
-        for manifest in _peer_manifests(store, scope, env_key, pool):
+        for manifest in _peer_manifests(store, scope, env_key, pool, wave):
             collect(manifest)
     packs = sorted({spot[0] for spots in candidates.values() for spot in spots})
     alive = {p for p, ok in zip(packs, pool.map(store.ensure_fresh, packs), strict=True) if ok}
@@ -250,12 +340,15 @@ def _located(
     return found
 
 
-def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPoolExecutor) -> list[Manifest]:
+def _peer_manifests(store: BlobStore, scope: Scope, env_key: str, pool: ThreadPoolExecutor,
+                    wave: _FirstWave | None = None) -> list[Manifest]:
     """The manifests of up to PEER_MANIFESTS other deployments that saved this environment most recently, found
-    through the recent-savers record (FORMAT §4a: one read, whatever the organisation's size) and their roots.
-    Anything unreadable is skipped: dedup is an optimisation."""
-    own = scope.existing_scope_id()
-    names = [n for n in recent.read_recent(store, env_key) if n != own][:PEER_MANIFESTS]
+    through the recent-savers record (FORMAT §4a: one read, whatever the organisation's size; the first wave's if
+    it read it) and their roots. Anything unreadable is skipped: dedup is an optimisation."""
+    own = wave.root().scope_id if wave is not None else scope.existing_scope_id()
+    seen = wave.peers_record() if wave is not None else None
+    listed = [s for s, _ in seen.entries] if seen is not None else recent.read_recent(store, env_key)
+    names = [n for n in listed if n != own][:PEER_MANIFESTS]
 
     def root(name: str):
         try:
@@ -341,14 +434,18 @@ def _store_error(exc: OSError, store: BlobStore) -> Exception:
 def _read_current(scope: Scope, env_key: str) -> tuple[bytes | None, Manifest | None]:
     """The manifest's bytes and parsed form; (bytes, None) if it is corrupt (this save replaces it)."""
     data = scope.read_manifest_bytes(env_key)
+    return data, _parsed(scope, env_key, data)
+
+
+def _parsed(scope: Scope, env_key: str, data: bytes | None) -> Manifest | None:
     if data is None:
-        return None, None
+        return None
     try:
         manifest = loads(data, scope.manifest_path(env_key))
     except ManifestError as exc:
         log.warning("replacing unreadable manifest: %s", exc)
-        return data, None
-    return data, manifest if manifest.env_key == env_key else None
+        return None
+    return manifest if manifest.env_key == env_key else None
 
 
 def _needs_audit(store: BlobStore, scope: Scope, env_key: str, data: bytes | None) -> bool:
@@ -396,13 +493,13 @@ def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, 
 
 
 def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, audit=False, threads=DEFAULT_THREADS,
-            family=None):
+            family=None, wave=None):
     """Merge `delta` into the manifest. Returns (entries changed, manifest written).
 
     On a volume (`atomic_replace` False) under the manifest's lock (FORMAT §3). On an object store (S3: `put` with
-    If-Match / If-None-Match is a true compare-and-swap) without any lock: read the manifest and its version, merge,
-    put it only if it is still that version, and on a conflict read, merge and try again (FORMAT §3a), for at most
-    `lock_timeout` seconds.
+    If-Match / If-None-Match is a true compare-and-swap) without any lock: merge into the manifest as the first wave
+    read it (bytes and their version), put it only if it is still that version, and on a conflict read, merge and try
+    again (FORMAT §3a), for at most `lock_timeout` seconds.
 
     An audit (the manifest's root was missing or stale, or a loader asked for one) also drops entries whose blob is gone
     from the store, so replicas stop asking for them and the files this or a later replica compiles are uploaded
@@ -410,15 +507,22 @@ def _commit(store, scope, env_key, env, delta, lock_timeout, stale_after, *, aud
     if not scope.backend.atomic_replace:
         with scope.lock(env_key, timeout=lock_timeout, stale_after=stale_after):
             _faults.checkpoint("locked")
-            return _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, {}, swap=False)
+            return _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, {}, swap=False,
+                                    wave=wave)
     deadline = time.monotonic() + lock_timeout
     delay = CAS_RETRY_MIN_S
     checked: dict[str, bool] = {}  # stored blob id -> present, kept across attempts (an audit checks each once)
+    # The first attempt merges into the manifest the first wave read (a newer one fails its put). Not an audit's:
+    # it compares the manifest with the root, which other savers may have moved past that read since, and a root
+    # naming a manifest newer than the one compared looks like another scope's (a clone) to the copied-scope check.
+    prior = wave.manifest_for_commit if wave is not None and not audit else None
     for attempt in itertools.count(1):
         _faults.checkpoint("locked")  # the point where the volume's commit holds its lock
         try:
-            return _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, checked, swap=True)
+            return _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, checked, swap=True,
+                                    wave=wave, prior=prior)
         except _Conflict as exc:
+            prior = None
             if time.monotonic() >= deadline:
                 raise LockTimeout(f"manifest {scope.manifest_path(env_key)} was replaced by other savers "
                                   f"{attempt} times in {lock_timeout:.0f}s; last: {exc}") from None
@@ -433,27 +537,20 @@ class _Conflict(Exception):
 
 
 def _read_versioned(scope: Scope, env_key: str) -> tuple[bytes | None, Manifest | None, str | None]:
-    """The manifest's bytes, parsed form and version (None: no manifest). The version is taken *before* the bytes:
-    if the manifest is replaced in between, the put conditioned on that older version fails, so a commit never
-    merges into bytes older than the version it replaces."""
-    key = layout.manifest(env_key)
-    try:
-        version: str | None = scope.backend.stat(key).version
-    except NotFound:
-        version = None
-    data, current = _read_current(scope, env_key)
-    if data is None and version is not None:
-        raise _Conflict("manifest deleted between stat and read")
-    if data is not None and version is None:
-        raise _Conflict("manifest created between stat and read")
-    return data, current, version
+    """The manifest's bytes, parsed form and the version of exactly those bytes (None: no manifest): a put
+    conditioned on it fails if the manifest was replaced since, so a commit never merges into older bytes than the
+    version it replaces."""
+    data, version = scope.read_manifest_versioned(env_key)
+    return data, _parsed(scope, env_key, data), version
 
 
-def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, checked, *, swap):
+def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, checked, *, swap, wave=None,
+                     prior=None):
     """One read-merge-write of the manifest (FORMAT §3): under the lock (`swap` False), or as a compare-and-swap
-    that raises _Conflict when another saver won (`swap` True)."""
+    that raises _Conflict when another saver won (`swap` True; `prior`: the manifest as already read, for the first
+    attempt)."""
     if swap:
-        data, current, version = _read_versioned(scope, env_key)
+        data, current, version = prior if prior is not None else _read_versioned(scope, env_key)
     else:
         (data, current), version = _read_current(scope, env_key), None
     current = current or Manifest(env_key, dict(env), {}, 0.0, 0.0)
@@ -470,6 +567,7 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
     if audit:
         others = {p: e for p, e in current.entries.items() if p not in delta}
         ids = sorted({e.stored_id for e in others.values()} - checked.keys())
+        # Blobs this save cannot store again (it lacks their files): one found in trash is brought back (FORMAT §2).
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cas-audit") as pool:
             checked.update(zip(ids, pool.map(store.ensure_fresh, ids), strict=True))
         gone = {b for b, ok in checked.items() if not ok}
@@ -491,33 +589,26 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
     if dropped:
         log.warning("manifest %s: dropped %d entries whose blobs the store no longer has", env_key, len(dropped))
     new = merged.dumps()  # refuses (TooLarge) a manifest any reader would refuse
-    # A store or scope unmounted or renamed mid-save must fail the save, not receive a manifest in its ghost.
-    store.backend.check_alive()
-    scope.backend.check_alive()
-    # The manifest's copy in the store first: if the volume is full there, the save fails with the old manifest
-    # untouched (a copy nobody names is garbage for gc). Then the manifest, then the root naming the copy.
     try:
-        manifest_id = store.put_bytes(new)
         if swap:
-            try:
-                written = scope.backend.put(layout.manifest(env_key), new, if_absent=version is None,
-                                            if_version=version)
-            except (PreconditionFailed, AlreadyExists) as exc:
-                raise _Conflict(str(exc)) from None  # its copy in the store is garbage gc collects
-            scope.remember_manifest(env_key, new)
+            manifest_id, written = _publish_swapped(store, scope, env_key, new, version)
+            if wave is not None:
+                wave.claim_scope_id()
         else:
-            scope.write_manifest(new, env_key)
+            manifest_id = _publish_locked(store, scope, env_key, new)
         _faults.checkpoint("manifest-renamed")
     except OSError as exc:
         raise _store_error(exc, store) from exc
     # Peers and family loads find this deployment through the recent-savers records (FORMAT §4a). Independent of the
     # root, so written alongside it: on a high-latency store the commit's tail is a chain of round trips.
     scope_id = scope.scope_id
+    seen = wave.peers_record() if wave is not None else None
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cas-recent") as notes:
-        noted = [notes.submit(recent.note_saver, store, env_key, scope_id, group)
-                 for group in ((None, family) if family else (None,))]
+        noted = [notes.submit(recent.note_saver, store, env_key, scope_id, None, seen=seen)]
+        if family:
+            noted.append(notes.submit(recent.note_saver, store, env_key, scope_id, family))
         if swap:
-            _settle_root(store, scope, env_key, new, written.version, manifest_id)
+            _root_after_commit(store, scope, env_key, new, written.version, manifest_id, wave)
         else:
             _write_root(store, scope, env_key, new, manifest_id)
         for note in noted:
@@ -525,6 +616,75 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
     if audit:
         scope.clear_audit(env_key)
     return len(changes) + len(dropped), True
+
+
+def _publish_locked(store: BlobStore, scope: Scope, env_key: str, new: bytes) -> str:
+    """Volume, under the manifest lock: the manifest's copy in the store first (if the volume is full there, the
+    save fails with the old manifest untouched; a copy nobody names is garbage for gc), then the manifest. Returns
+    the copy's id."""
+    # A store or scope unmounted or renamed mid-save must fail the save, not receive a manifest in its ghost.
+    for backend in (store.backend, scope.backend):
+        backend.check_alive()
+    store.ready()
+    manifest_id = store.put_bytes(new)
+    scope.write_manifest(new, env_key)
+    return manifest_id
+
+
+def _publish_swapped(store: BlobStore, scope: Scope, env_key: str, new: bytes,
+                     version: str | None) -> tuple[str, ObjectInfo]:
+    """Object store: the manifest's compare-and-swap, its copy in the store and the liveness checks at once (one
+    round trip, FORMAT §3a). Loaders read only the manifest, whose blobs are all durable already; the copy must be
+    durable before the root names it, which happens after this returns. Raises _Conflict when another saver
+    replaced the manifest (the copy is then garbage gc collects), or the copy's or a check's error after the
+    manifest went in (the root still names the old one, so the next save audits, as after a crash there)."""
+    for backend in (store.backend, scope.backend):
+        if backend.check_alive_first:
+            backend.check_alive()
+    store.ready()  # opened in the background (a new store's format file created): done, or its error, before this
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cas-commit") as side:
+        copy = side.submit(store.put_bytes, new)
+        alive = [side.submit(b.check_alive) for b in (store.backend, scope.backend) if not b.check_alive_first]
+        try:
+            written = scope.backend.put(layout.manifest(env_key), new, if_absent=version is None,
+                                        if_version=version)
+        except (PreconditionFailed, AlreadyExists) as exc:
+            raise _Conflict(str(exc)) from None
+        scope.remember_manifest(env_key, new)
+        manifest_id = copy.result()
+        for check in alive:
+            check.result()
+    return manifest_id, written
+
+
+def _root_after_commit(store: BlobStore, scope: Scope, env_key: str, data: bytes, version: str, manifest_id: str,
+                       wave: _FirstWave | None) -> None:
+    """Point the gc root at the manifest just committed (object store). One conditional put when the root's state
+    was read before the commit's manifest put (the first wave, or this save created scope.id, so no root exists
+    under it): if it succeeds, no saver that committed after us has written the root yet, and each of them writes
+    it after us (FORMAT §3a), so no check of the manifest is needed. Anything else settles it the long way."""
+    condition = _root_condition(scope, wave)
+    if condition is not None:
+        rkey = layout.root(scope.scope_id, env_key)
+        try:
+            store.backend.put(rkey, encode_root(scope.scope_id, env_key, manifest_id, scope.root),
+                              if_absent=condition.version is None, if_version=condition.version)
+            return
+        except (PreconditionFailed, AlreadyExists):
+            pass  # another saver wrote it since it was read: settle it
+        except OSError as exc:
+            raise _store_error(exc, store) from exc
+    _settle_root(store, scope, env_key, data, version, manifest_id)
+
+
+def _root_condition(scope: Scope, wave: _FirstWave | None) -> _RootSeen | None:
+    """The root's state as read before this commit, under the scope id now in force; None when not known."""
+    if wave is None:
+        return None
+    if wave.created_scope_id is not None:
+        return _RootSeen(wave.created_scope_id) if wave.created_scope_id == scope.scope_id else None
+    seen = wave.root()
+    return seen if seen.known and seen.scope_id == scope.scope_id else None
 
 
 # Rounds of "make the root name the manifest, check the manifest is still that one" after a lock-free commit
@@ -545,8 +705,8 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
     win); then checks that the manifest is still the version whose bytes the root now names, and if another saver
     replaced it meanwhile, starts again with the manifest found. The last committer's check finds its own manifest,
     and every root write is followed by its writer's check, so once every saver has returned the root names the
-    final manifest. The manifest blob of a version found this way was stored by its writer before its put
-    (FORMAT §3), so only its id is needed."""
+    final manifest. The manifest blob of a version found this way was stored by its writer before its root was
+    written (FORMAT §3a), so only its id is needed."""
     rkey = layout.root(scope.scope_id, env_key)
     mkey = layout.manifest(env_key)
     delay = CAS_RETRY_MIN_S
@@ -569,26 +729,30 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
             return  # deleted: nothing to name (the next save writes both)
         if now == version:
             return
-        # The bytes read after this version: if the manifest changes again before the next check, that check fails.
-        found = scope.read_manifest_bytes(env_key)
+        # The bytes and their own version: if the manifest changes again before the next check, that check fails.
+        found, found_version = scope.read_manifest_versioned(env_key)
         if found is None:
             return
-        data, version, manifest_id = found, now, None
+        data, version, manifest_id = found, found_version, None
     log.info("manifest %s: still being replaced after %d rounds; the next save corrects its root",
              env_key, SETTLE_ROUNDS)
 
 
 def _root_as_is(store: BlobStore, key: str) -> tuple[str | None, str | None]:
-    """(manifest id the root names or None when unreadable, its version or None when absent). The version is taken
-    before the bytes, so a root replaced in between fails the conditional put made on that version."""
+    """(manifest id the root names or None when unreadable, its version or None when absent), in one request: the
+    version is that of exactly the bytes read (Backend.get_versioned), so a root replaced since fails the
+    conditional put made on it."""
     try:
-        version = store.backend.stat(key).version
+        data, version = store.backend.get_versioned(key, limit=limits.MAX_SMALL_FILE_BYTES)
     except NotFound:
         return None, None
+    except (BadObject, ObjectTooLarge):  # not a root: replaced (conditionally, on its version) like a stale one
+        try:
+            return None, store.backend.stat(key).version
+        except NotFound:
+            return None, None
     try:
-        return parse_root(key, store.backend.get(key, limit=limits.MAX_SMALL_FILE_BYTES), 0.0).manifest, version
-    except NotFound:
-        return None, version  # deleted since the stat: the put on that version fails and the next round sees it
+        return parse_root(key, data, 0.0).manifest, version
     except Exception:  # noqa: BLE001 - garbage or planted: replaced (conditionally) like a stale one
         return None, version
 

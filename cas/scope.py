@@ -93,6 +93,26 @@ class Scope:
             raise StoreUnavailable(f"{self.root}/{layout.SCOPE_ID} is unreadable or not 32 hex digits")
         return value
 
+    def create_scope_id(self) -> bool:
+        """Create scope.id after a read found none (existing_scope_id() was None), without reading it again first.
+        Returns True when the id now in force is this call's own and known new: an object store's create-if-absent
+        has one winner, so no root can exist under it yet (the save's root write is then a create, FORMAT §3a)."""
+        if self._scope_id is not None:
+            return False
+        mine = secrets.token_hex(16)
+        try:
+            self.backend.put(layout.SCOPE_ID, (mine + "\n").encode(), if_absent=True)
+            if self.backend.atomic_replace:
+                self._scope_id = mine
+                return True
+            value = read_scope_id(self.backend)  # a volume without hard links: see _read_or_create_id
+        except (AlreadyExists, BadObject):
+            value = read_scope_id(self.backend)
+        if value is None:
+            raise StoreUnavailable(f"{self.root}/{layout.SCOPE_ID} is unreadable or not 32 hex digits")
+        self._scope_id = value
+        return False
+
     def renew_scope_id(self, old: str) -> str:
         """Give this scope a fresh identity (FORMAT §4: a scope whose id another scope also uses, a cloned volume).
         Replaces scope.id only if it still holds `old`; returns the id now in force."""
@@ -163,6 +183,25 @@ class Scope:
             raise ManifestError(path, "not a regular file (a symlink, FIFO or directory?)") from None
         except ObjectTooLarge:
             raise ManifestError(path, f"exceeds the {limit} byte limit") from None
+
+    def read_manifest_versioned(self, env_key: str) -> tuple[bytes | None, str | None]:
+        """The manifest's bytes and the version of exactly those bytes (one request: Backend.get_versioned); (None,
+        None) when there is none."""
+        path = self.manifest_path(env_key)
+        try:
+            data, version = self.backend.get_versioned(layout.manifest(env_key), limit=limits.MAX_MANIFEST_BYTES)
+        except NotFound:
+            return None, None
+        except BadObject:
+            raise ManifestError(path, "not a regular file (a symlink, FIFO or directory?)") from None
+        except ObjectTooLarge:
+            raise ManifestError(path, f"exceeds the {limits.MAX_MANIFEST_BYTES} byte limit") from None
+        self.remember_manifest(env_key, data)
+        return data, version
+
+    def remembers_manifest(self, env_key: str) -> bool:
+        """True when this process read or wrote this manifest before (object stores only, remember_manifest)."""
+        return (self.root, env_key) in _recent
 
     def read_manifest(self, env_key: str) -> Manifest | None:
         """The current manifest, or None if there is none. Raises ManifestError if it is corrupt."""

@@ -123,6 +123,15 @@ class Backend(ABC):
         """The object's bytes `[offset, offset+length)` (to its end when `length` is None). Raises NotFound,
         BadObject, or ObjectTooLarge when more than `limit` bytes would be returned (checked before reading)."""
 
+    def get_versioned(self, key: str, *, limit: int) -> tuple[bytes, str]:
+        """The whole object and the version of exactly those bytes (what a later `put(if_version=)` compares), in
+        one request where the backend can (S3: the GET's ETag; a volume: `fstat` of the descriptor read). This
+        default takes the version first, then the bytes: an object replaced in between gives a version older than
+        the bytes, so a put conditioned on it fails rather than overwriting a version nobody merged. Raises as
+        `get`."""
+        version = self.stat(key).version
+        return self.get(key, limit=limit), version
+
     @abstractmethod
     def open(self, key: str, *, limit: int) -> BinaryIO:
         """A streaming reader of the whole object (for blobs too large to hold in memory); the caller closes it.
@@ -163,6 +172,12 @@ class Backend(ABC):
         """Give object `src` the key `dst`, replacing any object there. On a volume one atomic rename, keeping mtime;
         on an object store a copy then a delete, so for an instant both keys exist (never neither), and the copy's
         mtime is the time of the move. Raises NotFound if `src` is absent."""
+
+    #: True when writers must call `check_alive` *before* the commit's writes: on a volume a write into one unmounted
+    #: mid-save lands, unnoticed, in the bare mount point. False on an object store, where a PUT into a deleted bucket
+    #: fails (or, on SeaweedFS, makes a new empty bucket): the check may run alongside the commit's writes, as long
+    #: as it passes before a save reports success (and before the gc root names anything).
+    check_alive_first: bool = True
 
     def make_prefix(self, prefix: str) -> None:
         """Make `prefix` exist where the backend has directories (a volume: the store's and scope's own areas, made

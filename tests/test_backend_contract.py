@@ -86,6 +86,26 @@ def test_if_version_compare_and_swap(backend):
         backend.stat("m/x")
 
 
+def test_get_versioned_gives_the_version_of_the_bytes_it_returns(backend):
+    with pytest.raises(NotFound):
+        backend.get_versioned("m/x", limit=10)
+    first = backend.put("m/x", b"one")
+    data, version = backend.get_versioned("m/x", limit=10)
+    assert (data, version) == (b"one", backend.stat("m/x").version) and version == first.version
+    with pytest.raises(ObjectTooLarge):
+        backend.get_versioned("m/x", limit=2)
+    backend.put("m/x", b"two, longer")  # replaced since the read: a put conditioned on the read fails
+    with pytest.raises(PreconditionFailed):
+        backend.put("m/x", b"three", if_version=version)
+    data, version = backend.get_versioned("m/x", limit=100)
+    assert data == b"two, longer"
+    backend.put("m/x", b"three", if_version=version)
+    assert backend.get("m/x", limit=100) == b"three"
+    counted = FaultyBackend(backend)
+    counted.get_versioned("m/x", limit=100)
+    assert counted.calls == {"get": 1}  # one request where the backend can (S3: the GET's ETag; a volume: fstat)
+
+
 def test_callable_payload_aborts_cleanly(backend):
     class Boom(Exception):
         pass

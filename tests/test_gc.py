@@ -133,31 +133,39 @@ def test_trashed_blob_comes_back_for_a_load_and_for_a_save(env):
     assert not res.misses and res.restored == 2
     assert wanted <= present(store)
 
-    # A save elsewhere that needs a trashed blob takes it back instead of uploading it: a large file's own blob ...
+    # A save elsewhere whose file's blob sits in trash stores it again (FORMAT §2: a writer does not look in trash):
+    # the copy in blobs/ is new and fresh, the one in trash a duplicate that gc then deletes. A large file's blob ...
     big = b"z" * (PACK_FILE_MAX + 5000)
     z = store.put_bytes(big)
     assert z  # id of the raw content, as a loose blob of a file above PACK_FILE_MAX has
     age_all(store, 10 * GRACE)
     collect(store, scope=a, grace=GRACE)
-    assert z in in_trash(store)
+    assert z in in_trash(store) and z not in present(store)
+    before = time.time() - 1  # mtimes have one-second resolution on some file systems
     res = save_tree(write_tree(tmp / "ta", {"a/z.bin": big}), store, a, "gpu1")
-    assert res.blobs_present == 1 and res.blobs_uploaded == 0 and res.bytes_uploaded == 0
+    assert res.blobs_present == 0 and res.blobs_uploaded == 1 and res.bytes_uploaded > 0
     assert res.packs_written == 0
-    assert z in present(store) and z not in in_trash(store)
+    assert z in present(store) and os.stat(store.blob_path(z)).st_mtime >= before  # fresh in blobs/
+    res = collect(store, scope=a, grace=GRACE)  # a's root makes z live: its trash copy is redundant
+    assert res.blobs_restored == 1 and z in present(store) and z not in in_trash(store)
 
-    # ... and a pack: small files whose concatenation is a trashed pack's content make the same pack id, so the
-    # save brings that pack back and writes nothing.
+    # ... and a pack: small files whose concatenation is a trashed pack's content make the same pack id, stored again.
     (b_pack,) = wanted
     age_all(store, 10 * GRACE)
     if os.path.exists(root_path(store, b.scope_id, "gpu1")):
         age(root_path(store, b.scope_id, "gpu1"), 31 * DAY)
     collect(store, scope=a, grace=GRACE, root_ttl=30 * DAY)
-    assert b_pack in in_trash(store) and z in present(store)  # a's root keeps its blob
+    assert b_pack in in_trash(store) and b_pack not in present(store) and z in present(store)  # a's root keeps z
+    before = time.time() - 1
     res = save_tree(tmp / "tb", store, a, "gpu1")
-    assert res.packs_written == 1 and res.bytes_uploaded == 0
+    assert res.packs_written == 1 and res.bytes_uploaded > 0
     assert {e.pack for p, e in a.read_manifest("gpu1").entries.items() if p.startswith("b/")} == {b_pack}
-    assert b_pack in present(store) and b_pack not in in_trash(store)
+    assert b_pack in present(store) and os.stat(store.blob_path(b_pack)).st_mtime >= before
     res = load_tree(tmp / "restore-b-from-a", store, a, "gpu1")
+    assert not res.misses and res.restored == 3
+    res = collect(store, scope=a, grace=GRACE)  # nothing lost: both blobs stay, the duplicate in trash goes
+    assert res.collected and {z, b_pack} <= present(store) and b_pack not in in_trash(store)
+    res = load_tree(tmp / "restore-again", store, a, "gpu1")
     assert not res.misses and res.restored == 3
 
 

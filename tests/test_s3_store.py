@@ -300,3 +300,55 @@ def test_gc_racing_savers_with_a_short_grace_loses_nothing(moto_bucket: S3Bucket
         scope = Scope(moto_bucket.backend(f"model{d}/compile_cache"))
         loaded = load_tree(tmp_path / f"dst{d}", store, scope, ENV_KEY)
         assert not loaded.misses and contents(tmp_path / f"dst{d}") == tree
+
+
+# -- the first save's round trips (FORMAT §3a) -----------------------------------------------------------------------
+
+
+def test_first_save_creates_blobs_directly_and_writes_each_object_once(moto_bucket: S3Bucket, tmp_path: Path) -> None:
+    """A first save into a new store and scope: no HEAD before a blob's create-if-absent, no look into trash, no
+    read of the manifest after its compare-and-swap; every object it writes is written once."""
+    import blake3
+
+    from cas import layout
+
+    seen: list[tuple[str, str]] = []
+    record = lambda verb, key: seen.append((verb, key))  # noqa: E731
+    store_backend = FaultyBackend(moto_bucket.backend("org/b10_cas"), before=record)
+    scope_backend = FaultyBackend(moto_bucket.backend("model/compile_cache"), before=record)
+    files = make_tree(tmp_path / "src", seed=31, n=40)
+    res = save_tree(tmp_path / "src", BlobStore(store_backend, create=True), Scope(scope_backend, create=True),
+                    ENV_KEY, threads=8)
+    assert res.manifest_written and res.packs_written == 1 and res.blobs_uploaded == len(set(files.values()))
+    assert not [k for v, k in seen if v == "move"]  # no trash probe
+    big = layout.blob(blake3.blake3(files["big/weights.bin"]).hexdigest())
+    # One HEAD, for the large file only (a blob other deployments may share: not sent again if it is there).
+    assert [k for v, k in seen if v == "stat" and k.startswith("blobs/")] == [big]
+    puts = [k for v, k in seen if v == "put"]
+    assert len(puts) == len(set(puts)), puts  # CAS-FORMAT, scope.id, pack, big blob, manifest blob, manifest, root...
+    assert {k.split("/")[0] for k in puts} == {"CAS-FORMAT", "scope.id", "blobs", "manifests", "roots", "recent"}
+    assert [v for v, k in seen if k.startswith("manifests/") and k.endswith(".manifest")] == ["get", "put"]
+    assert [v for v, k in seen if k.startswith("roots/")] == ["put"]  # its state known from the first wave
+    loaded = load_tree(tmp_path / "dst", BlobStore(moto_bucket.backend("org/b10_cas"), create=False),
+                       Scope(moto_bucket.backend("model/compile_cache")), ENV_KEY, threads=8)
+    assert not loaded.misses and contents(tmp_path / "dst") == files
+
+
+def test_store_of_another_format_version_fails_the_save_before_any_blob(moto_bucket: S3Bucket,
+                                                                       tmp_path: Path) -> None:
+    """An object store opens in the background; a format file of another version still fails the save, with
+    nothing written to blobs/ or the scope."""
+    from cas import layout
+    from cas.errors import FormatError
+
+    backend = moto_bucket.backend("org/b10_cas")
+    backend.put(layout.FORMAT, b"cas-store 2\n")
+    store = BlobStore(backend, create=True)  # does not wait for the read
+    make_tree(tmp_path / "src", seed=32, n=10)
+    scope = Scope(moto_bucket.backend("model/compile_cache"), create=True)
+    with pytest.raises(FormatError):
+        save_tree(tmp_path / "src", store, scope, ENV_KEY, threads=8)
+    assert not [i for i in backend.list(layout.BLOBS)]
+    assert not [i for i in scope.backend.list(layout.MANIFESTS)]
+    with pytest.raises(FormatError):
+        store.ready()

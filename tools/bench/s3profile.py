@@ -30,7 +30,8 @@ for p in (str(REPO), str(REPO / "tests")):
 from tools.bench.__main__ import add_new_files, copy_tree, real_tree, remove_some, synth_tree, tree_files  # noqa: E402
 from tools.bench.s3bench import KEY, S5, THREADS, latency_proxy_process, requests_of  # noqa: E402
 
-VERBS = ("get", "open", "stat", "list", "put", "delete", "touch", "move", "now", "exists", "check_alive")
+VERBS = ("get", "get_versioned", "open", "stat", "list", "put", "delete", "touch", "move", "now", "exists",
+         "check_alive")
 
 
 def timing_backend(inner):
@@ -49,10 +50,17 @@ def timing_backend(inner):
 
         def method(self, *args, **kwargs):
             t0 = time.perf_counter()
-            out = orig(self, *args, **kwargs)
-            size = len(out) if isinstance(out, (bytes, bytearray)) else getattr(out, "size", 0) if name == "put" else 0
-            with lock:
-                self.log.append((t0, time.perf_counter(), name, args[0] if args else "", size))
+            verb = name
+            try:
+                out = orig(self, *args, **kwargs)
+            except Exception as exc:  # logged (a 404 is a round trip too), then raised as it was
+                verb, out = f"{name}!{type(exc).__name__}", None
+                raise
+            finally:
+                size = (len(out) if isinstance(out, (bytes, bytearray))
+                        else getattr(out, "size", 0) if name == "put" else 0)
+                with lock:
+                    self.log.append((t0, time.perf_counter(), verb, args[0] if args else "", size))
             return out
 
         return method
@@ -111,7 +119,14 @@ def profile_op(op, ep, bucket, prefix, local) -> dict:
         "after_last_upload": [(round(r[0] - t0, 3), r[2], r[3].rsplit("/", 2)[-2] if "/" in r[3] else r[3])
                               for r in after],
         "marks": {k: round(v, 3) for k, v in first_marks.items()},
+        "timeline": [(round((r[0] - t0) * 1000), round((r[1] - t0) * 1000), r[2], _short_key(r[3])) for r in reqs],
     }
+
+
+def _short_key(key: str) -> str:
+    """The layout part of a key, with ids cut to 8 characters."""
+    parts = [p[:8] if len(p) > 16 else p for p in key.split("/")]
+    return "/".join(parts[-3:])
 
 
 def main(argv=None) -> int:
@@ -119,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--tree", default="synthetic")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print every request of the middle rep (ms from its start)")
     a = ap.parse_args(argv)
     from s3_servers import S3Endpoint, seaweed_server
 
@@ -169,6 +186,8 @@ def main(argv=None) -> int:
                      f"{r['longest_blob_request'] * 1000:.0f} ms; checkpoints {r['marks']}")
             if r["after_last_upload"]:
                 line += f"\n{'':30s}after the last blob upload: {r['after_last_upload']}"
+            if a.timeline:
+                line += "".join(f"\n{'':30s}{t0:5d}-{t1:5d} ms  {verb:8s} {key}" for t0, t1, verb, key in r["timeline"])
         print(line)
     return 0
 
