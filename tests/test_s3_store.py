@@ -264,7 +264,9 @@ def test_gc_racing_savers_with_a_short_grace_loses_nothing(moto_bucket: S3Bucket
 
     from cas.gc import collect
 
-    BlobStore(moto_bucket.backend("org/b10_cas"), create=True, freshen_after=1)
+    # Created (in the background on an object store) before anyone else opens it: a saver opening it first would
+    # create it with the default freshen_after, which gc's 2 s grace refuses.
+    BlobStore(moto_bucket.backend("org/b10_cas"), create=True, freshen_after=1).ready()
     stop = threading.Event()
     runs: list[int] = []
 

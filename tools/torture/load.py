@@ -52,6 +52,7 @@ def run_load(base: str, *, workers: int, seconds: float, max_ops: int | None, ki
         os.makedirs(os.path.join(L["vol"], "model"))
         os.makedirs(os.path.join(L["vol"], "org"))
     store = BlobStore(open_backend(L["org"]), freshen_after=freshen)
+    store.ready()  # created before any worker opens it (on S3 in the background), with this run's freshen_after
     for i in range(scopes):
         Scope(open_backend(L["scope"](i)), create=True)
     started = time.time()
