@@ -34,6 +34,21 @@ def write_tree(root, files: dict) -> str:
     return root
 
 
+# Older than the local index's racy window (2 s), so a no-op check trusts the files' stat (cas/index.py).
+OLD = time.time() - 3600
+
+
+def write_aged(root, files: dict[str, bytes], mtime: float | None = OLD) -> None:
+    """Write `files` under `root` (parents made), each with mtime `mtime` (None: now)."""
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+
+
 def read_tree(root, *, include_temp: bool = False) -> dict[str, tuple[bytes, int]]:
     """{rel: (content, permission bits incl. setuid/setgid/sticky)} of every regular file under `root`, without
     temp files and the local index (`.cas-index` at the top, FORMAT §7)."""

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from cas_helpers import OLD
+from cas_helpers import write_aged as write
 
 from cas import BlobStore, Scope, dircache, quick, save_tree
 from cas.index import INDEX_NAME, RACY_NS, Index, settled
 from cas.tree import walk
 
 KEY = "test-env"
-OLD = time.time() - 3600  # files older than the index's racy window, so their stat is trusted
 FILES = {
     "top.bin": b"\0" * 100,
     "a/f1.py": b"one\n",
@@ -35,13 +36,6 @@ FILES = {
 DIRS = {"a", "a/b", "a/b/c", "d0", "d0/sub", "d1", "d1/sub", "e"}
 
 
-def write(root: Path, files: dict[str, bytes], mtime: float | None = OLD) -> None:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        if mtime is not None:
-            os.utime(path, (mtime, mtime))
 
 
 def later(monkeypatch, seconds: float = 10 * RACY_NS / 1e9) -> None:

@@ -7,34 +7,24 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from pathlib import Path
 
 import pytest
-
-from cas import BlobStore, Scope, save_tree
-from cas import quick
-from cas.index import INDEX_NAME
-from cas.manifest import loads
-from cas.roots import root_path
-from cas.tree import scan
+from cas_helpers import write_aged as write
 
 from b10_transfer import save_compile_cache
 from b10_transfer.config import clear_resolved_paths, read_settings
 from b10_transfer.errors import CacheValidationError
 from b10_transfer.status import OperationStatus
+from cas import BlobStore, Scope, quick, save_tree
+from cas.index import INDEX_NAME
+from cas.manifest import loads
+from cas.roots import root_path
+from cas.tree import scan
 
 KEY = "test-env"
-OLD = time.time() - 3600  # files older than the index's racy window (2 s), so their stat is trusted
 
 
-def write(root: Path, files: dict[str, bytes], mtime: float | None = OLD) -> None:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        if mtime is not None:
-            os.utime(path, (mtime, mtime))
 
 
 FILES = {f"d{i}/sub/f{i}.py": f"kernel {i}\n".encode() * (i + 1) for i in range(12)} | {"top.bin": b"\0" * 100}
