@@ -6,6 +6,7 @@ that runs in production:
     backend = FaultyBackend(PosixBackend(root), latency=0.002)
     backend.before = lambda verb, key: ...        # runs before every verb: swap a file, kill, pause
     backend.fail("put", "blobs/", StoreUnavailable("volume gone"), times=1)
+    backend.check_then_put("roots/", between=lambda key: ...)  # a conditional put as moto's: check, hook, write
 
 Counts every verb (`calls`), and for `get` the bytes returned and the ranged reads (`got_bytes`, `ranged_gets`, per
 key area: "blobs", "manifests", ...), so a test can also assert how many requests an operation made and what they
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .storage import Backend, ObjectInfo, Payload
+from .storage import AlreadyExists, Backend, NotFound, ObjectInfo, Payload, PreconditionFailed
 
 Hook = Callable[[str, str], None]  # (verb, key)
 
@@ -48,6 +49,7 @@ class FaultyBackend(Backend):
         self.got_bytes: Counter[str] = Counter()  # area -> bytes returned by `get`
         self.ranged_gets: Counter[str] = Counter()  # area -> `get` calls with a length (ranged reads)
         self._faults: list[_Fault] = []
+        self._racy: list[tuple[str, Callable[[str], None]]] = []  # check_then_put rules, each used once
         self._lock = threading.Lock()
         self._sleep = sleep
 
@@ -55,6 +57,20 @@ class FaultyBackend(Backend):
         """Make `verb` on keys starting with `prefix` raise `error`, `times` times (-1: until `clear`)."""
         with self._lock:
             self._faults.append(_Fault(verb, prefix, error, times))
+
+    def check_then_put(self, prefix: str, between: Callable[[str], None]) -> None:
+        """Make the next conditional put on a key under `prefix` check-then-act, as moto's are (and SeaweedFS was
+        seen to let two racing creates both succeed): its condition is checked with a stat, `between(key)` runs (the
+        window another writer's request can fall into), then the bytes go in unconditionally."""
+        with self._lock:
+            self._racy.append((prefix, between))
+
+    def _racy_rule(self, key: str) -> Callable[[str], None] | None:
+        with self._lock:
+            rule = next((r for r in self._racy if key.startswith(r[0])), None)
+            if rule is not None:
+                self._racy.remove(rule)
+        return rule[1] if rule is not None else None
 
     def clear(self) -> None:
         with self._lock:
@@ -103,7 +119,19 @@ class FaultyBackend(Backend):
     def put(self, key: str, data: Payload, *, if_absent: bool = False,
             if_version: str | None = None) -> ObjectInfo:
         self._enter("put", key)
-        return self.inner.put(key, data, if_absent=if_absent, if_version=if_version)
+        between = self._racy_rule(key) if if_absent or if_version is not None else None
+        if between is None:
+            return self.inner.put(key, data, if_absent=if_absent, if_version=if_version)
+        try:
+            version: str | None = self.inner.stat(key).version
+        except NotFound:
+            version = None
+        if if_absent and version is not None:
+            raise AlreadyExists(key)
+        if if_version is not None and version != if_version:
+            raise PreconditionFailed(key)
+        between(key)
+        return self.inner.put(key, data)
 
     def delete(self, key: str, *, if_version: str | None = None) -> None:
         self._enter("delete", key)

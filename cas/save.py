@@ -13,7 +13,8 @@ import logging
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
@@ -124,7 +125,9 @@ def save_tree(
 
         missing, to_pack, located = _plan_uploads(store, scope, env_key, current, delta, by_id, audit, pool, wave,
                                                   result)
+        claim = wave.claim_scope_id(pool)  # a new deployment's scope.id, created alongside the uploads
         changed = _write_blobs(store, pool, missing, to_pack, by_id, located, result)
+        wave.claimed(claim)
         # A file that changed under us is left for the next save: drop every entry that expected that content.
         result.skipped_changed += len(changed)
         delta = {
@@ -251,14 +254,26 @@ class _FirstWave:
     def root(self) -> _RootSeen:
         return self._root.result()
 
-    def claim_scope_id(self) -> None:
-        """After this save's manifest put: create scope.id if the first wave found none, without reading it again,
-        and note it when it is this save's own new id (no root can exist under it). Not earlier, alongside the
-        uploads: there every replica of a new deployment would race to create it, and SeaweedFS has been seen to let
-        two of 16 racing creates succeed, leaving savers with different ids; after the manifest's compare-and-swap
-        the creators are its winners, which come one at a time."""
-        if self.root().scope_id is None and self.scope.create_scope_id():
+    def claim_scope_id(self, pool: ThreadPoolExecutor) -> Future[None] | None:
+        """On an object store, create scope.id when the first wave found none, alongside the uploads, without
+        reading it first (FORMAT §3a). Every replica of a new deployment races here, and a server whose conditional
+        writes are check-then-act can let two creates succeed: the commit confirms the id after its root write."""
+        if not self.swap or self.root().scope_id is not None:
+            return None
+        return pool.submit(self._claim)
+
+    def _claim(self) -> None:
+        if self.scope.create_scope_id():
             self.created_scope_id = self.scope.scope_id
+
+    def claimed(self, claim: Future[None] | None) -> None:
+        """Wait for claim_scope_id's create: the commit uses the id in force (its error, a bad scope.id, fails the
+        save before the manifest is touched)."""
+        if claim is not None:
+            try:
+                claim.result()
+            except OSError as exc:
+                raise _store_error(exc, self.store) from exc
 
     def peers_record(self) -> recent.Seen | None:
         return self._recent.result() if self._recent is not None else None
@@ -592,8 +607,6 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
     try:
         if swap:
             manifest_id, written = _publish_swapped(store, scope, env_key, new, version)
-            if wave is not None:
-                wave.claim_scope_id()
         else:
             manifest_id = _publish_locked(store, scope, env_key, new)
         _faults.checkpoint("manifest-renamed")
@@ -608,7 +621,7 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
         if family:
             noted.append(notes.submit(recent.note_saver, store, env_key, scope_id, family))
         if swap:
-            _root_after_commit(store, scope, env_key, new, written.version, manifest_id, wave)
+            _root_after_commit(store, scope, env_key, new, written.version, manifest_id, wave, mine=changes.keys())
         else:
             _write_root(store, scope, env_key, new, manifest_id)
         for note in noted:
@@ -658,23 +671,23 @@ def _publish_swapped(store: BlobStore, scope: Scope, env_key: str, new: bytes,
 
 
 def _root_after_commit(store: BlobStore, scope: Scope, env_key: str, data: bytes, version: str, manifest_id: str,
-                       wave: _FirstWave | None) -> None:
+                       wave: _FirstWave | None, *, mine: Collection[str] = ()) -> None:
     """Point the gc root at the manifest just committed (object store). One conditional put when the root's state
     was read before the commit's manifest put (the first wave, or this save created scope.id, so no root exists
-    under it): if it succeeds, no saver that committed after us has written the root yet, and each of them writes
-    it after us (FORMAT §3a), so no check of the manifest is needed. Anything else settles it the long way."""
+    under it), then the settle's confirmation; anything else settles it the long way (FORMAT §3a)."""
     condition = _root_condition(scope, wave)
+    written = False
     if condition is not None:
         rkey = layout.root(scope.scope_id, env_key)
         try:
             store.backend.put(rkey, encode_root(scope.scope_id, env_key, manifest_id, scope.root),
                               if_absent=condition.version is None, if_version=condition.version)
-            return
+            written = True
         except (PreconditionFailed, AlreadyExists):
             pass  # another saver wrote it since it was read: settle it
         except OSError as exc:
             raise _store_error(exc, store) from exc
-    _settle_root(store, scope, env_key, data, version, manifest_id)
+    _settle_root(store, scope, env_key, data, version, manifest_id, root_written=written, mine=mine)
 
 
 def _root_condition(scope: Scope, wave: _FirstWave | None) -> _RootSeen | None:
@@ -695,37 +708,42 @@ CAS_RETRY_MAX_S = 1.0
 
 
 def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, version: str | None,
-                 manifest_id: str | None = None) -> None:
+                 manifest_id: str | None = None, *, root_written: bool = False, mine: Collection[str] = ()) -> None:
     """Point the gc root at the manifest without a lock (FORMAT §3a).
 
     Savers that commit one after the other may reach the root in the other order, so each one, after committing:
-    reads the root (version, and the manifest it names); if it names another manifest, replaces it *conditionally*
-    (If-Match on the version read, If-None-Match when absent), so a root write never silently overwrites one it did
-    not see (measured on SeaweedFS: of two unconditional PUTs of one key, the one acknowledged last did not always
-    win); then checks that the manifest is still the version whose bytes the root now names, and if another saver
-    replaced it meanwhile, starts again with the manifest found. The last committer's check finds its own manifest,
-    and every root write is followed by its writer's check, so once every saver has returned the root names the
-    final manifest. The manifest blob of a version found this way was stored by its writer before its root was
-    written (FORMAT §3a), so only its id is needed."""
-    rkey = layout.root(scope.scope_id, env_key)
+    (1) makes the root name its manifest: reads it (version, and the manifest it names) and, if it names another,
+    replaces it *conditionally* (If-Match on the version read, If-None-Match when absent), so a root write never
+    silently overwrites one it saw change (measured on SeaweedFS: of two unconditional PUTs of one key, the one
+    acknowledged last did not always win); `root_written`: the caller already did, conditioned on an earlier read;
+    (2) confirms, after that write: the manifest is still the version whose bytes the root names, and scope.id still
+    the id it was written under. A newer manifest starts again with it; another id (two creates that both succeeded)
+    is adopted and the root pointed under it. A newer manifest that lacks one of `mine` (the paths this save
+    committed) was put by a saver whose compare-and-swap such a server let through on the version this one replaced:
+    raises _Conflict, and the commit merges them in again.
+
+    The confirmation is what makes it hold on servers whose conditional writes are check-then-act (moto, and
+    SeaweedFS was seen to let two racing creates both succeed), where two conditional puts on one version can both
+    go in: every root write is followed by its writer's confirmation, and a commit after that confirmation is
+    followed by its own root write, so the root written last is by a saver that then saw the final manifest, which
+    it named or names next. The manifest blob of a version found this way was stored by its writer before its root
+    was written (FORMAT §3a), so only its id is needed."""
     mkey = layout.manifest(env_key)
     delay = CAS_RETRY_MIN_S
     for _ in range(SETTLE_ROUNDS):
         want = manifest_id or blake3.blake3(data).hexdigest()
-        named, rversion = _root_as_is(store, rkey)
-        if named != want:
-            body = encode_root(scope.scope_id, env_key, want, scope.root)
-            try:
-                store.backend.put(rkey, body, if_absent=rversion is None, if_version=rversion)
-            except (PreconditionFailed, AlreadyExists):
-                time.sleep(delay * random.uniform(0.5, 1.5))  # another saver wrote it since: look again
-                delay = min(delay * 2, CAS_RETRY_MAX_S)
-                continue
-            except OSError as exc:
-                raise _store_error(exc, store) from exc
-        try:
-            now = scope.backend.stat(mkey).version
-        except NotFound:
+        if not root_written and not _point_root(store, scope, env_key, want):
+            time.sleep(delay * random.uniform(0.5, 1.5))  # another saver wrote it since: look again
+            delay = min(delay * 2, CAS_RETRY_MAX_S)
+            continue
+        root_written = False
+        now, same_scope_id = _confirm(scope, mkey)
+        if not same_scope_id:
+            log.info("scope %s: scope.id was created by two savers at once; %s is the one in force",
+                     scope.root, scope.scope_id)
+            manifest_id = want  # the same manifest, its root now under the id in force
+            continue
+        if now is None:
             return  # deleted: nothing to name (the next save writes both)
         if now == version:
             return
@@ -733,9 +751,56 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
         found, found_version = scope.read_manifest_versioned(env_key)
         if found is None:
             return
+        _check_kept(scope, env_key, found, mine)
+        mine = ()  # merges never drop a path: a later version keeps them too
         data, version, manifest_id = found, found_version, None
     log.info("manifest %s: still being replaced after %d rounds; the next save corrects its root",
              env_key, SETTLE_ROUNDS)
+
+
+def _check_kept(scope: Scope, env_key: str, found: bytes, mine: Collection[str]) -> None:
+    """Raise _Conflict when the manifest that replaced this save's lacks one of its paths (FORMAT §3a: a lost
+    update on a server whose conditional writes are check-then-act). An unparsable one is left to the next save."""
+    if not mine:
+        return
+    try:
+        entries = loads(found, scope.manifest_path(env_key)).entries
+    except ManifestError:
+        return
+    lost = sum(1 for path in mine if path not in entries)
+    if lost:
+        log.warning("manifest %s: a concurrent commit replaced it without %d of this save's entries (the server let "
+                    "two compare-and-swaps on one version through): merging them in again", env_key, lost)
+        raise _Conflict(f"{lost} entries lost to a concurrent commit")
+
+
+def _point_root(store: BlobStore, scope: Scope, env_key: str, manifest_id: str) -> bool:
+    """Make the root name `manifest_id` unless it already does, conditioned on the state read; False when another
+    saver replaced it in between (read it again)."""
+    rkey = layout.root(scope.scope_id, env_key)
+    named, rversion = _root_as_is(store, rkey)
+    if named == manifest_id:
+        return True
+    try:
+        store.backend.put(rkey, encode_root(scope.scope_id, env_key, manifest_id, scope.root),
+                          if_absent=rversion is None, if_version=rversion)
+    except (PreconditionFailed, AlreadyExists):
+        return False
+    except OSError as exc:
+        raise _store_error(exc, store) from exc
+    return True
+
+
+def _confirm(scope: Scope, mkey: str) -> tuple[str | None, bool]:
+    """After a root write, in one round trip: the manifest's version now (None: deleted), and whether scope.id still
+    holds the id the root was written under (scope.confirm_scope_id: when not, the id found is now in force)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-confirm") as side:
+        same_scope_id = side.submit(scope.confirm_scope_id)
+        try:
+            now: str | None = scope.backend.stat(mkey).version
+        except NotFound:
+            now = None
+        return now, same_scope_id.result()
 
 
 def _root_as_is(store: BlobStore, key: str) -> tuple[str | None, str | None]:

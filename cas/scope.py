@@ -113,6 +113,17 @@ class Scope:
         self._scope_id = value
         return False
 
+    def confirm_scope_id(self) -> bool:
+        """Read scope.id again: False (and the id found now in force) when it holds another well-formed id than the
+        one this object uses. A server whose conditional writes are check-then-act (moto, and SeaweedFS was seen to)
+        can let two racing creates both succeed, and the one that lands last is the deployment's id (FORMAT §3a).
+        Unreadable or malformed: True, the id in force stays."""
+        found = read_scope_id(self.backend)
+        if found is None or found == self._scope_id:
+            return True
+        self._scope_id = found
+        return False
+
     def renew_scope_id(self, old: str) -> str:
         """Give this scope a fresh identity (FORMAT §4: a scope whose id another scope also uses, a cloned volume).
         Replaces scope.id only if it still holds `old`; returns the id now in force."""
