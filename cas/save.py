@@ -494,7 +494,9 @@ def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, 
 
     `lagging_ok` (lock-free commits, FORMAT §3a): concurrent savers may leave the root several manifests behind for a
     moment, so a root naming an older manifest of this scope (every path of it still in the current manifest: merges
-    never remove a path) is not foreign either; a clone's manifest holds paths this one lacks."""
+    never remove a path) is not foreign either, nor one merged into the same manifest as the current one or into it
+    (a saver killed after a compare-and-swap that lost, whose root went in alongside); a clone's manifest holds
+    paths this one lacks."""
     named = _root_manifest_id(store, scope, env_key)
     if named is None or named in (blake3.blake3(data).hexdigest(), current.parent):
         return False
@@ -504,6 +506,8 @@ def _root_is_foreign(store: BlobStore, scope: Scope, env_key: str, data: bytes, 
         older = loads(store.read_bytes(named, limits.MAX_MANIFEST_BYTES), f"blob {named}")
     except Exception:  # noqa: BLE001 - unreadable: it protects nothing of ours either way; not proof of a clone
         return False
+    if older.parent and older.parent in (current.parent, blake3.blake3(data).hexdigest()):
+        return False  # a sibling: a commit that lost its compare-and-swap to ours, its root written alongside
     return any(p not in current.entries for p in older.entries)
 
 
@@ -606,7 +610,9 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
     new = merged.dumps()  # refuses (TooLarge) a manifest any reader would refuse
     try:
         if swap:
-            manifest_id, written = _publish_swapped(store, scope, env_key, new, version)
+            # The first attempt knows the root's state from the first wave: its root goes with the manifest.
+            condition = _root_condition(scope, wave) if prior is not None else None
+            manifest_id, written, root_written = _publish_swapped(store, scope, env_key, new, version, condition)
         else:
             manifest_id = _publish_locked(store, scope, env_key, new)
         _faults.checkpoint("manifest-renamed")
@@ -621,7 +627,8 @@ def _merge_and_write(store, scope, env_key, env, delta, audit, threads, family, 
         if family:
             noted.append(notes.submit(recent.note_saver, store, env_key, scope_id, family))
         if swap:
-            _root_after_commit(store, scope, env_key, new, written.version, manifest_id, wave, mine=changes.keys())
+            _settle_root(store, scope, env_key, new, written.version, manifest_id, root_written=root_written,
+                         check_root=root_written, mine=changes.keys())
         else:
             _write_root(store, scope, env_key, new, manifest_id)
         for note in noted:
@@ -644,50 +651,48 @@ def _publish_locked(store: BlobStore, scope: Scope, env_key: str, new: bytes) ->
     return manifest_id
 
 
-def _publish_swapped(store: BlobStore, scope: Scope, env_key: str, new: bytes,
-                     version: str | None) -> tuple[str, ObjectInfo]:
-    """Object store: the manifest's compare-and-swap, its copy in the store and the liveness checks at once (one
-    round trip, FORMAT §3a). Loaders read only the manifest, whose blobs are all durable already; the copy must be
-    durable before the root names it, which happens after this returns. Raises _Conflict when another saver
-    replaced the manifest (the copy is then garbage gc collects), or the copy's or a check's error after the
-    manifest went in (the root still names the old one, so the next save audits, as after a crash there)."""
+def _publish_swapped(store: BlobStore, scope: Scope, env_key: str, new: bytes, version: str | None,
+                     root: _RootSeen | None) -> tuple[str, ObjectInfo, bool]:
+    """Object store: the manifest's compare-and-swap, its copy in the store, the liveness checks and, when `root`
+    gives the root's state as read before (FORMAT §3a), the root's conditional put, at once: one round trip.
+    Loaders read only the manifest, whose blobs are all durable already. Returns the copy's id, the manifest's new
+    version and whether the root went in (the settle's confirmation then also reads the root back).
+
+    Raises _Conflict when another saver replaced the manifest (the copy is then garbage gc collects; a root written
+    alongside names a manifest that never was, which the retry's settle replaces), or the copy's, the root's or a
+    check's error after the manifest went in (the root then names another manifest, so the next save audits, as
+    after a crash there)."""
     for backend in (store.backend, scope.backend):
         if backend.check_alive_first:
             backend.check_alive()
     store.ready()  # opened in the background (a new store's format file created): done, or its error, before this
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cas-commit") as side:
+    manifest_id = blake3.blake3(new).hexdigest()  # the copy's id: what the root names
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="cas-commit") as side:
         copy = side.submit(store.put_bytes, new)
         alive = [side.submit(b.check_alive) for b in (store.backend, scope.backend) if not b.check_alive_first]
+        root_put = side.submit(_put_root, store, scope, env_key, manifest_id, root) if root is not None else None
         try:
             written = scope.backend.put(layout.manifest(env_key), new, if_absent=version is None,
                                         if_version=version)
         except (PreconditionFailed, AlreadyExists) as exc:
             raise _Conflict(str(exc)) from None
         scope.remember_manifest(env_key, new)
-        manifest_id = copy.result()
+        copy.result()
         for check in alive:
             check.result()
-    return manifest_id, written
+        root_written = root_put.result() if root_put is not None else False
+    return manifest_id, written, root_written
 
 
-def _root_after_commit(store: BlobStore, scope: Scope, env_key: str, data: bytes, version: str, manifest_id: str,
-                       wave: _FirstWave | None, *, mine: Collection[str] = ()) -> None:
-    """Point the gc root at the manifest just committed (object store). One conditional put when the root's state
-    was read before the commit's manifest put (the first wave, or this save created scope.id, so no root exists
-    under it), then the settle's confirmation; anything else settles it the long way (FORMAT §3a)."""
-    condition = _root_condition(scope, wave)
-    written = False
-    if condition is not None:
-        rkey = layout.root(scope.scope_id, env_key)
-        try:
-            store.backend.put(rkey, encode_root(scope.scope_id, env_key, manifest_id, scope.root),
-                              if_absent=condition.version is None, if_version=condition.version)
-            written = True
-        except (PreconditionFailed, AlreadyExists):
-            pass  # another saver wrote it since it was read: settle it
-        except OSError as exc:
-            raise _store_error(exc, store) from exc
-    _settle_root(store, scope, env_key, data, version, manifest_id, root_written=written, mine=mine)
+def _put_root(store: BlobStore, scope: Scope, env_key: str, manifest_id: str, seen: _RootSeen) -> bool:
+    """The root's put conditioned on `seen` (its version, or absent); False when another saver wrote it since."""
+    try:
+        store.backend.put(layout.root(scope.scope_id, env_key),
+                          encode_root(scope.scope_id, env_key, manifest_id, scope.root),
+                          if_absent=seen.version is None, if_version=seen.version)
+    except (PreconditionFailed, AlreadyExists):
+        return False
+    return True
 
 
 def _root_condition(scope: Scope, wave: _FirstWave | None) -> _RootSeen | None:
@@ -708,7 +713,8 @@ CAS_RETRY_MAX_S = 1.0
 
 
 def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, version: str | None,
-                 manifest_id: str | None = None, *, root_written: bool = False, mine: Collection[str] = ()) -> None:
+                 manifest_id: str | None = None, *, root_written: bool = False, check_root: bool = False,
+                 mine: Collection[str] = ()) -> None:
     """Point the gc root at the manifest without a lock (FORMAT §3a).
 
     Savers that commit one after the other may reach the root in the other order, so each one, after committing:
@@ -716,9 +722,11 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
     replaces it *conditionally* (If-Match on the version read, If-None-Match when absent), so a root write never
     silently overwrites one it saw change (measured on SeaweedFS: of two unconditional PUTs of one key, the one
     acknowledged last did not always win); `root_written`: the caller already did, conditioned on an earlier read;
-    (2) confirms, after that write: the manifest is still the version whose bytes the root names, and scope.id still
-    the id it was written under. A newer manifest starts again with it; another id (two creates that both succeeded)
-    is adopted and the root pointed under it. A newer manifest that lacks one of `mine` (the paths this save
+    (2) confirms, after that write: the manifest is still the version whose bytes the root names, scope.id still
+    the id it was written under, and (`check_root`: the root went in alongside the manifest, so a root that landed
+    between the two may have replaced it) the root still names it. A newer manifest starts again with it; another id
+    (two creates that both succeeded) is adopted and the root pointed under it; a root naming another manifest is
+    pointed again. A newer manifest that lacks one of `mine` (the paths this save
     committed) was put by a saver whose compare-and-swap such a server let through on the version this one replaced:
     raises _Conflict, and the commit merges them in again.
 
@@ -728,7 +736,6 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
     followed by its own root write, so the root written last is by a saver that then saw the final manifest, which
     it named or names next. The manifest blob of a version found this way was stored by its writer before its root
     was written (FORMAT §3a), so only its id is needed."""
-    mkey = layout.manifest(env_key)
     delay = CAS_RETRY_MIN_S
     for _ in range(SETTLE_ROUNDS):
         want = manifest_id or blake3.blake3(data).hexdigest()
@@ -737,15 +744,18 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
             delay = min(delay * 2, CAS_RETRY_MAX_S)
             continue
         root_written = False
-        now, same_scope_id = _confirm(scope, mkey)
+        now, same_scope_id, root_named = _confirm(store, scope, env_key, check_root)
+        check_root = False
+        manifest_id = want
         if not same_scope_id:
             log.info("scope %s: scope.id was created by two savers at once; %s is the one in force",
                      scope.root, scope.scope_id)
-            manifest_id = want  # the same manifest, its root now under the id in force
-            continue
+            continue  # the same manifest, its root now under the id in force
         if now is None:
             return  # deleted: nothing to name (the next save writes both)
         if now == version:
+            if root_named not in (want, _UNCHECKED):
+                continue  # replaced by a root that landed after ours: point it again
             return
         # The bytes and their own version: if the manifest changes again before the next check, that check fails.
         found, found_version = scope.read_manifest_versioned(env_key)
@@ -777,30 +787,35 @@ def _check_kept(scope: Scope, env_key: str, found: bytes, mine: Collection[str])
 def _point_root(store: BlobStore, scope: Scope, env_key: str, manifest_id: str) -> bool:
     """Make the root name `manifest_id` unless it already does, conditioned on the state read; False when another
     saver replaced it in between (read it again)."""
-    rkey = layout.root(scope.scope_id, env_key)
-    named, rversion = _root_as_is(store, rkey)
+    named, rversion = _root_as_is(store, layout.root(scope.scope_id, env_key))
     if named == manifest_id:
         return True
     try:
-        store.backend.put(rkey, encode_root(scope.scope_id, env_key, manifest_id, scope.root),
-                          if_absent=rversion is None, if_version=rversion)
-    except (PreconditionFailed, AlreadyExists):
-        return False
+        return _put_root(store, scope, env_key, manifest_id, _RootSeen(scope.scope_id, named, rversion))
     except OSError as exc:
         raise _store_error(exc, store) from exc
-    return True
 
 
-def _confirm(scope: Scope, mkey: str) -> tuple[str | None, bool]:
-    """After a root write, in one round trip: the manifest's version now (None: deleted), and whether scope.id still
-    holds the id the root was written under (scope.confirm_scope_id: when not, the id found is now in force)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-confirm") as side:
+_UNCHECKED = "-"  # _confirm's answer for the root when it was not asked to read it (no manifest id looks like it)
+
+
+def _confirm(store: BlobStore, scope: Scope, env_key: str, check_root: bool) -> tuple[str | None, bool, str | None]:
+    """After a root write, in one round trip: the manifest's version now (None: deleted); whether scope.id still
+    holds the id the root was written under (scope.confirm_scope_id: when not, the id found is now in force); and
+    with `check_root` the manifest the root names now (None: absent or unreadable), else _UNCHECKED."""
+    rkey = layout.root(scope.scope_id, env_key)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cas-confirm") as side:
         same_scope_id = side.submit(scope.confirm_scope_id)
+        root = side.submit(_root_as_is, store, rkey) if check_root else None
         try:
-            now: str | None = scope.backend.stat(mkey).version
+            now: str | None = scope.backend.stat(layout.manifest(env_key)).version
         except NotFound:
             now = None
-        return now, same_scope_id.result()
+        try:
+            named = root.result()[0] if root is not None else _UNCHECKED
+        except OSError as exc:
+            raise _store_error(exc, store) from exc
+        return now, same_scope_id.result(), named
 
 
 def _root_as_is(store: BlobStore, key: str) -> tuple[str | None, str | None]:

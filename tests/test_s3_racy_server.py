@@ -105,8 +105,8 @@ def test_a_manifest_put_that_lands_over_a_newer_one_loses_no_entry(moto_bucket: 
             wait(a_landed)
 
     b = Saver(moto_bucket, tmp_path / "b", {**base.files, **tree(3, "b")}, scope_hook=b_hook)
-    a = Saver(moto_bucket, tmp_path / "a", {**base.files, **tree(2, "a")},
-              store_hook=when("put", "roots/", a_landed.set))  # A's root put comes after its manifest landed
+    a = Saver(moto_bucket, tmp_path / "a", {**base.files, **tree(2, "a")},  # A's confirmation: its put landed
+              scope_hook=when("stat", layout.manifest(ENV_KEY), a_landed.set))
     with ThreadPoolExecutor(1) as pool:
         b_run: list[Future[None]] = []
 
@@ -147,3 +147,39 @@ def test_two_scope_id_creates_that_both_succeed_end_under_the_one_in_force(moto_
         assert a_run, "B's create of scope.id never ran"
         a_run[0].result(timeout=WAIT_S)
     assert_settled(moto_bucket, tmp_path, {**a.files, **b.files})
+
+
+def test_a_root_written_alongside_a_losing_commit_is_a_sibling_not_a_clone(moto_bucket: S3Bucket,
+                                                                           tmp_path: Path) -> None:
+    """A's root goes in alongside its compare-and-swap, which loses to B's (B saved from start to end in the root
+    put's window), and A dies before its retry: the root names a manifest that never was. The next save audits,
+    keeps scope.id (the root's manifest was merged into the same version as the current one: a sibling, not a
+    clone's) and points the root at the manifest."""
+    from cas.errors import CasError, StoreUnavailable
+
+    base = Saver(moto_bucket, tmp_path / "base", tree(1, "base"))
+    base.save()
+    scope_id = read_scope_id(moto_bucket.backend("model/compile_cache"))
+    b_done = threading.Event()
+    a = Saver(moto_bucket, tmp_path / "a", {**base.files, **tree(2, "a")},
+              scope_hook=when("put", layout.manifest(ENV_KEY), lambda: wait(b_done)))
+    b = Saver(moto_bucket, tmp_path / "b", {**base.files, **tree(3, "b")})
+
+    def b_in_the_window(_key: str) -> None:
+        b.save()
+        a.scope_backend.fail("get", "manifests/", StoreUnavailable("A dies before its retry"))
+        b_done.set()
+
+    a.store_backend.check_then_put("roots/", between=b_in_the_window)
+    with pytest.raises(CasError):
+        a.save()
+    store = BlobStore(moto_bucket.backend("org/b10_cas"))
+    scope = Scope(moto_bucket.backend("model/compile_cache"))
+    data = scope.read_manifest_bytes(ENV_KEY)
+    assert data is not None
+    assert read_root(store, layout.root(scope_id, ENV_KEY)).manifest != blake3.blake3(data).hexdigest()  # stale
+
+    c = Saver(moto_bucket, tmp_path / "c", {**base.files, **b.files, **tree(4, "c")})
+    c.save()
+    assert read_scope_id(moto_bucket.backend("model/compile_cache")) == scope_id  # not taken for a clone
+    assert_settled(moto_bucket, tmp_path, {**base.files, **b.files, **c.files})

@@ -335,7 +335,11 @@ def test_first_save_creates_blobs_directly_and_writes_each_object_once(moto_buck
     manifest_verbs = [v for v, k in seen if k.startswith("manifests/") and k.endswith(".manifest")]
     assert manifest_verbs[-2:] == ["put", "stat"] and set(manifest_verbs[:-2]) == {"get"}, manifest_verbs
     assert len(manifest_verbs) <= 4
-    assert [v for v, k in seen if k.startswith("roots/")] == ["put"]  # its state known from the first wave
+    # The root: one put alongside the compare-and-swap (its state known: this save created scope.id), read back by
+    # the confirmation.
+    assert [v for v, k in seen if k.startswith("roots/")] == ["put", "get"]
+    root_put = next(i for i, (v, k) in enumerate(seen) if v == "put" and k.startswith("roots/"))
+    assert root_put < seen.index(("stat", layout.manifest(ENV_KEY)))
     # scope.id: read in the first wave, created alongside the uploads, read again by the confirmation.
     assert [v for v, k in seen if k == "scope.id"] == ["get", "put", "get"]
     assert seen.index(("put", "scope.id")) < seen.index(("put", layout.manifest(ENV_KEY)))
