@@ -11,6 +11,7 @@ manifests already record (save.py).
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -102,11 +103,15 @@ def _encode(store: BlobStore, content: bytes, sizes: list[int]) -> tuple[bytes, 
     FRAMING_COST_MAX over one frame, or the store was made before frames (blobstore.PACK_FRAMES_KEY); then one frame
     and no table (its readers fetch it whole)."""
     runs = frame_runs(sizes)
-    single = store.compress_frames([content])[0]
     if len(runs) == 1 or not store.pack_frames:
-        return single, None
+        return store.compress_frames([content])[0], None
     cuts = list(itertools.pairwise([*(sum(sizes[:a]) for a, _ in runs), len(content)]))  # content [a, b) per frame
-    frames = store.compress_frames([content[a:b] for a, b in cuts])
+    # Both trials at once (zstd releases the GIL; each thread has its own compressor): a small first save is
+    # latency-bound, and this is its CPU between the first wave's reads and the pack's upload.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-pack-trial") as trial:
+        whole = trial.submit(lambda: store.compress_frames([content])[0])
+        frames = store.compress_frames([content[a:b] for a, b in cuts])
+        single = whole.result()
     if sum(len(f) for f in frames) > len(single) * (1 + FRAMING_COST_MAX):
         return single, None
     return b"".join(frames), FrameTable(tuple((len(f), b - a) for f, (a, b) in zip(frames, cuts, strict=True)))
