@@ -21,7 +21,7 @@ def temp_path_beside(path: str) -> str:
     return os.path.join(os.path.dirname(path), temp_name())
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """os.write until all of `data` is written (a write may be short)."""
     view = memoryview(data)
     while view:

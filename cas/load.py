@@ -21,7 +21,7 @@ from .blobstore import BlobStore, RangeUnusable
 from .errors import BlobCorrupt, BlobMissing, CasError, NoSpace, StoreUnavailable, UnsafePath
 from .index import Index
 from .localfs import TargetDir
-from .manifest import Entry, Manifest
+from .manifest import Entry, FrameTable, Manifest
 from .paths import TEMP_PREFIX
 from .posix import PosixBackend
 from .roots import refresh_root
@@ -64,13 +64,8 @@ def plan_ranges(items: list[tuple[str, Entry]]) -> list[PackRange] | None:
     table = items[0][1].frames
     if table is None:
         return None
-    needed: dict[int, list[tuple[str, Entry]]] = {}
-    for path, entry in items:
-        frame = table.frame_of(entry.offset, entry.size) if entry.frames == table else None
-        if frame is None:
-            return None
-        needed.setdefault(frame.index, []).append((path, entry))
-    if sum(table.sizes[i][0] for i in needed) > RANGED_SHARE_MAX * table.stored_size:
+    needed = _needed_frames(table, items)
+    if needed is None:
         return None
     ranges: list[PackRange] = []
     last = -1
@@ -84,6 +79,26 @@ def plan_ranges(items: list[tuple[str, Entry]]) -> list[PackRange] | None:
         ranges[-1].items += needed[index]
         last = index
     return ranges
+
+
+def _needed_frames(table: FrameTable, items: list[tuple[str, Entry]]) -> dict[int, list[tuple[str, Entry]]] | None:
+    """Frame index -> the entries of `items` it holds, or None when the pack is to be read whole (see plan_ranges).
+    Stops at the first frame past RANGED_SHARE_MAX: a full load reads every pack whole, and planning each entry
+    of a 20,000-file load cost ~40 ms before the first file was written (docs/benchmarks.md)."""
+    budget = RANGED_SHARE_MAX * table.stored_size
+    needed: dict[int, list[tuple[str, Entry]]] = {}
+    for path, entry in items:
+        # (entries of one pack share one parsed table: `is` spares comparing its tuples for each)
+        index = table.index_of(entry.offset, entry.size) if entry.frames is table or entry.frames == table else None
+        if index is None:
+            return None
+        if index not in needed:
+            budget -= table.sizes[index][0]
+            if budget < 0:
+                return None
+            needed[index] = []
+        needed[index].append((path, entry))
+    return needed
 
 
 def _plan_packs(packed: list[tuple[str, Entry]]) -> tuple[dict[str, list[tuple[str, Entry]]],
@@ -180,7 +195,7 @@ def _restore_all(target: TargetDir, store: BlobStore, scope: Scope, env_key: str
             result.corrupt += isinstance(exc, (BlobCorrupt, pack.PackEntryCorrupt))
             result.missing += isinstance(exc, BlobMissing)
 
-    def restore(item: tuple[str, Entry], data: bytes | None = None) -> None:
+    def restore(item: tuple[str, Entry], data: memoryview | None = None) -> None:
         path, entry = item
         if abort.is_set():
             return
@@ -336,7 +351,8 @@ def _already_there(root: str, rel: str, entry: Entry, verify: bool, top: set[str
         return False
 
 
-def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry, data: bytes | None) -> os.stat_result:
+def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry,
+                 data: memoryview | None) -> os.stat_result:
     """Write one file: `data` (already verified, from a pack) or the entry's own blob, fetched and verified here.
     Everything goes through the parent directory's fd (localfs.TargetDir): a parent swapped for a symlink is a miss,
     never a write outside the target."""
@@ -356,7 +372,7 @@ def _restore_one(store: BlobStore, target: TargetDir, rel: str, entry: Entry, da
 _umask = localfs.process_umask()
 
 
-def _write_into(store: BlobStore, dir_fd: int, name: str, entry: Entry, data: bytes | None) -> os.stat_result:
+def _write_into(store: BlobStore, dir_fd: int, name: str, entry: Entry, data: memoryview | None) -> os.stat_result:
     """Create a temp file in `dir_fd`, fill it, rename it to `name`; the stat of the result (for the index)."""
     tmp = localfs.temp_name()
     mode = safe_mode(entry.mode)

@@ -15,7 +15,7 @@ import msgpack
 import zstandard
 
 from . import limits, nogc
-from .blobstore import compress_bound
+from .blobstore import Decoded, compress_bound
 from .errors import ManifestError, TooLarge, UnsafePath
 from .paths import check_entry_path
 
@@ -76,13 +76,18 @@ class FrameTable:
 
     def frame_of(self, offset: int, size: int) -> Frame | None:
         """The frame holding content bytes [offset, offset+size) whole, or None (a file never straddles frames)."""
+        index = self.index_of(offset, size)
+        return None if index is None else self.frame(index)
+
+    def index_of(self, offset: int, size: int) -> int | None:
+        """frame_of's index alone: a load plans every entry of every pack through it, and a Frame per entry cost
+        a full load of 20,000 files ~40 ms (docs/benchmarks.md)."""
+        content_starts = self._starts[1]
         # (an empty file at the very end of the content belongs to the last frame)
-        index = min(bisect.bisect_right(self._starts[1], offset) - 1, len(self.sizes) - 1)
-        if index < 0:
+        index = min(bisect.bisect_right(content_starts, offset) - 1, len(self.sizes) - 1)
+        if index < 0 or offset + size > content_starts[index + 1]:
             return None
-        frame = self.frame(index)
-        inside = frame.content_start <= offset and offset + size <= frame.content_start + frame.content_length
-        return frame if inside else None
+        return index
 
     def dump(self) -> str:
         """As stored (FORMAT §3): "c0,n0,c1,n1,..." in decimal, a string because every reader's decoder limits
@@ -206,14 +211,14 @@ class Manifest:
         return tables
 
 
-def loads(data: bytes, source: object = "<manifest>", limit: int = limits.MAX_MANIFEST_BYTES) -> Manifest:
+def loads(data: Decoded, source: object = "<manifest>", limit: int = limits.MAX_MANIFEST_BYTES) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError naming `source` on any violation. `limit` bounds the
     manifest's plain size (compressed or not): readers of other deployments' manifests use a lower one."""
     with nogc.paused():  # a few objects per entry, no cycles: collections would only walk the heap (cas/nogc.py)
         return _loads(data, source, limit)
 
 
-def _loads(data: bytes, source: object, limit: int) -> Manifest:
+def _loads(data: Decoded, source: object, limit: int) -> Manifest:
     if len(data) > limit:
         raise ManifestError(source, f"{len(data)} bytes exceeds the {limit} byte limit")
     if not data:
@@ -275,7 +280,7 @@ def _loads(data: bytes, source: object, limit: int) -> Manifest:
     return Manifest(env_key, env, entries, float(created), float(updated), parent_id)
 
 
-def _decompress(data: bytes, source: object, limit: int = limits.MAX_MANIFEST_BYTES) -> bytes:
+def _decompress(data: Decoded, source: object, limit: int = limits.MAX_MANIFEST_BYTES) -> bytes:
     """A compressed manifest, bounded by the same limit as a plain one: a frame claiming more is refused unread."""
     try:
         claimed = zstandard.frame_content_size(data)

@@ -134,12 +134,12 @@ def frame_runs(sizes: list[int], target: int = PACK_FRAME_BYTES) -> list[tuple[i
     return runs
 
 
-def extract(pack: bytes, blob_id: str, size: int, offset: int) -> bytes:
-    """The file an entry names inside a pack's content, verified against the entry's own blob id."""
-    data = pack[offset:offset + size]
+def extract(pack: bytes | bytearray, blob_id: str, size: int, offset: int) -> memoryview:
+    """The file an entry names inside a pack's content, verified against the entry's own blob id. A view into the
+    pack, not a copy: a load writes it straight out, and the pack is released once its files are written."""
+    data = memoryview(pack)[offset:offset + size]
     if len(data) != size:
         raise PackEntryCorrupt(f"pack holds {len(pack)} bytes, entry wants {size} at {offset}")
     if blake3.blake3(data).hexdigest() != blob_id:
         raise PackEntryCorrupt(f"bytes at {offset} in the pack do not hash to {blob_id}")
     return data
-

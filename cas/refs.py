@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from . import layout, limits
-from .blobstore import BlobStore
+from .blobstore import BlobStore, Decoded
 from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
 from .manifest import READABLE_VERSIONS, ZSTD_MAGIC, _decompress
 from .roots import Root, parse_root
@@ -66,7 +66,7 @@ class RootListing:
     problems: list[str] = field(default_factory=list)  # roots/ itself unlistable: no root can be trusted absent
 
 
-def stored_refs(data: bytes, source: object, manifest_id: str = "",
+def stored_refs(data: Decoded, source: object, manifest_id: str = "",
                 contents: dict[bytes, int] | None = None) -> ManifestRefs:
     """The stored blob ids of a manifest's entries, without building Entry objects (see the module docstring).
     `contents`, if given, receives file blob id (32 bytes) -> size for every entry (for `cas stats`). Raises
@@ -86,7 +86,7 @@ def stored_refs(data: bytes, source: object, manifest_id: str = "",
     return ManifestRefs(manifest_id, env_key, frozenset(b.hex() for b in stored), len(entries), raw)
 
 
-def _unpack(data: bytes, source: object) -> object:
+def _unpack(data: Decoded, source: object) -> object:
     if len(data) > limits.MAX_MANIFEST_BYTES:
         raise ManifestError(source, f"{len(data)} bytes exceeds the {limits.MAX_MANIFEST_BYTES} byte limit")
     if data[:4] == ZSTD_MAGIC:
@@ -126,7 +126,7 @@ def _entry_ids(entries: dict, version: int, source: object,
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------
-Parse = Callable[[bytes, str], object]
+Parse = Callable[[Decoded, str], object]
 
 
 def read_manifests(store: BlobStore, ids: set[str], parse: Parse, *, restore: bool,
@@ -156,7 +156,7 @@ def read_manifests(store: BlobStore, ids: set[str], parse: Parse, *, restore: bo
     return dict(zip(ordered, parallel_map(one, ordered, threads), strict=True))
 
 
-def gc_refs(data: bytes, manifest_id: str) -> ManifestRefs:
+def gc_refs(data: Decoded, manifest_id: str) -> ManifestRefs:
     return stored_refs(data, f"blob {manifest_id}", manifest_id)
 
 

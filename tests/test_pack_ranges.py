@@ -399,6 +399,55 @@ def test_a_damaged_frame_only_the_whole_pack_read_quarantines(vol, tmp_path):
     assert _contents(dst) == {p: d for p, d in files.items() if p != victim}
 
 
+def test_a_full_load_verifies_a_multi_frame_pack_whole_and_quarantines_a_damaged_frame(stores, tmp_path):
+    """A full load reads each pack whole and decodes its frames in one stream (blobstore._decode_across): damage
+    inside a frame's blocks, which no header shows, still fails the whole pack's hash before any file is written."""
+    files = _saved(stores, tmp_path)
+    pack_id, table = _table(stores)
+    raw = bytearray(stores.store_calls.inner.get(layout.blob(pack_id), limit=1 << 30))
+    frame = table.frame(2)
+    raw[frame.start + frame.length // 2] ^= 0x01  # mid-frame: headers and block headers as written
+    stores.put_raw(pack_id, bytes(raw))
+    # (the header walk still finds the frames the table records: only decoding can tell)
+    assert [(length, n) for _, length, n in _frames(bytes(raw), limits.MAX_PACK_BYTES)] == list(table.sizes)
+    res = load_tree(tmp_path / "dst", stores.store, stores.scope, ENV_KEY)
+    assert res.restored == 0 and res.corrupt == len(files) and len(_quarantined(stores)) == 1
+    assert stores.store_calls.ranged_gets["blobs"] == 0
+    assert _contents(tmp_path / "dst") == {}
+
+
+def _claiming(frame: bytes, size: int) -> bytes:
+    """`frame` with its header's content size field rewritten to `size` (RFC 8878 §3.1.1.1.4: the field ends the
+    header; a 2-byte field stores size - 256), the field's width kept."""
+    end = zstandard.frame_header_size(frame)
+    width = {0: 1, 1: 2, 2: 4, 3: 8}[frame[4] >> 6]
+    value = size - 256 if width == 2 else size
+    return frame[:end - width] + value.to_bytes(width, "little") + frame[end:]
+
+
+def test_frames_whose_headers_trade_bytes_between_them_are_refused(vol):
+    """Several frames are decoded as one stream: their claims' total alone would let a frame decode to more than
+    its header records while its neighbour records as much less. zstd checks each frame against its own header,
+    so such a blob is corrupt to every whole reader, never content at shifted offsets."""
+    c = zstandard.ZstdCompressor(level=3, write_content_size=True)
+    parts = [b"a" * 1000, b"b" * 3000, b"c" * 2000]
+    frames = [c.compress(p) for p in parts]
+    bid = blob_id(b"".join(parts))
+    for traded in ([_claiming(frames[0], 999), _claiming(frames[1], 3001), frames[2]],
+                   [_claiming(frames[0], 1001), _claiming(frames[1], 2999), frames[2]]):
+        blob = b"".join(traded)
+        assert sum(n for _, _, n in _frames(blob, limits.MAX_PACK_BYTES)) == sum(map(len, parts))
+        vol.put_raw(bid, blob)
+        with pytest.raises(BlobCorrupt):
+            vol.store.read_bytes(bid, limits.MAX_PACK_BYTES)
+        with pytest.raises(BlobCorrupt):
+            vol.store.verify(bid)
+        with pytest.raises(BlobCorrupt, match="quarantined"):
+            vol.store.get_bytes(bid, limits.MAX_PACK_BYTES)
+    vol.put_raw(bid, b"".join(frames))  # as written: read whole, one buffer
+    assert vol.store.get_bytes(bid, limits.MAX_PACK_BYTES) == b"".join(parts)
+
+
 @pytest.mark.parametrize("raw, why", [
     ("", "empty"),
     ("1,2,3", "odd"),

@@ -1038,6 +1038,32 @@ FINDINGS = """### Findings (issue 14, 2026-12-01)
   than 2 s before their checks, so their directories are all unsettled: no record is kept and every check walks,
   paying an lstat per directory (about 2 ms at 680 files) for a record it cannot keep; a cache checked later than
   2 s after its last change gets the record as the 20,000-file trees do.
+- **Framed packs' cost to a full load, found and removed (after the run above).** py-spy of 8 loads of the
+  20,000-file tree (4,029 directories, the realistic layout; `20000:1` is one directory per file) into /dev/shm,
+  and each phase's thread CPU over 5 loads, against the same tree saved as single-frame packs (same code; 19 packs
+  of ~34 frames): a framed store's full load cost ~130 ms more CPU (1,168 against 1,034 ms, medians of 7), in two
+  places. Decoding: each frame was decoded to its own bytes and the parts joined, a second copy of every pack and
+  the page faults of two allocations (194-223 ms a load, single frames 137 ms). One zstd stream across frames
+  (`stream_reader(read_across_frames=True).readinto`; zstandard 0.25's `decompress` cannot cross frames, its
+  stream reader can) now decodes a pack's frames straight into one buffer of their claimed total, still bounded
+  on header arithmetic before anything is allocated; zstd checks each frame against the size its header records,
+  and the whole content is hashed against the pack's id as before (126 ms). Planning: `plan_ranges` built a
+  `Frame` per entry (31-47 ms a load, before the first file is written); it now takes the frame index alone and
+  stops at the first frame past RANGED_SHARE_MAX, where every pack of a full load ends (7 ms). A pack's files are
+  views into it, not copies. Hashing the pack whole costs the same either way (35 ms). Afterwards framed and
+  single-frame stores load alike (1,042 against 1,062 ms CPU). This tool's rows, `PYTHONPATH=.
+  .venv/bin/python -m tools.bench scale --ns '' --volumes local --trees 20000,20000:1 --no-write`, before (f6a1213,
+  a `git archive` of it) and after (4a879c4) alternating, three runs each, 2026-12-01 15:18-15:29 UTC, this
+  2-core VM shared with other work (1-minute load 2.1-8.9), medians of 5, load / floor, wall (CPU):
+
+  | tree (20,000 files) | before | after |
+  |---|---|---|
+  | 4,029 directories | 3.79× (3.66×), 3.72× (3.52×), 3.21× (3.18×) | **2.96× (3.02×), 2.90× (2.78×), 2.95× (2.91×)** |
+  | 19,356 directories | 2.87× (2.82×), 2.55× (2.39×), 2.93× (3.00×) | 2.46× (2.33×), 2.27× (2.27×), 2.44× (2.37×) |
+
+  Loads of the 4,029-directory tree took 1.26, 1.15, 1.09 s before and 1.22, 0.94, 1.00 s after (floors 309-411
+  ms). The goal (≤ 3×) is met by wall time in every run after, with little margin: what remains is the files'
+  create, write, rename (FORMAT §7) and the two hashes (FORMAT §2), as listed above.
 """
 
 
