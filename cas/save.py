@@ -123,9 +123,9 @@ def save_tree(
         if max_stored_bytes is not None:
             _check_cap(files, entries, store, max_stored_bytes, pool)
 
+        claim = wave.claim_scope_id(pool)  # a new deployment's scope.id, created alongside the uploads
         missing, to_pack, located = _plan_uploads(store, scope, env_key, current, delta, by_id, audit, pool, wave,
                                                   result)
-        claim = wave.claim_scope_id(pool)  # a new deployment's scope.id, created alongside the uploads
         changed = _write_blobs(store, pool, missing, to_pack, by_id, located, result)
         wave.claimed(claim)
         # A file that changed under us is left for the next save: drop every entry that expected that content.
