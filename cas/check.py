@@ -22,7 +22,7 @@ from .blobstore import BlobStore
 from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
 from .gc import Progress, find_leftovers
 from .manifest import Manifest, loads
-from .refs import list_roots, read_manifests
+from .refs import list_roots, read_manifests, reread_young
 from .roots import read_root
 from .scan import Listing, list_prefix, scan_area
 from .scope import Scope
@@ -235,6 +235,8 @@ def _check_roots(ck: _Checker, now: float, root_ttl: float, read_data: bool, rep
             res.roots_dead += 1  # gc removes it; its blobs may already be gone, which is no problem
         else:
             live.append(root)
+    live, _ = reread_young(store, live, lambda r: r.manifest not in ck.blobs
+                           and not _exists(store.backend, layout.blob(r.manifest)), now)
     res.roots_live = len(live)
     report("roots", 0, len(live))
     present = {r.manifest for r in live if ck.present(r.manifest, f"root {r.scope_id}/{r.env_key} manifest")}

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 from . import _faults, layout
 from .blobstore import BlobInfo, BlobStore, is_blob_id
-from .errors import CasError, ManifestError
+from .errors import BlobMissing, CasError, ManifestError
 from .lock import LockFile
-from .refs import ManifestRefs, RootListing, gc_refs, list_roots, read_manifests
+from .refs import ManifestRefs, RootListing, gc_refs, list_roots, read_manifests, reread_young
 from .roots import Root
 from .scan import Listing, list_prefix, parallel_map, scan_area
 from .scope import Scope
@@ -234,6 +234,11 @@ class _Run:
         res.roots_live, res.roots_dead = len(self.live_roots), len(self.dead)
         self.report("roots", 0, len(self.live_roots))
         parsed = read_manifests(self.store, {r.manifest for r in self.live_roots}, gc_refs, restore=True)
+        self.live_roots, again = reread_young(self.store, self.live_roots,
+                                              lambda r: isinstance(parsed[r.manifest], BlobMissing), self.now)
+        if again:  # roots written alongside their manifest's blob (FORMAT §3a): their manifests read once more
+            ids = {r.manifest for r in self.live_roots if r.key in again}
+            parsed.update(read_manifests(self.store, ids, gc_refs, restore=True))
         res.manifests_parsed = len(parsed)
         for root in self.live_roots:
             self._add_root(root, parsed[root.manifest])

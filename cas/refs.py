@@ -13,6 +13,7 @@ load would refuse (an illegal path, a size out of range) only keeps blobs alive 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from . import layout, limits
 from .blobstore import BlobStore, Decoded
 from .errors import BlobCorrupt, BlobMissing, CasError, ManifestError
 from .manifest import READABLE_VERSIONS, ZSTD_MAGIC, _decompress
-from .roots import Root, parse_root
+from .roots import Root, parse_root, read_root
 from .scan import SCAN_THREADS, list_prefix, parallel_map
 from .storage import BadObject, NotFound, ObjectInfo
 
@@ -127,6 +128,34 @@ def _entry_ids(entries: dict, version: int, source: object,
 
 # -- reading ---------------------------------------------------------------------------------------------------------
 Parse = Callable[[Decoded, str], object]
+
+# A save on an object store puts its root alongside its manifest's blob (FORMAT §3a), so for about a round trip a
+# root can name a blob not stored yet. A root this young (by the store's clock) whose manifest blob is missing is read
+# again, after a wait longer than a commit takes, before gc or check calls it a problem.
+JUST_WRITTEN_S = 60.0
+JUST_WRITTEN_WAIT_S = 1.0
+
+
+def reread_young(store: BlobStore, roots: list[Root], missing: Callable[[Root], bool], now: float,
+                 sleep: Callable[[float], None] = time.sleep) -> tuple[list[Root], set[str]]:
+    """`roots`, with each one written in the last JUST_WRITTEN_S whose manifest blob is `missing` read again after
+    JUST_WRITTEN_WAIT_S (a root deleted meanwhile is dropped; one that cannot be read now is kept as it was), and the
+    keys of those read again (their manifests are worth a second read)."""
+    young = {r.key for r in roots if now - r.mtime < JUST_WRITTEN_S and missing(r)}
+    if not young:
+        return roots, young
+    sleep(JUST_WRITTEN_WAIT_S)
+    out = []
+    for root in roots:
+        if root.key in young:
+            try:
+                root = read_root(store, root.key)
+            except NotFound:
+                continue
+            except Exception:  # noqa: BLE001 - unreadable now: judged as first read (msgpack's assorted errors)
+                pass
+        out.append(root)
+    return out, young
 
 
 def read_manifests(store: BlobStore, ids: set[str], parse: Parse, *, restore: bool,

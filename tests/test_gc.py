@@ -383,3 +383,41 @@ def test_live_manifest_in_trash_is_read_back_and_manifests_are_read_without_a_st
     assert trashed in present(store) and live <= present(store)
     # Only the trashed manifest was stat'ed (its miss), not the one read at once.
     assert layout.blob(roots["gpu2"].manifest) not in stats and layout.blob(trashed) in stats
+
+
+@pytest.mark.parametrize("command", ["gc", "check"])
+def test_a_just_written_root_whose_manifest_blob_lands_a_moment_later_is_no_problem(tmp_path, command):
+    """On an object store a save puts its root alongside its manifest's blob (FORMAT §3a): gc or check can read the
+    root first. A root that young naming a missing blob is read again, with its manifest, after a moment: here the blob
+    lands during that wait (the hook on the root's second read puts it). An old root naming a missing blob stays a
+    problem."""
+    from cas.check import check
+    from cas.faulty import FaultyBackend
+    from cas.posix import PosixBackend
+
+    src = tmp_path / "src"
+    write_tree(src, {"a.bin": content("a"), "b.bin": content("b", 3 << 20)})
+    store = BlobStore(tmp_path / "org", freshen_after=FRESHEN)
+    scope = Scope(tmp_path / "scope", create=True)
+    save_tree(src, store, scope, "e")
+    root = next(iter_roots(store))
+    held = store.read_bytes(root.manifest, 1 << 26)
+    os.remove(store.blob_path(root.manifest))  # as if the manifest blob's put had not landed yet
+    stats: list[str] = []
+
+    def lands_on_second_read(verb: str, key: str) -> None:
+        if verb == "stat" and key == root.key:
+            stats.append(key)
+            if len(stats) == 2:  # the first is the listing's read of the root
+                store.put_bytes(held)  # the blob's put lands while gc or check waits
+
+    watched = BlobStore(FaultyBackend(PosixBackend(tmp_path / "org"), before=lands_on_second_read),
+                        freshen_after=FRESHEN)
+    res = collect(watched, grace=GRACE) if command == "gc" else check(watched)
+    assert len(stats) == 2, "the young root was not read again"
+    assert not res.problems, res.problems
+
+    os.remove(store.blob_path(root.manifest))
+    age(root_path(store, scope.scope_id, "e"), 3600)  # an hour old: no save is in flight, a missing blob is real
+    res = collect(store, grace=GRACE) if command == "gc" else check(store)
+    assert res.problems
