@@ -107,11 +107,13 @@ class Scope:
                 return True
             value = read_scope_id(self.backend)  # a volume without hard links: see _read_or_create_id
         except (AlreadyExists, BadObject):
+            # Ours can be what is there: a client that retried a create whose first attempt went in (its answer
+            # lost to a 5xx or a reset) is told it exists. The id is random, so finding ours means ours won.
             value = read_scope_id(self.backend)
         if value is None:
             raise StoreUnavailable(f"{self.root}/{layout.SCOPE_ID} is unreadable or not 32 hex digits")
         self._scope_id = value
-        return False
+        return value == mine and self.backend.atomic_replace
 
     def confirm_scope_id(self) -> bool:
         """Read scope.id again: False (and the id found now in force) when it holds another well-formed id than the

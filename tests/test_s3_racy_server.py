@@ -183,3 +183,25 @@ def test_a_root_written_alongside_a_losing_commit_is_a_sibling_not_a_clone(moto_
     c.save()
     assert read_scope_id(moto_bucket.backend("model/compile_cache")) == scope_id  # not taken for a clone
     assert_settled(moto_bucket, tmp_path, {**base.files, **b.files, **c.files})
+
+
+def test_a_create_retried_after_it_went_in_is_still_this_savers(moto_bucket: S3Bucket) -> None:
+    """A client that retries a create whose first attempt went in (its answer lost to a 5xx or a reset) is told it
+    exists: the id read back is this saver's own, so the save still knows no root exists under it (its root put goes
+    with the compare-and-swap)."""
+    from cas.storage import AlreadyExists, Payload
+
+    class LandsThenExists(FaultyBackend):
+        def put(self, key: str, data: Payload, *, if_absent: bool = False, if_version: str | None = None):
+            if key == layout.SCOPE_ID:
+                self.inner.put(key, data)
+                raise AlreadyExists(key)
+            return super().put(key, data, if_absent=if_absent, if_version=if_version)
+
+    scope = Scope(LandsThenExists(moto_bucket.backend("model/compile_cache")), create=True)
+    assert scope.existing_scope_id() is None
+    assert scope.create_scope_id()
+    assert scope.scope_id == read_scope_id(moto_bucket.backend("model/compile_cache"))
+
+    other = Scope(FaultyBackend(moto_bucket.backend("model/compile_cache")))  # a second creator, told it exists
+    assert not other.create_scope_id() and other.scope_id == scope.scope_id  # the first one's id: not its own
