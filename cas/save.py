@@ -744,7 +744,7 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
             delay = min(delay * 2, CAS_RETRY_MAX_S)
             continue
         root_written = False
-        now, same_scope_id, root_named = _confirm(store, scope, env_key, check_root)
+        now, same_scope_id, root_ok = _confirm(store, scope, env_key, want if check_root else None)
         check_root = False
         manifest_id = want
         if not same_scope_id:
@@ -754,7 +754,7 @@ def _settle_root(store: BlobStore, scope: Scope, env_key: str, data: bytes, vers
         if now is None:
             return  # deleted: nothing to name (the next save writes both)
         if now == version:
-            if root_named not in (want, _UNCHECKED):
+            if not root_ok:
                 continue  # replaced by a root that landed after ours: point it again
             return
         # The bytes and their own version: if the manifest changes again before the next check, that check fails.
@@ -796,26 +796,23 @@ def _point_root(store: BlobStore, scope: Scope, env_key: str, manifest_id: str) 
         raise _store_error(exc, store) from exc
 
 
-_UNCHECKED = "-"  # _confirm's answer for the root when it was not asked to read it (no manifest id looks like it)
-
-
-def _confirm(store: BlobStore, scope: Scope, env_key: str, check_root: bool) -> tuple[str | None, bool, str | None]:
+def _confirm(store: BlobStore, scope: Scope, env_key: str, root_names: str | None) -> tuple[str | None, bool, bool]:
     """After a root write, in one round trip: the manifest's version now (None: deleted); whether scope.id still
-    holds the id the root was written under (scope.confirm_scope_id: when not, the id found is now in force); and
-    with `check_root` the manifest the root names now (None: absent or unreadable), else _UNCHECKED."""
+    holds the id the root was written under (scope.confirm_scope_id: when not, the id found is now in force); and,
+    given `root_names`, whether the root still names that manifest (True when not asked)."""
     rkey = layout.root(scope.scope_id, env_key)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cas-confirm") as side:
         same_scope_id = side.submit(scope.confirm_scope_id)
-        root = side.submit(_root_as_is, store, rkey) if check_root else None
+        root = side.submit(_root_as_is, store, rkey) if root_names is not None else None
         try:
             now: str | None = scope.backend.stat(layout.manifest(env_key)).version
         except NotFound:
             now = None
         try:
-            named = root.result()[0] if root is not None else _UNCHECKED
+            root_ok = root is None or root.result()[0] == root_names
         except OSError as exc:
             raise _store_error(exc, store) from exc
-        return now, same_scope_id.result(), named
+        return now, same_scope_id.result(), root_ok
 
 
 def _root_as_is(store: BlobStore, key: str) -> tuple[str | None, str | None]:

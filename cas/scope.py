@@ -80,18 +80,11 @@ class Scope:
 
     def _read_or_create_id(self) -> str:
         value = read_scope_id(self.backend)
-        if value is None:
-            mine = secrets.token_hex(16)
-            try:
-                self.backend.put(layout.SCOPE_ID, (mine + "\n").encode(), if_absent=True)
-                # On an object store a create-if-absent has one winner: ours. A volume without hard links falls back
-                # to a check-then-rename that two creators can both pass (FORMAT §1): read back who won there.
-                value = mine if self.backend.atomic_replace else read_scope_id(self.backend)
-            except (AlreadyExists, BadObject):
-                value = read_scope_id(self.backend)  # another writer's won (or something planted: None)
-        if value is None:
-            raise StoreUnavailable(f"{self.root}/{layout.SCOPE_ID} is unreadable or not 32 hex digits")
-        return value
+        if value is not None:
+            return value
+        self.create_scope_id()  # sets the id in force (ours or another writer's), or raises
+        assert self._scope_id is not None
+        return self._scope_id
 
     def create_scope_id(self) -> bool:
         """Create scope.id after a read found none (existing_scope_id() was None), without reading it again first.
@@ -102,10 +95,12 @@ class Scope:
         mine = secrets.token_hex(16)
         try:
             self.backend.put(layout.SCOPE_ID, (mine + "\n").encode(), if_absent=True)
+            # On an object store a create-if-absent has one winner: ours. A volume without hard links falls back to
+            # a check-then-rename that two creators can both pass (FORMAT §1): read back who won there.
             if self.backend.atomic_replace:
                 self._scope_id = mine
                 return True
-            value = read_scope_id(self.backend)  # a volume without hard links: see _read_or_create_id
+            value = read_scope_id(self.backend)
         except (AlreadyExists, BadObject):
             # Ours can be what is there: a client that retried a create whose first attempt went in (its answer
             # lost to a 5xx or a reset) is told it exists. The id is random, so finding ours means ours won.
