@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 ROW_ORDER = ["cold", "hot", "peer-load", "ours-load", "peer-A", "peer-B", "peer-C",
              "ours-A", "ours-B", "ours-C", "ours-pc-A", "ours-pc-B", "ours-pc-C", "ours-pc-hot"]
 WHAT = {
@@ -312,4 +314,35 @@ def precompile_checks(C: dict, hot: dict) -> list[str]:
         out.append(f"ours-pc C vs ours C (no mode): compile+first run "
                    f"{pcC['compile_first_run_s'] / oc['compile_first_run_s']:.2f}×, ready "
                    f"{pcC['ready_s'] / oc['ready_s']:.2f}×")
+    out.extend(repeat_summary(C))
+    return out
+
+
+def _runs(C: dict, first: str, prefix: str) -> list[dict]:
+    """The ok runs of one kind: `first` (the scenario's own) and `prefix`-2, -3, ... (pc-repeat's)."""
+    names = [first] + sorted((k for k in C if k.startswith(prefix) and k[len(prefix):].isdigit()),
+                             key=lambda k: int(k[len(prefix):]))
+    return [C[k] for k in names if k in C and C[k].get("ok")]
+
+
+def repeat_summary(C: dict) -> list[str]:
+    """Medians over pc-repeat's interleaved runs: hot, precompile C, and (pc-serial) precompile C with its
+    kernels loaded in the process; ratios of the medians to hot's."""
+    hot = _runs(C, "hot", "hot-")
+    kinds = [("ours-pc-C", _runs(C, "ours-pc-C", "ours-pc-C-")),
+             ("ours-pc-serial", _runs(C, "ours-pc-serial-1", "ours-pc-serial-"))]
+    if len(hot) < 2:
+        return []
+    med = statistics.median
+    h_cf, h_rd = med(r["compile_first_run_s"] for r in hot), med(r["ready_s"] for r in hot)
+    out = [f"medians over {len(hot)} hot runs: compile+first run {h_cf:.2f} s, ready {h_rd:.2f} s"]
+    for name, runs in kinds:
+        if not runs:
+            continue
+        cf, rd = med(r["compile_first_run_s"] for r in runs), med(r["ready_s"] for r in runs)
+        call = med(r.get("compile_call_s", 0.0) for r in runs)
+        pool = sum(1 for r in runs if r.get("pool_ready_at_compile"))
+        out.append(f"{name} medians over {len(runs)} runs: compile+first run {cf:.2f} s ({cf / h_cf:.2f}× hot; "
+                   f"compile call {call:.2f} s), ready {rd:.2f} s ({rd / h_rd:.2f}× hot); compile pool ready at "
+                   f"compile in {pool} of {len(runs)}")
     return out

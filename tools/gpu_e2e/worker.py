@@ -144,6 +144,15 @@ class AutotuneProbe:
             self.c["install_error_triton"] = repr(e)
 
 
+def _pool_ready() -> bool | None:
+    """Whether Inductor's compile worker pool answered its readiness job; None if Inductor is not imported."""
+    ac = sys.modules.get("torch._inductor.async_compile")
+    if ac is None:
+        return None
+    fut = getattr(ac.AsyncCompile, "_ready_future", None)
+    return bool(fut is not None and fut.done())
+
+
 def _proc_io() -> dict[str, int]:
     with open("/proc/self/io") as fh:
         return {k: int(v) for k, v in (line.split(": ") for line in fh.read().splitlines())}
@@ -269,6 +278,7 @@ def main(spec_path: str) -> int:
 
             prof = cProfile.Profile()
             prof.enable()
+        res["pool_ready_at_compile"] = _pool_ready()
         c0 = time.time()
         if spec.get("precompile"):
             # B10_TRANSFER_PRECOMPILE=1 is in this process's environment (issue 16)
@@ -286,6 +296,7 @@ def main(spec_path: str) -> int:
                 per_input.append(time.time() - T0 - walk_s)
                 outs.append(y)
         t_ready = time.time()
+        res["pool_ready_after"] = _pool_ready()
         if prof is not None:
             import pstats
 
