@@ -341,8 +341,9 @@ def repeat_summary(C: dict) -> list[str]:
             continue
         cf, rd = med(r["compile_first_run_s"] for r in runs), med(r["ready_s"] for r in runs)
         call = med(r.get("compile_call_s", 0.0) for r in runs)
-        pool = sum(1 for r in runs if r.get("pool_ready_at_compile"))
+        loads = [(r.get("pool") or {}) for r in runs]
+        split = ", ".join(f"{p.get('parallel', '?')}/{p.get('serial', '?')}" for p in loads)
         out.append(f"{name} medians over {len(runs)} runs: compile+first run {cf:.2f} s ({cf / h_cf:.2f}× hot; "
-                   f"compile call {call:.2f} s), ready {rd:.2f} s ({rd / h_rd:.2f}× hot); compile pool ready at "
-                   f"compile in {pool} of {len(runs)}")
+                   f"compile call {call:.2f} s), ready {rd:.2f} s ({rd / h_rd:.2f}× hot); kernel loads in the "
+                   f"pool/in the process per run: {split}")
     return out

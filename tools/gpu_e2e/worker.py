@@ -153,6 +153,33 @@ def _pool_ready() -> bool | None:
     return bool(fut is not None and fut.done())
 
 
+def _watch_pool() -> dict | None:
+    """Count how Inductor's kernel loads went (in the compile worker pool or in this process) and when the pool
+    answered its readiness job (seconds from process start); None if Inductor is not imported."""
+    ac = sys.modules.get("torch._inductor.async_compile")
+    if ac is None:
+        return None
+    A = ac.AsyncCompile
+    st: dict = {"parallel": 0, "serial": 0, "ready_at_s": None, "threads": None}
+    try:
+        st["threads"] = ac.get_compile_threads()
+    except Exception:  # noqa: BLE001
+        pass
+    orig = A.use_process_pool
+
+    def use_process_pool():
+        r = orig()
+        st["parallel" if r else "serial"] += 1
+        if r and st["ready_at_s"] is None:
+            st["ready_at_s"] = time.time() - T0
+        return r
+
+    A.use_process_pool = staticmethod(use_process_pool)
+    fut = getattr(A, "_ready_future", None)
+    st["pending_at_compile"] = fut is not None and not fut.done()
+    return st
+
+
 def _proc_io() -> dict[str, int]:
     with open("/proc/self/io") as fh:
         return {k: int(v) for k, v in (line.split(": ") for line in fh.read().splitlines())}
@@ -279,6 +306,7 @@ def main(spec_path: str) -> int:
             prof = cProfile.Profile()
             prof.enable()
         res["pool_ready_at_compile"] = _pool_ready()
+        res["pool"] = _watch_pool()
         c0 = time.time()
         if spec.get("precompile"):
             # B10_TRANSFER_PRECOMPILE=1 is in this process's environment (issue 16)
