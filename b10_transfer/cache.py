@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 
-from . import core, precompile
+from . import core
 from .config import read_settings
 from .errors import CacheError
 from .status import OperationStatus
@@ -18,9 +18,7 @@ def load_compile_cache() -> OperationStatus:
 
     SUCCESS: files restored. SKIPPED: everything was already local. DOES_NOT_EXIST: nothing saved yet for this
     environment. ERROR: volume missing/unreadable, invalid settings or the load failed (the log line says why).
-    With B10_TRANSFER_PRECOMPILE on, it first starts torch's compile worker pool (see precompile.warm_compile_pool).
     """
-    precompile.warm_compile_pool()
     return core.load()[0]
 
 

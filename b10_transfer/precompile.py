@@ -159,34 +159,6 @@ def compile(model: Any, *, version: str | None = None, **torch_compile_kwargs: A
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the compile worker pool, started before the entry loads
-
-
-def warm_compile_pool() -> bool:
-    """Start Inductor's compile worker pool now, if the mode is on and CUDA is there; True if it was started.
-
-    torch starts the pool when Dynamo first calls Inductor, which a replica that loads an entry never does: without
-    this, the entry's Triton kernels (120 of the 189 of the Llama in docs/benchmarks.md) load one by one in this
-    process. Started from `load_compile_cache()`, the pool boots in its own process while this one restores files
-    and reads the entry, and every kernel torch loads once it is ready loads in a worker. torch's own switches
-    still apply (TORCH_WARM_POOL=0, TORCHINDUCTOR_COMPILE_THREADS=1, no triton). Never raises."""
-    if not enabled():
-        return False
-    try:
-        import torch
-
-        if _torch_version(torch.__version__) < MIN_TORCH or not torch.cuda.is_available():
-            return False
-        from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
-
-        maybe_warm_pool()
-        return AsyncCompile._ready_future is not None  # set by wakeup() once the pool exists
-    except Exception as exc:  # noqa: BLE001 - torch internals; the kernels then load in this process
-        logger.info("precompile: could not start the compile worker pool (%s: %s)", type(exc).__name__, exc)
-        return False
-
-
-# --------------------------------------------------------------------------------------------------------------
 # support checks
 
 

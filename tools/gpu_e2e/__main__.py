@@ -254,7 +254,7 @@ class Runner:
                                   impl=None, vol=None)
         self.flush()
         if "ours" in impls:  # first: the device time of a run may end before the peer's cases
-            self.run_precompile(model, C, spec, allshapes, p, cases & {"precompile", "pc-repeat", "pc-serial"})
+            self.run_precompile(model, C, spec, allshapes, p, cases & {"precompile", "pc-repeat"})
         for impl in impls:
             if "single" in cases and C.get("cold", {}).get("ok"):
                 vol = self.volume(model, f"{impl}-single")
@@ -359,10 +359,6 @@ class Runner:
                 C[f"ours-pc-C-{i}"] = self.spawn(
                     "run", model, f"ours-pc-C-{i}", spec(allshapes, load=True, precompile=True),
                     local=None, impl="ours", vol=vol, case_env=pc)
-                if "pc-serial" in cases:  # the same replica with torch's pool switch off: kernels load serially
-                    C[f"ours-pc-serial-{i}"] = self.spawn(
-                        "run", model, f"ours-pc-serial-{i}", spec(allshapes, load=True, precompile=True),
-                        local=None, impl="ours", vol=vol, case_env={**pc, "TORCH_WARM_POOL": "0"})
                 self.flush()
         if "pc-prof" in cases:  # replica C again under cProfile: where its time goes (log only)
             vol = self.volume(model, "ours-pc")
@@ -440,7 +436,7 @@ def main(argv=None) -> int:
                     help="comma list: baseline (prime, cold, hot local), single (seed save + "
                          "load into an empty cache), replicas (A -> B -> C), precompile (ours "
                          "replicas with B10_TRANSFER_PRECOMPILE=1), pc-hot (a writer in the mode "
-                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile), pc-repeat (hot and precompile C twice more), pc-serial (with pc-repeat: each pair also runs precompile C with TORCH_WARM_POOL=0, the entry's kernels loaded in the process), pc-seed (B10_TRANSFER_PRECOMPILE=seed on the hot ours-replicas volume, then a reader)")
+                         "on the hot ours-replicas volume), pc-prof (precompile replica C under cProfile), pc-repeat (hot and precompile C twice more), pc-seed (B10_TRANSFER_PRECOMPILE=seed on the hot ours-replicas volume, then a reader)")
     ap.add_argument("--quick", action="store_true",
                     help="small models: a GPU smoke run (or a CPU one with --device cpu)")
     ap.add_argument("--size", choices=("full", "quick", "tiny"), default=None,

@@ -326,16 +326,15 @@ def _runs(C: dict, first: str, prefix: str) -> list[dict]:
 
 
 def repeat_summary(C: dict) -> list[str]:
-    """Medians over pc-repeat's interleaved runs: hot, precompile C, and (pc-serial) precompile C with its
-    kernels loaded in the process; ratios of the medians to hot's."""
+    """Medians over pc-repeat's interleaved runs of hot and precompile C; ratios of the medians to hot's, and
+    where each run loaded its Triton kernels (Inductor's compile worker pool, or this process)."""
     hot = _runs(C, "hot", "hot-")
-    kinds = [("ours-pc-C", _runs(C, "ours-pc-C", "ours-pc-C-")),
-             ("ours-pc-serial", _runs(C, "ours-pc-serial-1", "ours-pc-serial-"))]
+    kinds = [("hot", hot), ("ours-pc-C", _runs(C, "ours-pc-C", "ours-pc-C-"))]
     if len(hot) < 2:
         return []
     med = statistics.median
     h_cf, h_rd = med(r["compile_first_run_s"] for r in hot), med(r["ready_s"] for r in hot)
-    out = [f"medians over {len(hot)} hot runs: compile+first run {h_cf:.2f} s, ready {h_rd:.2f} s"]
+    out = []
     for name, runs in kinds:
         if not runs:
             continue
