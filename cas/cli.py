@@ -301,6 +301,8 @@ def cmd_stats(store: BlobStore, scope: Scope | None, args, progress: Progress) -
         print(f"roots:        {st.roots_live} live, {st.roots_dead} dead")
         print(f"raw:          {human(st.logical_raw_bytes)} in manifests, {human(st.unique_raw_bytes)} distinct "
               f"(dedup {st.dedup_ratio:.2f}x)")
+        if st.areas:
+            print(f"raw by dir:   {_areas_text(st.areas)}")
         print(f"compressed:   {human(st.referenced_stored_bytes)} referenced "
               f"(compression {st.compression_ratio:.2f}x)")
         print(f"unreferenced: {st.unreferenced_blobs} blobs ({human(st.unreferenced_bytes)}): gc collects them "
@@ -312,6 +314,12 @@ def cmd_stats(store: BlobStore, scope: Scope | None, args, progress: Progress) -
         print(f"{human(r.stored_bytes):>10} {human(r.exclusive_bytes):>10} {human(r.raw_bytes):>10} "
               f"{r.entries:>8} {ago(r.age_s):>7}  {r.scope_id}/{r.env_key}  {r.scope_path}{mark}")
     return EXIT_PROBLEMS if st.problems else EXIT_OK
+
+
+def _areas_text(areas: dict[str, int]) -> str:
+    """Raw bytes per top-level directory, largest first: "aotautograd/ 41 MB, dynamo/ 22 MB, ..."."""
+    parts = sorted(areas.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{name}{'' if name.startswith(('.', '(')) else '/'} {human(size)}" for name, size in parts)
 
 
 def cmd_ls(store: BlobStore, scope: Scope | None, args, progress: Progress) -> int:

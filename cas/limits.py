@@ -8,6 +8,9 @@ from __future__ import annotations
 # A manifest of 1,000,000 entries is about 120 MB of paths; real ones hold a few thousand entries (~300 KB).
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_ENTRIES = 1_000_000
+# `cas stats` sums raw bytes per top-level directory of a manifest's paths (Inductor's cache has about ten: triton,
+# fxgraph, aotautograd, dynamo, ...); past this many names a hostile manifest's others are summed as one.
+MAX_STATS_AREAS = 32
 # POSIX PATH_MAX and NAME_MAX on Linux.
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255

@@ -68,10 +68,11 @@ class RootListing:
 
 
 def stored_refs(data: Decoded, source: object, manifest_id: str = "",
-                contents: dict[bytes, int] | None = None) -> ManifestRefs:
+                contents: dict[bytes, int] | None = None, areas: dict[str, int] | None = None) -> ManifestRefs:
     """The stored blob ids of a manifest's entries, without building Entry objects (see the module docstring).
-    `contents`, if given, receives file blob id (32 bytes) -> size for every entry (for `cas stats`). Raises
-    ManifestError for anything that is not a manifest."""
+    `contents`, if given, receives file blob id (32 bytes) -> size for every entry, and `areas` the sum of entry
+    sizes per top-level directory (both for `cas stats`). Raises ManifestError for anything that is not a
+    manifest."""
     doc = _unpack(data, source)
     if not isinstance(doc, dict):
         raise ManifestError(source, f"top level is {type(doc).__name__}, not a map")
@@ -84,6 +85,8 @@ def stored_refs(data: Decoded, source: object, manifest_id: str = "",
     if len(entries) > limits.MAX_ENTRIES:
         raise ManifestError(source, f"{len(entries)} entries exceeds the limit of {limits.MAX_ENTRIES}")
     stored, raw = _entry_ids(entries, version, source, contents)
+    if areas is not None:
+        _sum_areas(entries, areas)
     return ManifestRefs(manifest_id, env_key, frozenset(b.hex() for b in stored), len(entries), raw)
 
 
@@ -124,6 +127,23 @@ def _entry_ids(entries: dict, version: int, source: object,
     except (TypeError, KeyError, IndexError):  # an entry that is not an array (a number, a map, ...)
         raise ManifestError(source, "an entry is not an array") from None
     return stored, raw
+
+
+OTHER_AREA = "(other)"  # top-level names past limits.MAX_STATS_AREAS, and keys that are not text
+TOP_LEVEL_FILES = "."  # entries directly in the cache directory
+
+
+def _sum_areas(entries: dict, areas: dict[str, int]) -> None:
+    """Add each entry's size to its top-level directory's sum (entries already validated by _entry_ids)."""
+    for path, value in entries.items():
+        if isinstance(path, str):
+            top, sep, _ = path.partition("/")
+            area = top if sep else TOP_LEVEL_FILES
+        else:
+            area = OTHER_AREA
+        if area not in areas and len(areas) >= limits.MAX_STATS_AREAS:
+            area = OTHER_AREA
+        areas[area] = areas.get(area, 0) + value[1]
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class RootUsage:
     blobs: int = 0  # distinct blobs it references (its manifest blob included)
     stored_bytes: int = 0  # on-disk bytes of those blobs
     exclusive_bytes: int = 0  # on-disk bytes only this root references: what retiring it would free
+    areas: dict[str, int] = field(default_factory=dict)  # raw bytes per top-level directory of its paths
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Stats:
     roots_live: int = 0
     roots_dead: int = 0
     logical_raw_bytes: int = 0  # sum over live manifests of their raw size
+    areas: dict[str, int] = field(default_factory=dict)  # logical_raw_bytes per top-level directory (dynamo/, ...)
     unique_raw_bytes: int = 0  # raw size of the distinct blobs live manifests reference
     referenced_stored_bytes: int = 0
     unreferenced_blobs: int = 0  # garbage (or young blobs of a save in progress)
@@ -62,18 +64,22 @@ class Stats:
 
 
 class _Contents:
-    """File content id (32 bytes) -> raw size, over the live manifests: distinct blobs, filled by parallel parsers."""
+    """File content id (32 bytes) -> raw size, over the live manifests: distinct blobs, filled by parallel parsers;
+    and each manifest's raw bytes per top-level directory."""
 
     def __init__(self) -> None:
         self.sizes: dict[bytes, int] = {}
+        self.areas: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
     def parse(self, live: set[str]):
         def one(data: bytes, manifest_id: str) -> ManifestRefs:
             mine: dict[bytes, int] | None = {} if manifest_id in live else None
-            refs = stored_refs(data, f"blob {manifest_id}", manifest_id, mine)
-            if mine:
-                with self._lock:
+            areas: dict[str, int] = {}
+            refs = stored_refs(data, f"blob {manifest_id}", manifest_id, mine, areas)
+            with self._lock:
+                self.areas[manifest_id] = areas
+                if mine:
                     self.sizes.update(mine)
             return refs
         return one
@@ -118,6 +124,7 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
         refs = parsed[item.manifest]
         if isinstance(refs, ManifestRefs):
             usage.entries, usage.raw_bytes, usage.blobs = refs.entries, refs.raw_bytes, len(refs.blobs)
+            usage.areas = dict(contents.areas.get(item.manifest, {}))
             if item.manifest not in per_manifest:
                 per_manifest[item.manifest] = _bytes_of(refs, stored, owners)
             usage.stored_bytes, exclusive = per_manifest[item.manifest]
@@ -129,6 +136,8 @@ def compute(store: BlobStore, *, root_ttl: float = DEFAULT_ROOT_TTL, progress: P
         if live:
             st.roots_live += 1
             st.logical_raw_bytes += usage.raw_bytes
+            for area, size in usage.areas.items():
+                st.areas[area] = st.areas.get(area, 0) + size
         else:
             st.roots_dead += 1
         st.roots.append(usage)

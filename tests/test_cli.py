@@ -166,6 +166,31 @@ def test_stats_reports_dedup_and_per_deployment_usage(world):
     assert orphan
 
 
+def test_stats_sums_raw_bytes_per_top_level_directory(world, tmp_path):
+    """A deployment's Dynamo entries (dynamo/<key>/entry, large) show as their own directory, per root and in
+    all; a manifest with more top-level names than limits.MAX_STATS_AREAS is summed into a bounded map (names
+    past the limit, in path order, go to OTHER_AREA)."""
+    from cas import limits
+    from cas.refs import OTHER_AREA, TOP_LEVEL_FILES
+
+    store, a, b, flags = world
+    c = Scope(tmp_path / "model" / "c", create=True)
+    many = {f"zz{i:02d}/f": b"x" * (i + 1) for i in range(limits.MAX_STATS_AREAS + 8)}
+    save_tree(write_tree(tmp_path / "tc", {"dynamo/k1/entry": b"e" * 5000, "triton/k.cubin": b"t" * 700, **many}),
+              store, c, "gpu1")
+    st = json.loads(cas("stats", "--json", *flags).stdout)
+    by_scope = {r["scope_id"]: r for r in st["roots"]}
+    assert by_scope[a.scope_id]["areas"] == {"triton": 4 * len(b"kernel 0\n") * 300,
+                                             TOP_LEVEL_FILES: len(b"print('a')\n") * 50}
+    mine = by_scope[c.scope_id]["areas"]
+    assert mine["dynamo"] == 5000 and mine["triton"] == 700
+    assert len(mine) == limits.MAX_STATS_AREAS + 1 and OTHER_AREA in mine
+    assert sum(mine.values()) == by_scope[c.scope_id]["raw_bytes"]
+    assert st["areas"]["dynamo"] == 5000 and sum(st["areas"].values()) == st["logical_raw_bytes"]
+    text = cas("stats", *flags).stdout
+    assert "raw by dir:" in text and "dynamo/" in text
+
+
 def test_gc_command_prints_what_it_did(world):
     store, a, b, flags = world
     orphan = store.put_bytes(b"orphan" * 100)
