@@ -521,7 +521,10 @@ def test_symlinked_fanout_directory_in_the_store(world):
     fresh = world.tmp / "fresh"
     results, log = world.api("load", local=fresh)
     status, reason = status_of(results, "load")
-    assert status == "SUCCESS" and f"{len(lost)} entries not restored" in reason, reason
+    # The large file's blob shares the pack's fan-out directory once in 256 templates (random ids): then nothing
+    # is restored, which is an ERROR, not a SUCCESS with misses.
+    want = "ERROR" if lost == set(world.manifest_entries()) else "SUCCESS"
+    assert status == want and f"{len(lost)} entries not restored" in reason, (status, reason)
     assert tree(fresh) == {k: v for k, v in CACHE.items() if k not in lost}
     world.outside_intact()
 
