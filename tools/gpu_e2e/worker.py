@@ -144,23 +144,15 @@ class AutotuneProbe:
             self.c["install_error_triton"] = repr(e)
 
 
-def _pool_ready() -> bool | None:
-    """Whether Inductor's compile worker pool answered its readiness job; None if Inductor is not imported."""
-    ac = sys.modules.get("torch._inductor.async_compile")
-    if ac is None:
-        return None
-    fut = getattr(ac.AsyncCompile, "_ready_future", None)
-    return bool(fut is not None and fut.done())
-
-
 def _watch_pool() -> dict | None:
-    """Count how Inductor's kernel loads went (in the compile worker pool or in this process) and when the pool
-    answered its readiness job (seconds from process start); None if Inductor is not imported."""
+    """Where Inductor's kernel loads went from here on: counts of `use_process_pool` answers (in the compile worker
+    pool, or in this process), the time of the first load in the pool, and whether the pool had answered its
+    readiness job at compile and after the first runs (`note_pool_after`); None if Inductor is not imported."""
     ac = sys.modules.get("torch._inductor.async_compile")
     if ac is None:
         return None
     A = ac.AsyncCompile
-    st: dict = {"parallel": 0, "serial": 0, "ready_at_s": None, "threads": None}
+    st: dict = {"parallel": 0, "serial": 0, "first_parallel_at_s": None, "threads": None}
     try:
         st["threads"] = ac.get_compile_threads()
     except Exception:  # noqa: BLE001
@@ -170,14 +162,24 @@ def _watch_pool() -> dict | None:
     def use_process_pool():
         r = orig()
         st["parallel" if r else "serial"] += 1
-        if r and st["ready_at_s"] is None:
-            st["ready_at_s"] = time.time() - T0
+        if r and st["first_parallel_at_s"] is None:
+            st["first_parallel_at_s"] = time.time() - T0
         return r
 
     A.use_process_pool = staticmethod(use_process_pool)
     fut = getattr(A, "_ready_future", None)
-    st["pending_at_compile"] = fut is not None and not fut.done()
+    st["started_at_compile"] = fut is not None
+    st["ready_at_compile"] = fut is not None and fut.done()
     return st
+
+
+def note_pool_after(st: dict | None) -> None:
+    """After the first runs: whether the pool had answered its readiness job by then."""
+    ac = sys.modules.get("torch._inductor.async_compile")
+    if st is None or ac is None:
+        return
+    fut = getattr(ac.AsyncCompile, "_ready_future", None)
+    st["ready_after_first_runs"] = fut is not None and fut.done()
 
 
 def _proc_io() -> dict[str, int]:
@@ -305,7 +307,6 @@ def main(spec_path: str) -> int:
 
             prof = cProfile.Profile()
             prof.enable()
-        res["pool_ready_at_compile"] = _pool_ready()
         res["pool"] = _watch_pool()
         c0 = time.time()
         if spec.get("precompile"):
@@ -324,7 +325,7 @@ def main(spec_path: str) -> int:
                 per_input.append(time.time() - T0 - walk_s)
                 outs.append(y)
         t_ready = time.time()
-        res["pool_ready_after"] = _pool_ready()
+        note_pool_after(res["pool"])
         if prof is not None:
             import pstats
 
